@@ -1,0 +1,215 @@
+"""One configuration tree: dataclasses, loaded from YAML, with ``key.sub=value`` overrides.
+
+Unknown keys and bad values fail here, before any process group starts, with the key's full name and what is
+allowed. The resolved tree is what runs print at start and save beside their outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from gatedpo_mega.errors import ConfigError
+from gatedpo_mega.gate import GateConfig
+from gatedpo_mega.objectives import OBJECTIVES
+
+T = TypeVar("T")
+
+
+def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ObjectiveConfig:
+    name: str = "dpo"  # dpo | ipo | cal_dpo | hinge
+    beta: float = 0.1  # inverse temperature of the implicit reward
+    label_smoothing: float = 0.0  # conservative DPO (dpo only)
+    average_logps: bool = False  # length-normalised sequence log-probs instead of sums
+    nll_weight: float = 0.0  # weight of the NLL term on chosen tokens
+    nll_average: bool = True  # NLL term per token (True) or per sequence (False)
+
+    def __post_init__(self) -> None:
+        _choice("objective.name", self.name, tuple(OBJECTIVES))
+        _positive("objective.beta", self.beta)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.name != "dpo":
+            raise ValueError("objective.label_smoothing applies to objective.name=dpo only")
+        _positive("objective.nll_weight", self.nll_weight, allow_zero=True)
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    zero_stage: int = 1
+
+    def __post_init__(self) -> None:
+        _choice("parallel.tensor", self.tensor, (1, 2, 4, 8))
+        _choice("parallel.pipeline", self.pipeline, (1, 2, 4))
+        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        if self.pipeline > 1 and self.zero_stage > 1:
+            raise ValueError(
+                f"parallel.zero_stage={self.zero_stage} with parallel.pipeline={self.pipeline}: DeepSpeed shards "
+                "gradients (stage 2) and parameters (stage 3) only without pipeline parallelism; use zero_stage 0 or 1"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
+class SqueezeConfig:
+    """The squeeze demonstration: a free-logit softmax model trained on one preference pair."""
+
+    labels: int = 64  # size of the label set
+    init_scale: float = 2.0  # std of the initial logits
+    rejected_probs: list[float] = field(default_factory=lambda: [0.2, 1e-2, 1e-4, 1e-6, 1e-8])
+    seeds: int = 64
+    steps: int = 200
+    lr: float = 0.5
+    beta: float = 1.0
+    shapes: list[str] = field(default_factory=lambda: ["none", "sigmoid", "hard", "power"])
+    output_dir: str = "outputs/squeeze"
+
+    def __post_init__(self) -> None:
+        if self.labels < 3:
+            raise ValueError(f"squeeze.labels={self.labels} must be >= 3 (chosen, rejected and at least one other)")
+        for p in self.rejected_probs:
+            if not 0.0 < p < 1.0:
+                raise ValueError(f"squeeze.rejected_probs contains {p}; each must be in (0, 1)")
+        for name in ("seeds", "steps"):
+            _positive(f"squeeze.{name}", getattr(self, name))
+        _positive("squeeze.lr", self.lr)
+        _positive("squeeze.beta", self.beta)
+        for s in self.shapes:
+            _choice("squeeze.shapes[]", s, ("none", "sigmoid", "hard", "power"))
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _allowed_keys(cls: type) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {_allowed_keys(tp)}; got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list; got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key '{key}'; allowed here: {_allowed_keys(cls)}")
+        kwargs[k] = _coerce(key, v, hints[k])
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` -> (``key.sub``, value parsed as a YAML scalar or list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: value is not valid YAML") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved configuration: defaults, then the YAML file, then ``key.sub=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {p}{where}: not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for text in overrides:
+        _set_path(tree, *parse_override(text))
+    return _build(Config, tree)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

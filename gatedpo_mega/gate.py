@@ -1,0 +1,109 @@
+"""The gate: how much of the gradient reaches each rejected response token.
+
+Per rejected token the inputs are ``logp_y`` (target log-prob) and ``logp_max`` (log-prob of the argmax token),
+both detached. The family (DESIGN.md):
+
+    signal       absolute: s = logp_y            relative: s = logp_y - logp_max   (<= 0, distance below the peak)
+    granularity  token: one s per token          sequence: s is the response's length-normalised mean
+    shape        sigmoid: g = sigmoid((s - log tau) / temperature)
+                 hard:    g = 1[s >= log tau]
+                 power:   g = min(1, exp(s - log tau)) ** alpha
+                 none:    no gate at all (plain DPO, to the bit)
+
+``apply_gate`` is the identity in the forward pass and multiplies the gradient by ``g`` in the backward pass,
+so the loss value is exactly the ungated one. (``g * x + (1 - g) * x.detach()`` is not: it rounds.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SHAPES = ("none", "sigmoid", "hard", "power")
+SIGNALS = ("absolute", "relative")
+GRANULARITIES = ("token", "sequence")
+# A rejected token counts as "attenuated" in the metrics when its gate is below this value.
+ATTENUATED_BELOW = 0.5
+
+
+@dataclass(kw_only=True, slots=True)
+class GateConfig:
+    """Gate family parameters; see the module docstring for the formulas."""
+
+    shape: str = "sigmoid"  # one of SHAPES; "none" is plain DPO
+    granularity: str = "token"  # one of GRANULARITIES
+    signal: str = "absolute"  # one of SIGNALS
+    tau: float = 1e-4  # probability threshold: the gate closes as the signal falls below log(tau)
+    temperature: float = 1.0  # sigmoid width, in nats
+    alpha: float = 1.0  # power exponent
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("shape", SHAPES), ("granularity", GRANULARITIES), ("signal", SIGNALS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"gate.{name}={value!r} is not one of {', '.join(allowed)}")
+        if not (0.0 < self.tau <= 1.0):
+            raise ValueError(f"gate.tau={self.tau} must be in (0, 1]")
+        if not self.temperature > 0.0:
+            raise ValueError(f"gate.temperature={self.temperature} must be > 0")
+        if not self.alpha > 0.0:
+            raise ValueError(f"gate.alpha={self.alpha} must be > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.shape != "none"
+
+
+def gate_signal(
+    logp_target: torch.Tensor, logp_max: torch.Tensor, mask: torch.Tensor, *, signal: str, granularity: str
+) -> torch.Tensor:
+    """The signal ``s`` per token, ``[B, T]``; with ``granularity='sequence'`` every token of a row shares it."""
+    s = logp_target if signal == "absolute" else logp_target - logp_max
+    s = s.detach().float()
+    if granularity == "sequence":
+        m = mask.to(s.dtype)
+        s = ((s * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None].expand_as(s)
+    return s
+
+
+def gate_from_signal(s: torch.Tensor, *, shape: str, tau: float, temperature: float, alpha: float) -> torch.Tensor:
+    """Gate values in [0, 1] from the signal."""
+    d = s - math.log(tau)
+    if shape == "sigmoid":
+        return torch.sigmoid(d / temperature)
+    if shape == "hard":
+        return (d >= 0).to(s.dtype)
+    if shape == "power":
+        return torch.exp(alpha * d.clamp(max=0.0))
+    if shape == "none":
+        return torch.ones_like(s)
+    raise ValueError(f"unknown gate shape {shape!r}; expected one of {', '.join(SHAPES)}")
+
+
+def gate_values(
+    logp_target: torch.Tensor, logp_max: torch.Tensor, mask: torch.Tensor, cfg: GateConfig
+) -> torch.Tensor:
+    """Detached gate per rejected token, ``[B, T]`` float32; 1 outside the response mask."""
+    s = gate_signal(logp_target, logp_max, mask, signal=cfg.signal, granularity=cfg.granularity)
+    g = gate_from_signal(s, shape=cfg.shape, tau=cfg.tau, temperature=cfg.temperature, alpha=cfg.alpha)
+    return torch.where(mask.bool(), g, 1.0)
+
+
+class _ApplyGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(g)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (g,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None
+
+
+def apply_gate(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``x`` unchanged in value; its gradient is multiplied by ``g`` (detached, broadcastable to ``x``)."""
+    return _ApplyGate.apply(x, g.detach())

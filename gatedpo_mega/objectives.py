@@ -1,0 +1,78 @@
+"""Preference objectives over per-sequence log-probabilities: one small function each, chosen from a table.
+
+Notation: ``dw = log pi(y_w) - log pi_ref(y_w)`` and ``dl = log pi(y_l) - log pi_ref(y_l)`` per pair,
+``h = dw - dl``. Every function returns the per-pair loss; the caller reduces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo(dw: torch.Tensor, dl: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """DPO, Rafailov et al. 2023, eq. 7: ``-log sigmoid(beta h)``; with label smoothing ``eps`` the conservative
+    DPO of Mitchell 2023: ``-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``."""
+    z = beta * (dw - dl)
+    loss = -F.logsigmoid(z)
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    return loss
+
+
+def ipo(dw: torch.Tensor, dl: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """IPO, Azar et al. 2023, eq. 17: ``(h - 1 / (2 beta))^2`` (beta plays the role of tau there)."""
+    return (dw - dl - 1.0 / (2.0 * beta)) ** 2
+
+
+def cal_dpo(dw: torch.Tensor, dl: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cal-DPO, Xiao et al. 2024, eq. 10: ``-log sigmoid(h) + 1/2 [(dw - 1/(2 beta))^2 + (dl + 1/(2 beta))^2]``.
+    The calibration term pulls the implicit rewards toward +-1/(2 beta); the 1/2 weight is the authors' code's."""
+    c = 1.0 / (2.0 * beta)
+    return -F.logsigmoid(dw - dl) + 0.5 * ((dw - c) ** 2 + (dl + c) ** 2)
+
+
+def hinge(dw: torch.Tensor, dl: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """SLiC-HF hinge, Zhao et al. 2023, eq. 3 on the log-ratio margin: ``max(0, 1 - beta h)``."""
+    return torch.relu(1.0 - beta * (dw - dl))
+
+
+Objective = Callable[..., torch.Tensor]
+OBJECTIVES: dict[str, Objective] = {"dpo": dpo, "ipo": ipo, "cal_dpo": cal_dpo, "hinge": hinge}
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:
+    """Sum (or mean, with ``average``) of per-token log-probs over the response mask, ``[B, T] -> [B]``."""
+    m = mask.to(token_logps.dtype)
+    total = (token_logps * m).sum(-1)
+    return total / m.sum(-1).clamp(min=1.0) if average else total
+
+
+def preference_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    *,
+    objective: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    chosen_nll: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+) -> torch.Tensor:
+    """Per-pair loss of ``objective`` plus ``nll_weight * chosen_nll`` (the NLL term on chosen tokens, e.g. RPO).
+
+    ``chosen_nll`` is the per-pair negative log-likelihood of the chosen response (summed or length-normalised by
+    the caller, see ``sequence_logps``); it is required when ``nll_weight`` is non-zero.
+    """
+    fn = OBJECTIVES.get(objective)
+    if fn is None:
+        raise ValueError(f"objective.name={objective!r} is not one of {', '.join(OBJECTIVES)}")
+    loss = fn(policy_chosen - ref_chosen, policy_rejected - ref_rejected, beta=beta, label_smoothing=label_smoothing)
+    if nll_weight:
+        if chosen_nll is None:
+            raise ValueError("nll_weight is set but chosen_nll was not given")
+        loss = loss + nll_weight * chosen_nll
+    return loss

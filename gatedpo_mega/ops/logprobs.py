@@ -1,0 +1,172 @@
+"""Per-token log-probabilities from vocab-parallel logits, with the statistics the gate and metrics need.
+
+Each tensor-parallel rank holds logits for a contiguous slice of the vocabulary. Per token chunk:
+
+    m      = all_reduce_MAX(max_k z_k)                               (one MAX all-reduce)
+    S, Z, T = all_reduce_SUM([sum_k e^(z_k-m), z_y-m, sum_k e^(z_k-m) (z_k-m)])   (one SUM all-reduce, packed)
+    log p_y = Z - log S,   log p_max = -log S,   H = log S - T / S,   lse = m + log S
+
+so a token costs four floats of communication instead of an all-gather of ``V / TP`` logits. Backward recomputes
+``p = exp(z - lse)`` chunk by chunk from the saved logits: ``d log p_y / d z_k = 1[k = y] - p_k``. Work is done in
+float32 for half-precision logits (float64 stays float64), one token chunk at a time, so neither a full-size float32 copy of the logits
+nor a full softmax ever exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gatedpo_mega.ops.collectives import ProcessGroup, all_reduce_, group_rank, group_size
+
+IGNORE_INDEX = -100
+# Float32 elements per chunk when ``chunk_size`` is not given: 2**24 elements is 64 MiB per temporary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float32 for half-precision logits, float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def default_chunk_size(local_vocab: int) -> int:
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab))
+
+
+def _shard_forward(
+    x: torch.Tensor, target: torch.Tensor, start: int, valid: int, group: ProcessGroup | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One token chunk: returns (logp_target, logp_max, entropy, lse) of shape [n], in ``acc_dtype(x)``."""
+    n = x.shape[0]
+    acc = acc_dtype(x.dtype)
+    local = target - start
+    hit = (local >= 0) & (local < valid)
+    if valid > 0:
+        # Columns at or past ``valid`` are vocabulary padding: they never take part.
+        z = x[:, :valid].to(acc)
+        m = z.max(dim=-1).values
+    else:  # the whole shard is padding
+        z = x.new_empty((n, 0), dtype=acc)
+        m = torch.full((n,), float("-inf"), dtype=acc, device=x.device)
+    all_reduce_(m, dist.ReduceOp.MAX, group)
+    # Clamping keeps -inf logits finite so that 0 * z below is 0, not NaN.
+    z = (z - m[:, None]).clamp_(min=torch.finfo(acc).min)
+    packed = torch.empty((n, 3), dtype=acc, device=x.device)
+    if valid > 0:
+        zt = z.gather(1, local.clamp(0, valid - 1)[:, None]).squeeze(1)
+        packed[:, 1] = torch.where(hit, zt, 0.0)
+        e = torch.exp(z)
+        packed[:, 0] = e.sum(dim=-1)
+        packed[:, 2] = e.mul_(z).sum(dim=-1)
+    else:
+        packed.zero_()
+    all_reduce_(packed, dist.ReduceOp.SUM, group)
+    log_s = packed[:, 0].log()
+    logp_target = packed[:, 1] - log_s
+    entropy = log_s - packed[:, 2] / packed[:, 0]
+    return logp_target, -log_s, entropy, m + log_s
+
+
+def _shard_backward(x: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, start: int, valid: int) -> torch.Tensor:
+    """Gradient of sum_i g_i log p_{y_i} with respect to this shard's logits chunk, ``[n, valid]``."""
+    local = target - start
+    hit = (local >= 0) & (local < valid)
+    grad = torch.exp(x[:, :valid].to(lse.dtype) - lse[:, None]).mul_(-g[:, None])
+    grad.scatter_add_(1, local.clamp(0, max(valid - 1, 0))[:, None], torch.where(hit, g, 0.0)[:, None])
+    return grad
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        group: ProcessGroup | None,
+        start: int,
+        valid: int,
+        chunk: int,
+        inplace_backward: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = targets.shape[0]
+        outs = [torch.empty(n, dtype=acc_dtype(logits.dtype), device=logits.device) for _ in range(4)]
+        for i in range(0, n, chunk):
+            sl = slice(i, min(i + chunk, n))
+            for out, t in zip(outs, _shard_forward(logits[sl], targets[sl], start, valid, group), strict=True):
+                out[sl] = t
+        logp, logp_max, entropy, lse = outs
+        ignored = targets == IGNORE_INDEX
+        for out in (logp, logp_max, entropy):
+            out.masked_fill_(ignored, 0.0)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.meta = (start, valid, chunk, inplace_backward)
+        ctx.mark_non_differentiable(logp_max, entropy)
+        return logp, logp_max, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logp: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        logits, targets, lse = ctx.saved_tensors
+        start, valid, chunk, inplace = ctx.meta
+        g = grad_logp.to(lse.dtype).masked_fill(targets == IGNORE_INDEX, 0.0)
+        grad = logits if inplace else torch.empty_like(logits)
+        n = targets.shape[0]
+        for i in range(0, n, chunk):
+            sl = slice(i, min(i + chunk, n))
+            chunk_grad = _shard_backward(logits[sl], targets[sl], lse[sl], g[sl], start, valid)
+            grad[sl, :valid] = chunk_grad
+        grad[:, valid:] = 0
+        return grad, None, None, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    tp_group: ProcessGroup | None = None,
+    vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token ``(logp_target, logp_max, entropy)`` from vocab-sharded logits.
+
+    Args:
+        logits: ``[..., V_local]``, this rank's slice of the vocabulary (any float dtype; math is float32).
+        targets: ``[...]`` global token ids, or -100 for ignored positions (all three outputs 0, no gradient).
+        tp_group: the tensor-parallel group the vocabulary is split over; None means unsharded.
+        vocab_start_index: global id of this shard's first column; default ``rank(tp_group) * V_local``
+            (Megatron's contiguous vocabulary split).
+        vocab_size: the true vocabulary size; columns at or past it are padding and get no probability.
+            Default: ``V_local * size(tp_group)`` (no padding).
+        chunk_size: tokens per chunk; default keeps each float32 temporary near 64 MiB.
+        inplace_backward: write the gradient into ``logits``' own storage (as Megatron's cross entropy does);
+            only valid when nothing else reads the logits after this op.
+
+    Returns tensors of ``targets``' shape in float32 (float64 for float64 logits). Only ``logp_target`` carries a gradient, into ``logits``; the
+    gradient is local to the shard, which is exact because everything downstream is replicated over ``tp_group``.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} + [V_local]")
+    local_vocab = logits.shape[-1]
+    tp = group_size(tp_group)
+    start = group_rank(tp_group) * local_vocab if vocab_start_index is None else vocab_start_index
+    total = local_vocab * tp if vocab_size is None else vocab_size
+    if not 0 < total <= local_vocab * tp:
+        raise ValueError(f"vocab_size={total} must be in (0, {local_vocab * tp}] (V_local {local_vocab} x TP {tp})")
+    valid = min(max(total - start, 0), local_vocab)
+    flat_targets = targets.reshape(-1).long()
+    bad = (flat_targets != IGNORE_INDEX) & ((flat_targets < 0) | (flat_targets >= total))
+    if bool(bad.any()):
+        first = int(flat_targets[bad][0])
+        raise ValueError(f"target id {first} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}")
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(local_vocab)
+    if chunk <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk}")
+    flat_logits = logits.reshape(-1, local_vocab)
+    logp, logp_max, entropy = _TokenLogprobs.apply(
+        flat_logits, flat_targets, tp_group, start, valid, chunk, inplace_backward
+    )
+    shape = targets.shape
+    return logp.view(shape), logp_max.view(shape), entropy.view(shape)
