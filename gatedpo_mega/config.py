@@ -73,6 +73,8 @@ class SqueezeConfig:
     """The squeeze demonstration: a free-logit softmax model trained on one preference pair."""
 
     labels: int = 64  # size of the label set
+    feature_dim: int = 16  # dimension of the fixed context features
+    correlation: float = 0.5  # cosine between the chosen and the rejected context (0: independent logits)
     init_scale: float = 2.0  # std of the initial logits
     rejected_probs: list[float] = field(default_factory=lambda: [0.2, 1e-2, 1e-4, 1e-6, 1e-8])
     seeds: int = 64
@@ -85,6 +87,10 @@ class SqueezeConfig:
     def __post_init__(self) -> None:
         if self.labels < 3:
             raise ValueError(f"squeeze.labels={self.labels} must be >= 3 (chosen, rejected and at least one other)")
+        if self.feature_dim < 2:
+            raise ValueError(f"squeeze.feature_dim={self.feature_dim} must be >= 2")
+        if not -1.0 < self.correlation < 1.0:
+            raise ValueError(f"squeeze.correlation={self.correlation} must be in (-1, 1)")
         for p in self.rejected_probs:
             if not 0.0 < p < 1.0:
                 raise ValueError(f"squeeze.rejected_probs contains {p}; each must be in (0, 1)")

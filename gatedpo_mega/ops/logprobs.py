@@ -74,7 +74,7 @@ def _shard_backward(x: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g:
     local = target - start
     hit = (local >= 0) & (local < valid)
     grad = torch.exp(x[:, :valid].to(lse.dtype) - lse[:, None]).mul_(-g[:, None])
-    grad.scatter_add_(1, local.clamp(0, max(valid - 1, 0))[:, None], torch.where(hit, g, 0.0)[:, None])
+    grad.scatter_add_(1, local.clamp(0, valid - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
     return grad
 
 
@@ -112,7 +112,7 @@ class _TokenLogprobs(torch.autograd.Function):
         g = grad_logp.to(lse.dtype).masked_fill(targets == IGNORE_INDEX, 0.0)
         grad = logits if inplace else torch.empty_like(logits)
         n = targets.shape[0]
-        for i in range(0, n, chunk):
+        for i in range(0, n if valid > 0 else 0, chunk):
             sl = slice(i, min(i + chunk, n))
             chunk_grad = _shard_backward(logits[sl], targets[sl], lse[sl], g[sl], start, valid)
             grad[sl, :valid] = chunk_grad
