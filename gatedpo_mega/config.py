@@ -6,6 +6,7 @@ allowed. The resolved tree is what runs print at start and save beside their out
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -86,7 +87,9 @@ class SqueezeConfig:
 
     def __post_init__(self) -> None:
         if self.labels < 3:
-            raise ValueError(f"squeeze.labels={self.labels} must be >= 3 (chosen, rejected and at least one other)")
+            raise ValueError(
+                f"squeeze.labels={self.labels} must be >= 3 (chosen, rejected and at least one other)"
+            )
         if self.feature_dim < 2:
             raise ValueError(f"squeeze.feature_dim={self.feature_dim} must be >= 2")
         if not -1.0 < self.correlation < 1.0:
@@ -121,7 +124,7 @@ def _allowed_keys(cls: type) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {_allowed_keys(tp)}; got {value!r}")
         return _build(tp, value, key)
@@ -137,6 +140,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key} must be a list; got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number; got {value!r}")
         return float(value)

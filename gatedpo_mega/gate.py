@@ -69,7 +69,9 @@ def gate_signal(
     return s
 
 
-def gate_from_signal(s: torch.Tensor, *, shape: str, tau: float, temperature: float, alpha: float) -> torch.Tensor:
+def gate_from_signal(
+    s: torch.Tensor, *, shape: str, tau: float, temperature: float, alpha: float
+) -> torch.Tensor:
     """Gate values in [0, 1] from the signal."""
     d = s - math.log(tau)
     if shape == "sigmoid":

@@ -92,4 +92,6 @@ def reduce_metric_sums(parts: Iterable[MetricSums], group: ProcessGroup | None =
     names = sorted(total)
     packed = torch.stack([total[n] for n in names])
     all_reduce_(packed, dist.ReduceOp.SUM, group)
-    return {n: float(s / w) if w > 0 else float("nan") for n, (s, w) in zip(names, packed.tolist(), strict=True)}
+    return {
+        n: float(s / w) if w > 0 else float("nan") for n, (s, w) in zip(names, packed.tolist(), strict=True)
+    }

@@ -70,7 +70,9 @@ def preference_loss(
     fn = OBJECTIVES.get(objective)
     if fn is None:
         raise ValueError(f"objective.name={objective!r} is not one of {', '.join(OBJECTIVES)}")
-    loss = fn(policy_chosen - ref_chosen, policy_rejected - ref_rejected, beta=beta, label_smoothing=label_smoothing)
+    loss = fn(
+        policy_chosen - ref_chosen, policy_rejected - ref_rejected, beta=beta, label_smoothing=label_smoothing
+    )
     if nll_weight:
         if chosen_nll is None:
             raise ValueError("nll_weight is set but chosen_nll was not given")

@@ -31,10 +31,18 @@ from gatedpo_mega.gate import GateConfig, apply_gate, gate_values
 from gatedpo_mega.objectives import preference_loss
 from gatedpo_mega.ops import token_logprobs
 
-METRICS = ("top1_rejected_ctx", "entropy_rejected_ctx", "p_chosen", "top1_other_chosen_ctx", "p_rejected_final")
+METRICS = (
+    "top1_rejected_ctx",
+    "entropy_rejected_ctx",
+    "p_chosen",
+    "top1_other_chosen_ctx",
+    "p_rejected_final",
+)
 
 
-def _unit_pair(seeds: int, dim: int, correlation: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _unit_pair(
+    seeds: int, dim: int, correlation: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit vectors x_w, x_l per seed with cosine exactly ``correlation``."""
     a = torch.randn(seeds, dim, generator=gen, dtype=torch.float64)
     b = torch.randn(seeds, dim, generator=gen, dtype=torch.float64)
@@ -78,7 +86,9 @@ def _observe(state: dict[str, torch.Tensor], w: torch.Tensor) -> dict[str, torch
     }
 
 
-def train_cell(cfg: SqueezeConfig, gate: GateConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def train_cell(
+    cfg: SqueezeConfig, gate: GateConfig, state: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """SGD on the DPO loss of one pair per seed; returns per-seed changes (final - initial) of ``METRICS``."""
     w = state["w"].clone().requires_grad_(True)
     c, r = state["chosen"][:, None], state["rejected"][:, None]
@@ -145,7 +155,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for shape in shapes:
             sel = [r for r in rows if r["shape"] == shape]
             xs = [math.log10(r["rejected_prob"]) for r in sel]
-            ax.errorbar(xs, [r[key]["mean"] for r in sel], yerr=[r[key]["std"] for r in sel], marker="o", capsize=3, label=shape)
+            ax.errorbar(
+                xs,
+                [r[key]["mean"] for r in sel],
+                yerr=[r[key]["std"] for r in sel],
+                marker="o",
+                capsize=3,
+                label=shape,
+            )
         ax.set_title(title)
         ax.set_xlabel("log10 initial p(rejected)")
         ax.axhline(0.0, color="grey", lw=0.5)
@@ -157,7 +174,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "squeeze.json", "table": out_dir / "squeeze.md", "plot": out_dir / "squeeze.png"}
+    paths = {
+        "json": out_dir / "squeeze.json",
+        "table": out_dir / "squeeze.md",
+        "plot": out_dir / "squeeze.png",
+    }
     paths["json"].write_text(json.dumps(rows, indent=1))
     paths["table"].write_text(format_table(rows) + "\n")
     plot(rows, paths["plot"])

@@ -18,7 +18,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], errors: Any) -> None:
+def _worker(
+    rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], errors: Any
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -16,7 +16,9 @@ def logprobs_f64(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -
     return tuple(t.masked_fill(ignored, 0.0) for t in (lt, lmax, ent))
 
 
-def grad_f64(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def grad_f64(
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
     """d/dlogits of sum(weight * logp_target): weight * (onehot - softmax), zero on padding and ignored rows."""
     z = logits.double()
     p = torch.zeros_like(z)

@@ -28,7 +28,9 @@ def test_forward_and_grad_match_float64(chunk, padded):
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-5)
     w = torch.randn(targets.shape)
     (out[0] * w).sum().backward()
-    torch.testing.assert_close(logits.grad.double(), grad_f64(logits.detach(), targets, w, vocab), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        logits.grad.double(), grad_f64(logits.detach(), targets, w, vocab), atol=1e-6, rtol=1e-5
+    )
     if padded:
         assert torch.all(logits.grad[..., vocab:] == 0)
 
@@ -39,7 +41,8 @@ def test_float64_is_exact_and_passes_gradcheck():
     for got, want in zip(out, logprobs_f64(logits.detach(), targets, vocab), strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda x: token_logprobs(x, targets, vocab_size=vocab, chunk_size=3)[0], (logits.detach().requires_grad_(),)
+        lambda x: token_logprobs(x, targets, vocab_size=vocab, chunk_size=3)[0],
+        (logits.detach().requires_grad_(),),
     )
 
 
@@ -78,7 +81,9 @@ def test_bf16_logits_accumulate_in_float32():
     w = torch.randn(targets.shape)
     (out[0] * w).sum().backward()
     assert logits.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.grad.double(), grad_f64(logits.detach(), targets, w, vocab), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        logits.grad.double(), grad_f64(logits.detach(), targets, w, vocab), atol=1e-2, rtol=1e-2
+    )
 
 
 def test_ignored_positions_have_zero_output_and_zero_gradient():
@@ -104,7 +109,9 @@ def test_extreme_logits_stay_finite(magnitude):
     assert torch.isfinite(out[0]).all()
     out[0].sum().backward()
     assert torch.isfinite(logits.grad).all()
-    torch.testing.assert_close(out[0].double(), logprobs_f64(logits.detach(), targets, 16)[0], atol=1e-3, rtol=1e-6)
+    torch.testing.assert_close(
+        out[0].double(), logprobs_f64(logits.detach(), targets, 16)[0], atol=1e-3, rtol=1e-6
+    )
 
 
 def test_targets_outside_the_vocabulary_are_refused():

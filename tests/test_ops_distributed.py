@@ -20,7 +20,9 @@ def _forbid_megatron_global_state():
         raise AssertionError("token_logprobs read megatron.core.parallel_state")
 
     for name in dir(parallel_state):
-        if name.startswith(("get_", "is_", "model_parallel_is_initialized")) and callable(getattr(parallel_state, name)):
+        if name.startswith(("get_", "is_", "model_parallel_is_initialized")) and callable(
+            getattr(parallel_state, name)
+        ):
             setattr(parallel_state, name, forbidden)
 
 
@@ -84,7 +86,9 @@ def _collectives_case(rank, world):
     z = copy_to_group(x2, group)
     assert torch.equal(z.detach(), x2.detach())
     (z * (rank + 1)).sum().backward()
-    assert torch.equal(x2.grad, torch.full((3,), float(sum(range(1, world + 1))))), "copy_to_group sums in backward"
+    assert torch.equal(x2.grad, torch.full((3,), float(sum(range(1, world + 1))))), (
+        "copy_to_group sums in backward"
+    )
 
 
 def test_collectives_have_the_conjugate_backward():

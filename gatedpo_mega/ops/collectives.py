@@ -27,7 +27,9 @@ def group_rank(group: ProcessGroup | None) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-def all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp.RedOpType, group: ProcessGroup | None) -> torch.Tensor:
+def all_reduce_(
+    tensor: torch.Tensor, op: dist.ReduceOp.RedOpType, group: ProcessGroup | None
+) -> torch.Tensor:
     """In-place all-reduce outside autograd; the identity for ``group=None`` or a group of one."""
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)

@@ -69,7 +69,9 @@ def _shard_forward(
     return logp_target, -log_s, entropy, m + log_s
 
 
-def _shard_backward(x: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, start: int, valid: int) -> torch.Tensor:
+def _shard_backward(
+    x: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, start: int, valid: int
+) -> torch.Tensor:
     """Gradient of sum_i g_i log p_{y_i} with respect to this shard's logits chunk, ``[n, valid]``."""
     local = target - start
     hit = (local >= 0) & (local < valid)
@@ -94,7 +96,9 @@ class _TokenLogprobs(torch.autograd.Function):
         outs = [torch.empty(n, dtype=acc_dtype(logits.dtype), device=logits.device) for _ in range(4)]
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
-            for out, t in zip(outs, _shard_forward(logits[sl], targets[sl], start, valid, group), strict=True):
+            for out, t in zip(
+                outs, _shard_forward(logits[sl], targets[sl], start, valid, group), strict=True
+            ):
                 out[sl] = t
         logp, logp_max, entropy, lse = outs
         ignored = targets == IGNORE_INDEX
@@ -148,19 +152,25 @@ def token_logprobs(
     gradient is local to the shard, which is exact because everything downstream is replicated over ``tp_group``.
     """
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} + [V_local]")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} + [V_local]"
+        )
     local_vocab = logits.shape[-1]
     tp = group_size(tp_group)
     start = group_rank(tp_group) * local_vocab if vocab_start_index is None else vocab_start_index
     total = local_vocab * tp if vocab_size is None else vocab_size
     if not 0 < total <= local_vocab * tp:
-        raise ValueError(f"vocab_size={total} must be in (0, {local_vocab * tp}] (V_local {local_vocab} x TP {tp})")
+        raise ValueError(
+            f"vocab_size={total} must be in (0, {local_vocab * tp}] (V_local {local_vocab} x TP {tp})"
+        )
     valid = min(max(total - start, 0), local_vocab)
     flat_targets = targets.reshape(-1).long()
     bad = (flat_targets != IGNORE_INDEX) & ((flat_targets < 0) | (flat_targets >= total))
     if bool(bad.any()):
         first = int(flat_targets[bad][0])
-        raise ValueError(f"target id {first} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}")
+        raise ValueError(
+            f"target id {first} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}"
+        )
     chunk = chunk_size if chunk_size is not None else default_chunk_size(local_vocab)
     if chunk <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk}")

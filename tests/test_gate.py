@@ -1,0 +1,126 @@
+"""The gate: values against independent formulas, and its effect on forward values and gradients."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatedpo_mega.gate import GateConfig, apply_gate, gate_values
+from gatedpo_mega.objectives import preference_loss, sequence_logps
+from gatedpo_mega.ops import token_logprobs
+
+
+def _stats(b=4, t=6, v=30, scale=6.0):
+    logits = torch.randn(b, t, v, dtype=torch.float64) * scale
+    targets = torch.randint(0, v, (b, t))
+    logp, logp_max, _ = token_logprobs(logits, targets)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, -2:] = False
+    return logp, logp_max, mask
+
+
+def _reference_gate(s: float, cfg: GateConfig) -> float:
+    d = s - math.log(cfg.tau)
+    if cfg.shape == "sigmoid":
+        return 1.0 / (1.0 + math.exp(-d / cfg.temperature))
+    if cfg.shape == "hard":
+        return 1.0 if d >= 0 else 0.0
+    if cfg.shape == "power":
+        return min(1.0, math.exp(d)) ** cfg.alpha
+    return 1.0
+
+
+@pytest.mark.parametrize("shape", ["sigmoid", "hard", "power", "none"])
+@pytest.mark.parametrize("signal", ["absolute", "relative"])
+@pytest.mark.parametrize("granularity", ["token", "sequence"])
+def test_gate_values_match_the_formulas(shape, signal, granularity):
+    cfg = GateConfig(
+        shape=shape, signal=signal, granularity=granularity, tau=0.02, temperature=0.7, alpha=1.5
+    )
+    logp, logp_max, mask = _stats()
+    g = gate_values(logp, logp_max, mask, cfg)
+    for i in range(logp.shape[0]):
+        sig = (logp[i] - logp_max[i]) if signal == "relative" else logp[i]
+        seq = float(sig[mask[i]].sum() / mask[i].sum())
+        for j in range(logp.shape[1]):
+            if not mask[i, j]:
+                assert g[i, j] == 1.0
+                continue
+            s = seq if granularity == "sequence" else float(sig[j])
+            assert g[i, j].item() == pytest.approx(_reference_gate(s, cfg), abs=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    logp=st.lists(st.floats(-1e4, 0.0), min_size=1, max_size=8),
+    shape=st.sampled_from(["sigmoid", "hard", "power", "none"]),
+    tau=st.floats(1e-30, 1.0, exclude_min=True),
+    temperature=st.floats(1e-3, 1e3),
+    alpha=st.floats(1e-3, 1e3),
+)
+def test_gate_values_are_in_unit_interval(logp, shape, tau, temperature, alpha):
+    lp = torch.tensor([logp], dtype=torch.float32)
+    cfg = GateConfig(shape=shape, tau=tau, temperature=temperature, alpha=alpha, signal="relative")
+    g = gate_values(lp, torch.zeros_like(lp), torch.ones_like(lp, dtype=torch.bool), cfg)
+    assert torch.all((g >= 0) & (g <= 1)) and torch.isfinite(g).all()
+
+
+def test_apply_gate_is_identity_forward_and_scales_the_gradient_exactly():
+    x = torch.randn(5, 7, requires_grad=True)
+    g = torch.rand(5, 7)
+    y = apply_gate(x, g)
+    assert torch.equal(y, x)
+    upstream = torch.randn(5, 7)
+    (gx,) = torch.autograd.grad(y, x, upstream)
+    assert torch.equal(gx, upstream * g)
+
+
+def _dpo_grads(gate: GateConfig | None, seed=0):
+    torch.manual_seed(seed)
+    b, t, v = 4, 6, 25
+    logits_c = (torch.randn(b, t, v) * 5).requires_grad_()
+    logits_r = (torch.randn(b, t, v) * 5).requires_grad_()
+    tgt_c, tgt_r = torch.randint(0, v, (b, t)), torch.randint(0, v, (b, t))
+    mask = torch.ones(b, t, dtype=torch.bool)
+    lc, _, _ = token_logprobs(logits_c, tgt_c)
+    lr, lr_max, _ = token_logprobs(logits_r, tgt_r)
+    g = None
+    if gate is not None and gate.enabled:
+        g = gate_values(lr, lr_max, mask, gate)
+        lr = apply_gate(lr, g)
+    ref_c, ref_r = torch.full((b,), -40.0), torch.full((b,), -40.0)
+    loss = preference_loss(
+        sequence_logps(lc, mask), sequence_logps(lr, mask), ref_c, ref_r, objective="dpo", beta=0.1
+    )
+    loss.mean().backward()
+    return loss.detach(), logits_c.grad, logits_r.grad, g
+
+
+def test_gate_none_is_plain_dpo_to_the_bit():
+    plain = _dpo_grads(None)
+    off = _dpo_grads(GateConfig(shape="none"))
+    for a, b in zip(plain[:3], off[:3], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_gate_leaves_loss_and_chosen_untouched_and_scales_rejected_by_g():
+    plain = _dpo_grads(None)
+    gated = _dpo_grads(GateConfig(shape="sigmoid", tau=0.05, temperature=0.5))
+    g = gated[3]
+    assert 0 < float((g < 0.5).float().mean()) < 1, "the case must exercise both regimes of the gate"
+    assert torch.equal(plain[0], gated[0]), "loss value must be bit-identical"
+    assert torch.equal(plain[1], gated[1]), "chosen gradient must be untouched"
+    # The gradient reaching each rejected token's logits is g times the ungated one (the op is linear in it).
+    torch.testing.assert_close(gated[2], plain[2] * g[..., None], atol=1e-7, rtol=1e-6)
+    assert not torch.equal(gated[2], plain[2])
+
+
+def test_gate_config_refuses_bad_values():
+    with pytest.raises(ValueError, match=r"gate.shape='cosine' is not one of"):
+        GateConfig(shape="cosine")
+    with pytest.raises(ValueError, match=r"gate.tau=0.0 must be in"):
+        GateConfig(tau=0.0)
+    with pytest.raises(ValueError, match=r"gate.temperature"):
+        GateConfig(temperature=-1.0)
