@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gatedpo_mega.data.config import DataConfig
 from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.gate import GateConfig
 from gatedpo_mega.objectives import OBJECTIVES
@@ -110,6 +111,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
 
 

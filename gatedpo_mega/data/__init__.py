@@ -1,0 +1,1 @@
+"""Preference data: files to tokenized pairs to micro-batches."""
