@@ -71,6 +71,76 @@ class ParallelConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """A Llama-family decoder (RMSNorm, SwiGLU, rotary embeddings, grouped-query attention)."""
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2  # key/value heads (grouped-query attention); = heads for multi-head attention
+    ffn_hidden_size: int = 176
+    vocab_size: int = 0  # 0: the tokenizer's vocabulary size
+    make_vocab_size_divisible_by: int = 64  # the padded vocabulary is a multiple of this x parallel.tensor
+    max_position_embeddings: int = 512
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False  # share the input embedding and the output layer
+    qkv_bias: bool = False  # bias on the query/key/value projection (Qwen2)
+    init_std: float = 0.02
+    dtype: str = "fp32"  # fp32 | bf16 (parameters and compute; the optimizer keeps fp32 master weights)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            _positive(f"model.{name}", getattr(self, name))
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
+                f"model.num_query_groups={self.num_query_groups}"
+            )
+        _positive("model.vocab_size", self.vocab_size, allow_zero=True)
+        _positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
+        _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    max_steps: int = 20
+    micro_batch_size: int = 2  # pairs per micro-batch (2x rows: chosen and rejected)
+    global_batch_size: int = 8  # pairs per optimizer step = micro_batch_size x accumulation x data-parallel size
+    seed: int = 1234
+    output_dir: str = "outputs/run"
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # cosine decay floor
+    warmup_steps: int = 2
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    log_every: int = 1  # metrics.jsonl gets every step; this is the console's cadence
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.save_every", self.save_every, allow_zero=True)
+        _positive("train.lr", self.lr)
+        _positive("train.min_lr", self.min_lr, allow_zero=True)
+        _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass(kw_only=True, slots=True)
 class SqueezeConfig:
     """The squeeze demonstration: a free-logit softmax model trained on one preference pair."""
 
@@ -111,6 +181,8 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
 

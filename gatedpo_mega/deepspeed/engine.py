@@ -1,0 +1,133 @@
+"""DeepSpeed ZeRO around a megatron-core model.
+
+Two drivers share one loss hook (``gatedpo_mega.megatron.step``):
+
+- ``schedule`` (ZeRO 0/1, any pipeline size): megatron-core's ``get_forward_backward_func()`` runs the
+  micro-batches and their backward passes (gradient accumulation in ``.grad``); DeepSpeed then reduces the
+  gradients over the data-parallel group and steps the ZeRO-1 optimizer, as its own pipeline engine does.
+- ``engine`` (ZeRO 2/3, pipeline 1): DeepSpeed's engine drives the micro-batches (``engine.backward`` per
+  micro-batch, ``gradient_accumulation_steps`` = their number), because ZeRO 2 and 3 reduce and partition
+  gradients in hooks during each backward pass.
+
+Stage 2 and 3 shard gradients and parameters over the data-parallel group; DeepSpeed refuses them with pipeline
+parallelism, and so does the config validation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from gatedpo_mega.config import Config
+from gatedpo_mega.megatron.parallel import Layout
+
+
+class LayoutMPU:
+    """The ``mpu`` object DeepSpeed asks for groups, answered from an explicit ``Layout``.
+
+    DeepSpeed counts a replicated (non tensor-parallel) parameter in the gradient norm only where the tensor rank is
+    0 and then sums the norm over the model-parallel group (tensor x pipeline), which is what these answer.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def get_model_parallel_group(self) -> Any:
+        return self.layout.mp_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.layout.tp * self.layout.pp
+
+    def get_model_parallel_rank(self) -> int:
+        return self.layout.pp_rank * self.layout.tp + self.layout.tp_rank
+
+    def get_tensor_model_parallel_group(self) -> Any:
+        return self.layout.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.layout.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.layout.tp
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.layout.rank - self.layout.tp_rank
+
+    def get_pipeline_model_parallel_group(self) -> Any:
+        return self.layout.pp_group
+
+    def get_data_parallel_group(self) -> Any:
+        return self.layout.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.layout.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.layout.dp
+
+
+def uses_engine_driver(cfg: Config) -> bool:
+    return cfg.parallel.zero_stage >= 2
+
+
+def deepspeed_config(cfg: Config, *, dp: int, num_micro_batches: int) -> dict[str, Any]:
+    t = cfg.train
+    engine_driver = uses_engine_driver(cfg)
+    gas = num_micro_batches if engine_driver else 1
+    micro = t.micro_batch_size if engine_driver else t.micro_batch_size * num_micro_batches
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": micro * gas * dp,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            # Without hooks (stage 1) gradients are reduced after the schedule, not during backward.
+            "contiguous_gradients": engine_driver,
+            "overlap_comm": False,
+            "reduce_bucket_size": 50_000_000,
+            "allgather_bucket_size": 50_000_000,
+        },
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(step: int, *, warmup: int, total: int, ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to ``ratio`` (= min_lr / lr) at ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, *, num_micro_batches: int) -> Any:
+    import deepspeed
+
+    t = cfg.train
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": t.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)  # type: ignore[arg-type]
+    ratio = t.min_lr / t.lr
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.max_steps, ratio=ratio)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        mpu=LayoutMPU(layout),
+        config=deepspeed_config(cfg, dp=layout.dp, num_micro_batches=num_micro_batches),
+        dist_init_required=False,
+    )
+    return engine

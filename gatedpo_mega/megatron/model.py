@@ -1,0 +1,156 @@
+"""The megatron-core GPTModel for a Llama-family config, and an initialisation that is the same at every layout.
+
+megatron-core initialises each pipeline stage and tensor shard from the running RNG, so TP 1 and TP 2 (or PP 1 and
+PP 2) start from different weights. Here every parameter is drawn from its own generator, seeded by the run seed
+and the parameter's *global* name (layer index after the pipeline offset), as the full unsharded tensor; each rank
+keeps its slice, cut the way megatron-core cuts it (``partition_dim`` / ``partition_stride`` attributes). A given
+seed therefore gives bit-identical models at every TP x PP layout, which the equivalence tests rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gatedpo_mega.config import ModelConfig
+from gatedpo_mega.megatron.cpu_shim import apply_cpu_shim
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """The embedding rows: the true vocabulary rounded up to a multiple of ``divisible_by * TP``."""
+    multiple = divisible_by * tensor_parallel
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+@dataclass(frozen=True, slots=True)
+class StageInfo:
+    pre_process: bool  # this stage holds the embedding
+    post_process: bool  # this stage holds the final norm and the output layer
+    layer_offset: int  # global index of this stage's first layer
+    tp_rank: int
+    tp_size: int
+
+
+def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> TransformerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = DTYPES[cfg.dtype]
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        hidden_dropout=0.0,  # preference optimisation runs without dropout (policy and reference must agree)
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        perform_initialization=True,  # sets the tensor-parallel attributes; ``init_parameters`` then redraws
+        init_method_std=cfg.init_std,
+        # Fused kernels are CUDA-only; their unfused forms are megatron-core's reference paths.
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=not on_cpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=False,
+        variable_seq_lengths=pipeline > 1,  # micro-batches are length-bucketed: stages exchange shapes first
+        moe_token_dispatcher_type="alltoall",  # (no experts here; megatron-core requires it for the line above)
+    )
+
+
+def build_model(cfg: ModelConfig, *, vocab_size: int, stage: StageInfo, pipeline: int, seed: int):  # -> GPTModel
+    """This rank's stage of the model, initialised by ``init_parameters``."""
+    apply_cpu_shim()
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    model_parallel_cuda_manual_seed(seed)  # named RNG states for dropout regions (CPU generators on CPU)
+    tconf = transformer_config(cfg, tensor=stage.tp_size, pipeline=pipeline)
+    model = GPTModel(
+        config=tconf,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, stage.tp_size),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=stage.pre_process,
+        post_process=stage.post_process,
+        share_embeddings_and_output_weights=cfg.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rotary_base),
+    )
+    init_parameters(model, cfg, stage=stage, seed=seed)
+    return model
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def global_name(local_name: str, layer_offset: int) -> str:
+    """``decoder.layers.{i}.x`` of a pipeline stage -> ``decoder.layers.{i + offset}.x``; a tied output layer
+    weight is the embedding's."""
+    m = _LAYER.match(local_name)
+    if m:
+        return f"decoder.layers.{int(m.group(1)) + layer_offset}.{local_name[m.end() :]}"
+    return local_name
+
+
+def full_shape(param: torch.nn.Parameter, tp_size: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= tp_size  # type: ignore[attr-defined]
+    return tuple(shape)
+
+
+def shard(full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's slice of ``full``, cut as megatron-core cuts it: ``stride`` interleaved chunks per rank."""
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return full
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)  # type: ignore[attr-defined]
+    chunk = full.shape[dim] // (tp_size * stride)
+    pieces = torch.split(full, chunk, dim=dim)
+    return torch.cat(pieces[tp_rank::tp_size], dim=dim)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def init_parameters(model: torch.nn.Module, cfg: ModelConfig, *, stage: StageInfo, seed: int) -> None:
+    """Normal(0, std) weights (std / sqrt(2 L) on the two residual-branch outputs, as GPT-2 and Megatron scale
+    them), ones for norms, zeros for biases; each drawn full-size from its own global-name generator."""
+    out_std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
+    with torch.no_grad():
+        for local, p in model.named_parameters():
+            name = global_name(local, stage.layer_offset)
+            if cfg.tie_embeddings and name == "output_layer.weight":
+                name = "embedding.word_embeddings.weight"  # the same draw as the embedding it mirrors
+            shape = full_shape(p, stage.tp_size)
+            if "layernorm" in name or name.endswith("final_layernorm.weight") or name.endswith("norm.weight"):
+                full = torch.ones(shape)
+            elif name.endswith(".bias"):
+                full = torch.zeros(shape)
+            else:
+                std = out_std if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else cfg.init_std
+                full = torch.randn(shape, generator=_generator(seed, name)) * std
+            p.copy_(shard(full, p, stage.tp_rank, stage.tp_size).to(p.dtype))

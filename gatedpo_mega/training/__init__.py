@@ -1,0 +1,1 @@
+"""Training: the step, the reference pass, the loop and its outputs."""
