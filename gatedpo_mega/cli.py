@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gatedpo_mega.data.cli import add_data_commands
 from gatedpo_mega.errors import UserError
 
 
@@ -38,9 +39,23 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from gatedpo_mega.config import load_config
+    from gatedpo_mega.training.launch import launch
+
+    if args.nproc is not None and args.nproc < 1:
+        raise UserError(f"--nproc must be >= 1, got {args.nproc}")
+    return launch(load_config(args.config, args.overrides), args.nproc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatedpo", description="Gate-DPO on megatron-core and DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train with Gate-DPO on megatron-core (TP x PP) and DeepSpeed ZeRO")
+    _add_config_args(p)
+    p.add_argument("--nproc", type=int, help="start N local processes (not needed under torchrun/deepspeed)")
+    p.set_defaults(func=_cmd_train)
+    add_data_commands(sub)
     p = sub.add_parser("squeeze", help="the squeeze demonstration: DPO vs each gate shape on a softmax model")
     _add_config_args(p)
     p.set_defaults(func=_cmd_squeeze)

@@ -90,7 +90,13 @@ class ModelConfig:
     dtype: str = "fp32"  # fp32 | bf16 (parameters and compute; the optimizer keeps fp32 master weights)
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "ffn_hidden_size",
+        ):
             _positive(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -110,7 +116,9 @@ class ModelConfig:
 class TrainConfig:
     max_steps: int = 20
     micro_batch_size: int = 2  # pairs per micro-batch (2x rows: chosen and rejected)
-    global_batch_size: int = 8  # pairs per optimizer step = micro_batch_size x accumulation x data-parallel size
+    global_batch_size: int = (
+        8  # pairs per optimizer step = micro_batch_size x accumulation x data-parallel size
+    )
     seed: int = 1234
     output_dir: str = "outputs/run"
     save_every: int = 0  # steps between checkpoints; 0: only at the end
@@ -121,10 +129,10 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
-    log_every: int = 1  # metrics.jsonl gets every step; this is the console's cadence
+    reference_batch_size: int = 16  # pairs per forward-only micro-batch of the reference pass
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "global_batch_size", "log_every"):
+        for name in ("max_steps", "micro_batch_size", "global_batch_size", "reference_batch_size"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.save_every", self.save_every, allow_zero=True)
         _positive("train.lr", self.lr)

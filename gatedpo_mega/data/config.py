@@ -4,17 +4,57 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FORMATS = ("auto", "hh", "plain", "chat")
+CHAT_TEMPLATES = ("auto", "tokenizer", "hh", "chatml")
+ON_BAD_RECORD = ("error", "skip")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    source: str = "builtin"  # "builtin" (generated, no download) or a path to a data file or folder
+    source: str = (
+        "builtin"  # "builtin" (generated, no download), a data file or folder, or a hub dataset name
+    )
+    split: str = "train"  # split of a save_to_disk DatasetDict or a hub dataset
+    format: str = (
+        "auto"  # auto | hh (two transcripts) | plain (prompt/chosen/rejected strings) | chat (messages)
+    )
+    prompt_field: str = "prompt"  # record field holding the prompt (optional for hh and chat)
+    chosen_field: str = "chosen"  # record field holding the preferred response (or transcript, or messages)
+    rejected_field: str = "rejected"  # record field holding the dispreferred response
+    chat_template: str = (
+        "auto"  # auto (the tokenizer's, else hh) | tokenizer | hh | chatml: renders chat messages
+    )
     tokenizer: str = "builtin"  # "builtin", a Hugging Face tokenizer folder, or a SentencePiece .model file
     max_length: int = 128  # prompt + response tokens per row
     max_prompt_length: int = 64  # prompts longer than this keep their end
     pad_to_multiple: int = 8  # row length is padded to a multiple of this (tensor parallelism, kernels)
+    packing: bool = False  # several pairs per row; refused: the model path cannot honour packed boundaries
+    on_bad_record: str = "error"  # error: stop at the first bad record | skip: count, report and go on
+    eval_fraction: float = 0.05  # held-out share, chosen by a hash of the prompt text (0: no eval split)
+    num_proc: int = 1  # tokenizer processes
+    builtin_pairs: int = 4000  # size of the generated built-in dataset
+    builtin_vocab_size: int = 512  # vocabulary of the built-in SentencePiece tokenizer
+    seed: int | None = (
+        0  # seed of the built-in data and tokenizer (fixed: train.seed orders batches); null: train.seed
+    )
     cache_dir: str = "outputs/cache"  # tokenized datasets, keyed by a hash of files, tokenizer and settings
 
     def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("data.source must not be empty (use 'builtin' for the generated dataset)")
+        _choice("data.format", self.format, FORMATS)
+        _choice("data.chat_template", self.chat_template, CHAT_TEMPLATES)
+        _choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
+        for key in ("prompt_field", "chosen_field", "rejected_field"):
+            if not getattr(self, key):
+                raise ValueError(f"data.{key} must not be empty")
+        if self.chosen_field == self.rejected_field:
+            raise ValueError(f"data.chosen_field and data.rejected_field are both {self.chosen_field!r}")
         if self.max_length < 2:
             raise ValueError(f"data.max_length={self.max_length} must be >= 2")
         if not 0 <= self.max_prompt_length < self.max_length:
@@ -23,3 +63,22 @@ class DataConfig:
             )
         if self.pad_to_multiple < 1:
             raise ValueError(f"data.pad_to_multiple={self.pad_to_multiple} must be >= 1")
+        if self.packing:
+            raise ValueError(
+                "data.packing=true is not supported: the megatron-core GPTModel path builds one causal mask per "
+                "row and cannot honour per-sequence attention boundaries, so packed pairs would attend to each "
+                "other; set data.packing=false (rows are length-bucketed and padded instead)"
+            )
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.num_proc < 1:
+            raise ValueError(f"data.num_proc={self.num_proc} must be >= 1")
+        if self.builtin_pairs < 1:
+            raise ValueError(f"data.builtin_pairs={self.builtin_pairs} must be >= 1")
+        if not 300 <= self.builtin_vocab_size <= 32000:
+            raise ValueError(
+                f"data.builtin_vocab_size={self.builtin_vocab_size} must be in [300, 32000] "
+                "(256 byte-fallback pieces plus the specials and some words)"
+            )
+        if not self.cache_dir:
+            raise ValueError("data.cache_dir must not be empty")

@@ -109,7 +109,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, *, num_mic
     import deepspeed
 
     t = cfg.train
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [

@@ -78,7 +78,9 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
     )
 
 
-def build_model(cfg: ModelConfig, *, vocab_size: int, stage: StageInfo, pipeline: int, seed: int):  # -> GPTModel
+def build_model(
+    cfg: ModelConfig, *, vocab_size: int, stage: StageInfo, pipeline: int, seed: int
+):  # -> GPTModel
     """This rank's stage of the model, initialised by ``init_parameters``."""
     apply_cpu_shim()
     from megatron.core.models.gpt import GPTModel

@@ -24,10 +24,22 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         )
     dp = world_size // (tp * pp)
     checks = [
-        (m.num_layers % pp == 0, f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={pp}"),
-        (m.num_attention_heads % tp == 0, f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={tp}"),
-        (m.num_query_groups % tp == 0, f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tensor={tp}"),
-        (m.ffn_hidden_size % tp == 0, f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={tp}"),
+        (
+            m.num_layers % pp == 0,
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={pp}",
+        ),
+        (
+            m.num_attention_heads % tp == 0,
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={tp}",
+        ),
+        (
+            m.num_query_groups % tp == 0,
+            f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tensor={tp}",
+        ),
+        (
+            m.ffn_hidden_size % tp == 0,
+            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={tp}",
+        ),
         (
             t.global_batch_size % (t.micro_batch_size * dp) == 0,
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="

@@ -54,7 +54,9 @@ def response_stats(
     logits: torch.Tensor, batch: PreferenceBatch, ctx: LossContext
 ) -> tuple[ResponseStats, ResponseStats, torch.Tensor]:
     """Per-token statistics of the chosen rows and the rejected rows, and the ungated rejected log-probs."""
-    logp, logp_max, entropy = token_logprobs(logits, batch.labels, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size)
+    logp, logp_max, entropy = token_logprobs(
+        logits, batch.labels, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size
+    )
     mask = batch.loss_mask
     b = batch.pairs
     chosen = ResponseStats(logp[:b], logp_max[:b], entropy[:b], mask[:b])
@@ -101,12 +103,16 @@ def reference_loss_func(
     """Forward-only: summed log-probs and token counts per row, keyed by pair id."""
     with torch.no_grad():
         chosen, rejected, _ = response_stats(logits, batch, ctx)
-        sums = torch.stack([sequence_logps(chosen.logp, chosen.mask), sequence_logps(rejected.logp, rejected.mask)], 1)
+        sums = torch.stack(
+            [sequence_logps(chosen.logp, chosen.mask), sequence_logps(rejected.logp, rejected.mask)], 1
+        )
         counts = torch.stack([chosen.mask.sum(-1), rejected.mask.sum(-1)], 1)
     return logits.new_zeros(()), {"pair_ids": batch.pair_ids, "logps": sums.double(), "tokens": counts}
 
 
-def forward_step(loss_func: Any, ctx: LossContext, data_iterator: Any, model: torch.nn.Module) -> tuple[Any, Any]:
+def forward_step(
+    loss_func: Any, ctx: LossContext, data_iterator: Any, model: torch.nn.Module
+) -> tuple[Any, Any]:
     """Megatron's ``forward_step_func`` (bind ``loss_func`` and ``ctx`` with ``functools.partial``)."""
     batch: PreferenceBatch = next(data_iterator)
     return model_forward(model, batch), partial(loss_func, batch, ctx)

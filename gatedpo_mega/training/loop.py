@@ -48,7 +48,9 @@ def device_for(layout_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def load_or_compute_reference(model: torch.nn.Module, layout: Layout, ctx: LossContext, data: RunData, device: torch.device) -> None:
+def load_or_compute_reference(
+    model: torch.nn.Module, layout: Layout, ctx: LossContext, data: RunData, device: torch.device
+) -> None:
     """Reference log-probs of the initial weights: read from ``data.reference_file`` or computed once with the
     run's own layout and written there (atomically) for every later run of the same data, model and seed."""
     f = data.reference_file
@@ -56,9 +58,13 @@ def load_or_compute_reference(model: torch.nn.Module, layout: Layout, ctx: LossC
         saved = torch.load(f, map_location="cpu", weights_only=True)
         logps, tokens = saved["logps"], saved["tokens"]
         if logps.shape != (data.num_pairs, 2):
-            raise RuntimeError(f"reference file {f} holds {tuple(logps.shape)} log-probs for {data.num_pairs} pairs")
+            raise RuntimeError(
+                f"reference file {f} holds {tuple(logps.shape)} log-probs for {data.num_pairs} pairs"
+            )
     else:
-        logps, tokens = reference_pass(model, layout, ctx, [b.to(device) for b in data.reference_batches], data.num_pairs)
+        logps, tokens = reference_pass(
+            model, layout, ctx, [b.to(device) for b in data.reference_batches], data.num_pairs
+        )
         if f is not None and layout.is_logger:
             f.parent.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(f".tmp{os.getpid()}")
@@ -99,7 +105,9 @@ class MetricsLog:
             for k, v in record.items():
                 if k != "step":
                     self.tb.add_scalar(k, v, record["step"])
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}", refresh=False
+        )
         self.bar.update(1)
 
     def close(self) -> None:
@@ -132,7 +140,9 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
         tp_rank=layout.tp_rank,
         tp_size=layout.tp,
     )
-    model = build_model(cfg.model, vocab_size=data.vocab_size, stage=stage, pipeline=layout.pp, seed=cfg.train.seed)
+    model = build_model(
+        cfg.model, vocab_size=data.vocab_size, stage=stage, pipeline=layout.pp, seed=cfg.train.seed
+    )
     model.to(device)
     ctx = LossContext(
         objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, vocab_size=data.vocab_size,
@@ -158,7 +168,9 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     return history
 
 
-def _step_record(step: int, sums: list[Any], batches: list[PreferenceBatch], engine: Any, layout: Layout, seconds: float) -> dict[str, Any]:
+def _step_record(
+    step: int, sums: list[Any], batches: list[PreferenceBatch], engine: Any, layout: Layout, seconds: float
+) -> dict[str, Any]:
     """Reduce the metrics over the data-parallel group and bring them to every rank."""
     metrics = reduce_metric_sums(sums, layout.dp_group) if layout.last_stage else {}
     tokens = torch.tensor([sum(b.input_ids.numel() for b in batches)], dtype=torch.float64)

@@ -20,7 +20,14 @@ from gatedpo_mega.megatron.step import (
 from gatedpo_mega.metrics import MetricSums
 
 
-def _schedule(model: torch.nn.Module, batches: list[PreferenceBatch], loss_func: Any, ctx: LossContext, *, forward_only: bool) -> list[dict[str, Any]]:
+def _schedule(
+    model: torch.nn.Module,
+    batches: list[PreferenceBatch],
+    loss_func: Any,
+    ctx: LossContext,
+    *,
+    forward_only: bool,
+) -> list[dict[str, Any]]:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
@@ -46,7 +53,9 @@ def sync_tied_embedding_grads(model: torch.nn.Module, layout: Layout) -> None:
         dist.all_reduce(weight.grad, group=layout.embedding_group)
 
 
-def train_step(engine: Any, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch], *, engine_driver: bool) -> list[MetricSums]:
+def train_step(
+    engine: Any, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch], *, engine_driver: bool
+) -> list[MetricSums]:
     """Forward and backward of every micro-batch, gradient reduction, optimizer step; returns metric sums of this
     rank's micro-batches (empty except on the last pipeline stage)."""
     ctx.micro_batch = 0
@@ -67,7 +76,9 @@ def train_step(engine: Any, layout: Layout, ctx: LossContext, batches: list[Pref
 
 
 @torch.no_grad()
-def reference_pass(model: torch.nn.Module, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch], num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_pass(
+    model: torch.nn.Module, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch], num_pairs: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs ``[N, 2]`` (chosen, rejected) and response token counts of every pair under ``model``,
     from this DP rank's ``batches``, summed over the data-parallel group (on the last stage; zeros elsewhere)."""
     logps = torch.zeros(num_pairs, 2, dtype=torch.float64)

@@ -1,0 +1,256 @@
+"""Raw records from files: JSON, JSONL (gzip or not), Parquet, Arrow, ``save_to_disk`` folders, hub names.
+
+Each record comes out as ``(where, dict)``, or ``(where, Bad)`` when the record itself is unusable (a line that is
+not JSON, not an object, not UTF-8) so that ``data.on_bad_record: skip`` can count it and go on. Problems with a
+whole file (missing, truncated gzip, corrupt Parquet) raise :class:`DataError`, or, in skip mode, come out as one
+``Bad`` after the records read before the damage.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gatedpo_mega.data.errors import DataError, where
+
+JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz")
+TABLE_SUFFIXES = (".parquet", ".arrow")
+DATA_SUFFIXES = JSON_SUFFIXES + TABLE_SUFFIXES
+_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True, slots=True)
+class Bad:
+    """A record that cannot be used; ``reason`` is the counter's key, ``message`` the one line for the user."""
+
+    reason: str
+    message: str
+
+
+Record = tuple[str, dict[str, Any] | Bad]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in sorted(DATA_SUFFIXES, key=len, reverse=True):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def resolve_files(source: str) -> list[Path]:
+    """The local files behind ``source`` (for reading and for the cache key); ``[]`` for a hub name."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return sorted(p for p in path.rglob("*") if p.is_file())
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in DATA_SUFFIXES)
+        if not files:
+            raise DataError(
+                f"data.source {source}: folder holds no data files ({', '.join(DATA_SUFFIXES)}) "
+                "and is not a save_to_disk dataset"
+            )
+        return files
+    looks_local = (
+        source.startswith(("/", ".", "~")) or _suffix(path) in DATA_SUFFIXES or not _HUB_NAME.match(source)
+    )
+    if looks_local:
+        raise DataError(f"data.source {source}: file does not exist")
+    return []
+
+
+def files_digest(files: list[Path]) -> str:
+    """Hash of the files' names and bytes: a changed file gives a new tokenized cache."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def read_records(source: str, *, split: str = "train", skip_bad: bool = False) -> Iterator[Record]:
+    path = Path(source).expanduser()
+    files = resolve_files(source)
+    if not files:
+        yield from _read_hub(source, split)
+    elif path.is_dir() and _is_saved_dataset(path):
+        yield from _read_saved(path, split)
+    else:
+        for f in files:
+            yield from _read_file(f, skip_bad=skip_bad)
+
+
+def _read_file(path: Path, *, skip_bad: bool) -> Iterator[Record]:
+    suffix = _suffix(path)
+    try:
+        if suffix == ".parquet":
+            yield from _read_parquet(path)
+        elif suffix == ".arrow":
+            yield from _read_arrow(path)
+        else:
+            yield from _read_json(path)
+    except DataError as e:
+        if not skip_bad:
+            raise
+        yield str(path), Bad("unreadable_file", str(e))
+
+
+def _open_bytes_lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        gz = fh.read(2) == _GZIP_MAGIC
+    if path.name.lower().endswith(".gz") and not gz:
+        raise DataError(f"{path}: not a gzip file (name ends in .gz)")
+    opener: Any = gzip.open if gz else open
+    n = 0
+    try:
+        with opener(path, "rb") as fh:
+            for n, line in enumerate(fh, start=1):  # noqa: B007 (n names the damage below)
+                yield line
+    except EOFError:
+        raise DataError(f"{path} line {n + 1}: gzip stream is truncated (file cut short?)") from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as e:
+        raise DataError(f"{path} line {n + 1}: corrupt gzip data ({e})") from None
+
+
+def _read_json(path: Path) -> Iterator[Record]:
+    lines = _open_bytes_lines(path)
+    first: bytes | None = None
+    for first in lines:
+        if first.strip():
+            break
+    if first is None or not first.strip():
+        return
+    if first.lstrip().startswith(b"[") and not path.name.lower().endswith((".jsonl", ".jsonl.gz")):
+        yield from _read_json_array(path, first + b"".join(lines))
+        return
+    n = 0
+    for n, raw in enumerate(_chain(first, lines), start=1):
+        if raw.strip():
+            yield _parse_line(path, n, raw)
+
+
+def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
+    yield first
+    yield from rest
+
+
+def _parse_line(path: Path, n: int, raw: bytes) -> Record:
+    loc = where(str(path), n)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return loc, Bad("not_utf8", f"{loc}: not valid UTF-8 (byte {e.start})")
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        return loc, Bad("not_json", f"{loc}: not valid JSON ({msg})")
+    if not isinstance(obj, dict):
+        return loc, Bad("not_object", f"{loc}: expected a JSON object, got {type(obj).__name__}")
+    return loc, obj
+
+
+def _read_json_array(path: Path, data: bytes) -> Iterator[Record]:
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(items, list):
+        raise DataError(f"{path}: expected a JSON list of records or one record per line")
+    for i, obj in enumerate(items):
+        loc = where(str(path), i, unit="item")
+        if isinstance(obj, dict):
+            yield loc, obj
+        else:
+            yield loc, Bad("not_object", f"{loc}: expected a JSON object, got {type(obj).__name__}")
+
+
+def _rows(name: str, rows: Iterator[dict[str, Any]]) -> Iterator[Record]:
+    for i, row in enumerate(rows):
+        yield where(name, i, unit="row"), row
+
+
+def _read_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def rows() -> Iterator[dict[str, Any]]:
+        try:
+            pf = pq.ParquetFile(path)
+            for batch in pf.iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+
+    yield from _rows(str(path), rows())
+
+
+def _read_arrow(path: Path) -> Iterator[Record]:
+    import pyarrow as pa
+
+    def rows() -> Iterator[dict[str, Any]]:
+        errors: list[str] = []
+        for opener in (pa.ipc.open_stream, pa.ipc.open_file):  # datasets writes streams; others write files
+            try:
+                with pa.memory_map(str(path)) as source:
+                    table = opener(source).read_all()
+            except (pa.ArrowException, OSError, ValueError) as e:
+                errors.append(_first_line(e))
+                continue
+            for batch in table.to_batches(max_chunksize=1024):
+                yield from batch.to_pylist()
+            return
+        raise DataError(f"{path}: not a readable Arrow file ({errors[-1]})")
+
+    yield from _rows(str(path), rows())
+
+
+def _read_saved(folder: Path, split: str) -> Iterator[Record]:
+    import datasets
+
+    try:
+        ds: Any = datasets.load_from_disk(str(folder))
+    except Exception as e:  # datasets raises many types for a damaged folder
+        raise DataError(f"{folder}: not a readable save_to_disk dataset ({_first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{folder}: no split '{split}' (data.split); splits: {', '.join(ds)}")
+        ds = ds[split]
+    yield from _rows(str(folder), iter(ds))
+
+
+def _read_hub(name: str, split: str) -> Iterator[Record]:
+    import datasets
+
+    try:
+        ds: Any = datasets.load_dataset(name, split=split)
+    except Exception as e:  # offline, unknown name, bad split: all one line for the user
+        raise DataError(
+            f"data.source {name}: not a local file or folder, and loading it from the hub failed ({_first_line(e)})"
+        ) from None
+    yield from _rows(name, iter(ds))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
