@@ -1,0 +1,132 @@
+"""Gate-DPO training on megatron-core + DeepSpeed: the same numbers at every layout.
+
+Short deterministic runs on the built-in data, compared step by step (loss, gradient norm, metrics) with
+tensor 1 x pipeline 1 on one process.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed import run_distributed
+
+from gatedpo_mega.config import load_config
+from gatedpo_mega.data.batch import PreferenceBatch
+from gatedpo_mega.megatron.step import LossContext, NonFiniteLossError, preference_loss_func
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+BASE = [
+    "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_query_groups=2",
+    "model.ffn_hidden_size=64", "train.max_steps=3", "train.micro_batch_size=2", "train.global_batch_size=8",
+    "train.lr=3e-3", "train.warmup_steps=1", "train.reference_batch_size=8", "data.builtin_pairs=96",
+    "data.max_length=64", "data.max_prompt_length=40", "data.eval_fraction=0",
+]  # fmt: skip
+# Accuracy is left out: at step one every margin is ~1e-8 and its sign is rounding noise.
+COMPARED = ("loss", "grad_norm", "rewards/margins", "logps/chosen", "gate/mean", "squeeze/entropy_rejected")
+
+
+def _train_worker(rank, world, overrides, out):
+    from gatedpo_mega.training.data import make_run_data
+    from gatedpo_mega.training.loop import train
+
+    history = train(load_config(None, overrides), make_run_data)
+    if rank == 0:
+        Path(out).write_text(json.dumps(history))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def run(world, extra, cache, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    overrides = [*BASE, f"data.cache_dir={cache}", f"train.output_dir={tmp_path / name}", *extra]
+    run_distributed(_train_worker, world, overrides, str(out))
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline(cache, tmp_path_factory):
+    return run(1, [], cache, tmp_path_factory.mktemp("base"), "tp1pp1")
+
+
+def _same(a, b, rel=2e-5):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b, strict=True):
+        for k in COMPARED:
+            assert ra[k] == pytest.approx(rb[k], rel=rel, abs=1e-6), (ra["step"], k)
+
+
+def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path_factory):
+    assert baseline[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert baseline[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert baseline[-1]["loss"] != baseline[0]["loss"]  # it trains
+    out = next(Path(tmp_path_factory.getbasetemp()).glob("base*/tp1pp1/metrics.jsonl"))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected", "gate/mean", "gate/frac_attenuated", "squeeze/top1_rejected",
+                "squeeze/entropy_rejected", "tokens_per_second"):  # fmt: skip
+        assert key in rows[0], key
+
+
+@pytest.mark.parametrize(
+    ("world", "extra"),
+    [
+        (2, ["parallel.tensor=2"]),
+        (2, ["parallel.pipeline=2"]),
+        (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+        (2, ["parallel.zero_stage=1"]),
+        (2, ["parallel.zero_stage=2"]),
+        (2, ["parallel.zero_stage=3"]),
+        (1, ["train.micro_batch_size=1"]),  # 1 pair x 8 accumulation steps
+        (2, ["train.micro_batch_size=4", "parallel.zero_stage=2"]),  # 4 pairs x 1 step x DP 2
+    ],
+    ids=["tp2", "pp2", "tp2pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3", "mbs1-acc8", "mbs4-dp2-zero2"],
+)
+def test_layouts_match_tp1_pp1(world, extra, baseline, cache, tmp_path):
+    _same(run(world, extra, cache, tmp_path, "run"), baseline)
+
+
+def test_gate_that_never_closes_is_plain_dpo_to_the_bit(cache, tmp_path):
+    plain = run(1, ["gate.shape=none"], cache, tmp_path, "plain")
+    # tau = 1e-30: sigmoid((log p + 69) / 0.1) is exactly 1.0 in float32 for every token here.
+    open_gate = run(1, ["gate.shape=sigmoid", "gate.tau=1e-30", "gate.temperature=0.1"], cache, tmp_path, "open")
+    for a, b in zip(plain, open_gate, strict=True):
+        for k in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
+            assert a[k] == b[k], (a["step"], k)
+    assert open_gate[0]["gate/mean"] == 1.0
+    closing = run(1, ["gate.shape=hard", "gate.tau=0.02"], cache, tmp_path, "closing")
+    assert closing[0]["loss"] == plain[0]["loss"]  # the value never changes ...
+    assert closing[0]["gate/frac_attenuated"] > 0.05  # ... the gradient does
+    assert closing[-1]["loss"] != plain[-1]["loss"]
+
+
+def test_non_finite_loss_names_step_and_micro_batch():
+    b = PreferenceBatch(torch.tensor([[1, 2, 3], [1, 2, 4]]), torch.tensor([[2, 3, -100], [2, 4, -100]]), torch.tensor([0]))
+    ctx = LossContext(
+        objective=load_config().objective, gate=load_config().gate, tp_group=None, vocab_size=8,
+        reference=torch.zeros(1, 2, dtype=torch.float64), ref_tokens=torch.ones(1, 2, dtype=torch.long), step=7,
+        micro_batch=3,
+    )  # fmt: skip
+    logits = torch.zeros(2, 3, 8)
+    logits[0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 7, micro-batch 3 \(pairs \[0\]\)"):
+        preference_loss_func(b, ctx, logits)
+
+
+def test_bad_layout_is_refused_before_any_process_starts():
+    out = subprocess.run(
+        [sys.executable, "-m", "gatedpo_mega.cli", "train", "--nproc", "3", "parallel.tensor=2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        "gatedpo: error: world size 3 is not a multiple of parallel.tensor x parallel.pipeline = 2 x 1"
+    )
