@@ -121,7 +121,9 @@ class TrainConfig:
     )
     seed: int = 1234
     output_dir: str = "outputs/run"
-    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    save_every: int = (
+        0  # steps between checkpoints; checkpointing is not in this version, so only 0 is accepted
+    )
     lr: float = 1e-3
     min_lr: float = 1e-4  # cosine decay floor
     warmup_steps: int = 2
@@ -134,7 +136,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "reference_batch_size"):
             _positive(f"train.{name}", getattr(self, name))
-        _positive("train.save_every", self.save_every, allow_zero=True)
+        if self.save_every != 0:
+            raise ValueError(
+                f"train.save_every={self.save_every}: checkpoints are not written by this version; use 0"
+            )
         _positive("train.lr", self.lr)
         _positive("train.min_lr", self.min_lr, allow_zero=True)
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)

@@ -22,7 +22,11 @@ def _worker(
     rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], errors: Any
 ) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
     )
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)

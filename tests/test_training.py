@@ -97,7 +97,9 @@ def test_layouts_match_tp1_pp1(world, extra, baseline, cache, tmp_path):
 def test_gate_that_never_closes_is_plain_dpo_to_the_bit(cache, tmp_path):
     plain = run(1, ["gate.shape=none"], cache, tmp_path, "plain")
     # tau = 1e-30: sigmoid((log p + 69) / 0.1) is exactly 1.0 in float32 for every token here.
-    open_gate = run(1, ["gate.shape=sigmoid", "gate.tau=1e-30", "gate.temperature=0.1"], cache, tmp_path, "open")
+    open_gate = run(
+        1, ["gate.shape=sigmoid", "gate.tau=1e-30", "gate.temperature=0.1"], cache, tmp_path, "open"
+    )
     for a, b in zip(plain, open_gate, strict=True):
         for k in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
             assert a[k] == b[k], (a["step"], k)
@@ -109,7 +111,9 @@ def test_gate_that_never_closes_is_plain_dpo_to_the_bit(cache, tmp_path):
 
 
 def test_non_finite_loss_names_step_and_micro_batch():
-    b = PreferenceBatch(torch.tensor([[1, 2, 3], [1, 2, 4]]), torch.tensor([[2, 3, -100], [2, 4, -100]]), torch.tensor([0]))
+    b = PreferenceBatch(
+        torch.tensor([[1, 2, 3], [1, 2, 4]]), torch.tensor([[2, 3, -100], [2, 4, -100]]), torch.tensor([0])
+    )
     ctx = LossContext(
         objective=load_config().objective, gate=load_config().gate, tp_group=None, vocab_size=8,
         reference=torch.zeros(1, 2, dtype=torch.float64), ref_tokens=torch.ones(1, 2, dtype=torch.long), step=7,
