@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,10 +179,17 @@ def _step_record(
     payload = [metrics]
     if layout.pp > 1:
         dist.broadcast_object_list(payload, src=layout.logger_rank)
+    # Peak memory of the busiest rank: device memory on GPU, resident set size on CPU.
+    if torch.cuda.is_available():
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], dtype=torch.float64, device="cuda")
+    else:
+        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     norm = engine.get_global_grad_norm()
     record = {"step": step, **payload[0]}
     record["grad_norm"] = float(norm) if norm is not None else float("nan")
     record["lr"] = float(engine.get_lr()[0])
     record["tokens_per_second"] = float(tokens) / max(seconds, 1e-9)
     record["step_seconds"] = seconds
+    record["memory/peak_mib_max_rank"] = float(peak)
     return record
