@@ -35,7 +35,7 @@ def default_chunk_size(local_vocab: int) -> int:
     return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab))
 
 
-def _shard_forward(
+def shard_stats(
     x: torch.Tensor, target: torch.Tensor, start: int, valid: int, group: ProcessGroup | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One token chunk: returns (logp_target, logp_max, entropy, lse) of shape [n], in ``acc_dtype(x)``."""
@@ -69,7 +69,7 @@ def _shard_forward(
     return logp_target, -log_s, entropy, m + log_s
 
 
-def _shard_backward(
+def shard_logit_grad(
     x: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, g: torch.Tensor, start: int, valid: int
 ) -> torch.Tensor:
     """Gradient of sum_i g_i log p_{y_i} with respect to this shard's logits chunk, ``[n, valid]``."""
@@ -78,6 +78,27 @@ def _shard_backward(
     grad = torch.exp(x[:, :valid].to(lse.dtype) - lse[:, None]).mul_(-g[:, None])
     grad.scatter_add_(1, local.clamp(0, valid - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
     return grad
+
+
+def resolve_shard(
+    targets: torch.Tensor,
+    local_vocab: int,
+    tp_group: ProcessGroup | None,
+    vocab_start_index: int | None,
+    vocab_size: int | None,
+) -> tuple[torch.Tensor, int, int]:
+    """Flat int64 targets (checked against the vocabulary), this shard's first global id, and how many of its
+    columns are real vocabulary (the rest is padding)."""
+    tp = group_size(tp_group)
+    start = group_rank(tp_group) * local_vocab if vocab_start_index is None else vocab_start_index
+    total = local_vocab * tp if vocab_size is None else vocab_size
+    if not 0 < total <= local_vocab * tp:
+        raise ValueError(f"vocab_size={total} must be in (0, {local_vocab * tp}] (V_local {local_vocab} x TP {tp})")
+    flat = targets.reshape(-1).long()
+    bad = (flat != IGNORE_INDEX) & ((flat < 0) | (flat >= total))
+    if bool(bad.any()):
+        raise ValueError(f"target id {int(flat[bad][0])} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}")
+    return flat, start, min(max(total - start, 0), local_vocab)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -97,7 +118,7 @@ class _TokenLogprobs(torch.autograd.Function):
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
             for out, t in zip(
-                outs, _shard_forward(logits[sl], targets[sl], start, valid, group), strict=True
+                outs, shard_stats(logits[sl], targets[sl], start, valid, group), strict=True
             ):
                 out[sl] = t
         logp, logp_max, entropy, lse = outs
@@ -118,7 +139,7 @@ class _TokenLogprobs(torch.autograd.Function):
         n = targets.shape[0]
         for i in range(0, n if valid > 0 else 0, chunk):
             sl = slice(i, min(i + chunk, n))
-            chunk_grad = _shard_backward(logits[sl], targets[sl], lse[sl], g[sl], start, valid)
+            chunk_grad = shard_logit_grad(logits[sl], targets[sl], lse[sl], g[sl], start, valid)
             grad[sl, :valid] = chunk_grad
         grad[:, valid:] = 0
         return grad, None, None, None, None, None, None
@@ -152,25 +173,9 @@ def token_logprobs(
     gradient is local to the shard, which is exact because everything downstream is replicated over ``tp_group``.
     """
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} + [V_local]"
-        )
+        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} + [V_local]")
     local_vocab = logits.shape[-1]
-    tp = group_size(tp_group)
-    start = group_rank(tp_group) * local_vocab if vocab_start_index is None else vocab_start_index
-    total = local_vocab * tp if vocab_size is None else vocab_size
-    if not 0 < total <= local_vocab * tp:
-        raise ValueError(
-            f"vocab_size={total} must be in (0, {local_vocab * tp}] (V_local {local_vocab} x TP {tp})"
-        )
-    valid = min(max(total - start, 0), local_vocab)
-    flat_targets = targets.reshape(-1).long()
-    bad = (flat_targets != IGNORE_INDEX) & ((flat_targets < 0) | (flat_targets >= total))
-    if bool(bad.any()):
-        first = int(flat_targets[bad][0])
-        raise ValueError(
-            f"target id {first} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}"
-        )
+    flat_targets, start, valid = resolve_shard(targets, local_vocab, tp_group, vocab_start_index, vocab_size)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(local_vocab)
     if chunk <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk}")
