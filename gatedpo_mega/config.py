@@ -88,6 +88,7 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on the query/key/value projection (Qwen2)
     init_std: float = 0.02
     dtype: str = "fp32"  # fp32 | bf16 (parameters and compute; the optimizer keeps fp32 master weights)
+    fused_logprobs: bool = True  # output layer + log-probs per token chunk, never holding the logits
 
     def __post_init__(self) -> None:
         for name in (

@@ -87,11 +87,31 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         (2, ["parallel.zero_stage=3"]),
         (1, ["train.micro_batch_size=1"]),  # 1 pair x 8 accumulation steps
         (2, ["train.micro_batch_size=4", "parallel.zero_stage=2"]),  # 4 pairs x 1 step x DP 2
+        (1, ["model.fused_logprobs=false"]),  # materialised logits + token_logprobs
+        (2, ["model.fused_logprobs=false", "parallel.tensor=2"]),
     ],
-    ids=["tp2", "pp2", "tp2pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3", "mbs1-acc8", "mbs4-dp2-zero2"],
+    ids=[
+        "tp2",
+        "pp2",
+        "tp2pp2",
+        "dp2-zero1",
+        "dp2-zero2",
+        "dp2-zero3",
+        "mbs1-acc8",
+        "mbs4-dp2-zero2",
+        "unfused",
+        "unfused-tp2",
+    ],
 )
 def test_layouts_match_tp1_pp1(world, extra, baseline, cache, tmp_path):
     _same(run(world, extra, cache, tmp_path, "run"), baseline)
+
+
+def test_tied_embeddings_across_pipeline_and_tensor_parallel(cache, tmp_path):
+    tied = ["model.tie_embeddings=true"]
+    base = run(1, tied, cache, tmp_path, "tied")
+    _same(run(2, [*tied, "parallel.pipeline=2"], cache, tmp_path, "tied-pp2"), base)
+    _same(run(2, [*tied, "parallel.tensor=2"], cache, tmp_path, "tied-tp2"), base)
 
 
 def test_gate_that_never_closes_is_plain_dpo_to_the_bit(cache, tmp_path):

@@ -13,12 +13,14 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gatedpo_mega.config import ModelConfig
 from gatedpo_mega.megatron.cpu_shim import apply_cpu_shim
+from gatedpo_mega.megatron.output import install_fused_output
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -79,9 +81,10 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
 
 
 def build_model(
-    cfg: ModelConfig, *, vocab_size: int, stage: StageInfo, pipeline: int, seed: int
+    cfg: ModelConfig, *, vocab_size: int, stage: StageInfo, pipeline: int, seed: int, tp_group: Any = None
 ):  # -> GPTModel
-    """This rank's stage of the model, initialised by ``init_parameters``."""
+    """This rank's stage of the model, initialised by ``init_parameters``; with ``cfg.fused_logprobs`` the last
+    stage's output layer is ``FusedOutputLayer`` over ``tp_group``."""
     apply_cpu_shim()
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -101,6 +104,12 @@ def build_model(
         rotary_base=int(cfg.rotary_base),
     )
     init_parameters(model, cfg, stage=stage, seed=seed)
+    if cfg.tie_embeddings and pipeline > 1 and stage.post_process and not stage.pre_process:
+        # The last stage's copy of the tied embedding: its gradient is summed with the first stage's, and
+        # DeepSpeed must count the shared weight once in the gradient norm.
+        model.output_layer.weight.ds_pipe_replicated = True
+    if cfg.fused_logprobs and stage.post_process:
+        install_fused_output(model, tp_group=tp_group, vocab_size=vocab_size)
     return model
 
 

@@ -18,6 +18,7 @@ import torch
 from gatedpo_mega.config import ObjectiveConfig
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.gate import GateConfig, apply_gate, gate_values
+from gatedpo_mega.megatron.output import set_output_targets
 from gatedpo_mega.metrics import ResponseStats, metric_sums
 from gatedpo_mega.objectives import preference_loss, sequence_logps
 from gatedpo_mega.ops import token_logprobs
@@ -35,6 +36,7 @@ class LossContext:
     vocab_size: int  # the true vocabulary (padding columns excluded)
     reference: torch.Tensor | None  # [N, 2] summed reference log-probs (chosen, rejected) by pair id
     ref_tokens: torch.Tensor | None  # [N, 2] response token counts, for length-normalised objectives
+    fused: bool = False  # the model's output layer is FusedOutputLayer (outputs statistics, not logits)
     step: int = 0
     micro_batch: int = 0
 
@@ -45,6 +47,8 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
 
 
 def model_forward(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+    """Logits ``[2B, T, V/TP]`` on the last stage, or ``[2B, T, 3]`` statistics with the fused output layer."""
+    set_output_targets(model, batch.labels)
     ids = batch.input_ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     return model(ids, positions, attention_mask=causal_mask(ids.shape[1], ids.device))
@@ -53,10 +57,14 @@ def model_forward(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tenso
 def response_stats(
     logits: torch.Tensor, batch: PreferenceBatch, ctx: LossContext
 ) -> tuple[ResponseStats, ResponseStats, torch.Tensor]:
-    """Per-token statistics of the chosen rows and the rejected rows, and the ungated rejected log-probs."""
-    logp, logp_max, entropy = token_logprobs(
-        logits, batch.labels, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size
-    )
+    """Per-token statistics of the chosen rows and the rejected rows, and the ungated rejected log-probs.
+    ``logits`` are this shard's logits, or the fused output layer's ``[2B, T, 3]`` statistics."""
+    if ctx.fused:
+        logp, logp_max, entropy = logits.unbind(-1)
+    else:
+        logp, logp_max, entropy = token_logprobs(
+            logits, batch.labels, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size
+        )
     mask = batch.loss_mask
     b = batch.pairs
     chosen = ResponseStats(logp[:b], logp_max[:b], entropy[:b], mask[:b])

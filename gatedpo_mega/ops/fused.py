@@ -22,11 +22,11 @@ import torch
 from gatedpo_mega.ops.collectives import ProcessGroup, copy_to_group
 from gatedpo_mega.ops.logprobs import (
     IGNORE_INDEX,
-    shard_logit_grad,
-    shard_stats,
     acc_dtype,
     default_chunk_size,
     resolve_shard,
+    shard_logit_grad,
+    shard_stats,
 )
 
 
@@ -101,7 +101,9 @@ def fused_token_logprobs(
         raise ValueError(f"hidden {tuple(hidden.shape)} does not match targets {tuple(targets.shape)} + [H]")
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} is not [V_local, H={hidden.shape[-1]}]")
-    flat_targets, start, valid = resolve_shard(targets, weight.shape[0], tp_group, vocab_start_index, vocab_size)
+    flat_targets, start, valid = resolve_shard(
+        targets, weight.shape[0], tp_group, vocab_start_index, vocab_size
+    )
     chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.shape[0])
     if chunk <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk}")

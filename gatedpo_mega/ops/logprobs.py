@@ -93,11 +93,15 @@ def resolve_shard(
     start = group_rank(tp_group) * local_vocab if vocab_start_index is None else vocab_start_index
     total = local_vocab * tp if vocab_size is None else vocab_size
     if not 0 < total <= local_vocab * tp:
-        raise ValueError(f"vocab_size={total} must be in (0, {local_vocab * tp}] (V_local {local_vocab} x TP {tp})")
+        raise ValueError(
+            f"vocab_size={total} must be in (0, {local_vocab * tp}] (V_local {local_vocab} x TP {tp})"
+        )
     flat = targets.reshape(-1).long()
     bad = (flat != IGNORE_INDEX) & ((flat < 0) | (flat >= total))
     if bool(bad.any()):
-        raise ValueError(f"target id {int(flat[bad][0])} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}")
+        raise ValueError(
+            f"target id {int(flat[bad][0])} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}"
+        )
     return flat, start, min(max(total - start, 0), local_vocab)
 
 
@@ -117,9 +121,7 @@ class _TokenLogprobs(torch.autograd.Function):
         outs = [torch.empty(n, dtype=acc_dtype(logits.dtype), device=logits.device) for _ in range(4)]
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
-            for out, t in zip(
-                outs, shard_stats(logits[sl], targets[sl], start, valid, group), strict=True
-            ):
+            for out, t in zip(outs, shard_stats(logits[sl], targets[sl], start, valid, group), strict=True):
                 out[sl] = t
         logp, logp_max, entropy, lse = outs
         ignored = targets == IGNORE_INDEX
@@ -173,7 +175,9 @@ def token_logprobs(
     gradient is local to the shard, which is exact because everything downstream is replicated over ``tp_group``.
     """
     if logits.shape[:-1] != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} + [V_local]")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match targets {tuple(targets.shape)} + [V_local]"
+        )
     local_vocab = logits.shape[-1]
     flat_targets, start, valid = resolve_shard(targets, local_vocab, tp_group, vocab_start_index, vocab_size)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(local_vocab)

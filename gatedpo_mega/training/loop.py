@@ -142,12 +142,13 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
         tp_size=layout.tp,
     )
     model = build_model(
-        cfg.model, vocab_size=data.vocab_size, stage=stage, pipeline=layout.pp, seed=cfg.train.seed
-    )
+        cfg.model, vocab_size=data.vocab_size, stage=stage, pipeline=layout.pp, seed=cfg.train.seed,
+        tp_group=layout.tp_group,
+    )  # fmt: skip
     model.to(device)
     ctx = LossContext(
         objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, vocab_size=data.vocab_size,
-        reference=None, ref_tokens=None,
+        reference=None, ref_tokens=None, fused=cfg.model.fused_logprobs,
     )  # fmt: skip
     load_or_compute_reference(model, layout, ctx, data, device)
 

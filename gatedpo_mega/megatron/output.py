@@ -1,0 +1,54 @@
+"""The fused output layer: the last stage returns per-token statistics instead of logits.
+
+``FusedOutputLayer`` takes the place of ``GPTModel.output_layer`` (keeping its weight, so parameter names, the
+initialisation and DeepSpeed see the same tensor) and runs ``fused_token_logprobs`` inside the module's forward,
+where DeepSpeed ZeRO-3 has the weight gathered. The targets are handed to it just before each forward
+(``set_output_targets``). GPTModel then returns ``[B, S, 3]``: target log-prob, top-1 log-prob, entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gatedpo_mega.ops import fused_token_logprobs
+
+
+class FusedOutputLayer(torch.nn.Module):
+    def __init__(self, original: torch.nn.Module, *, tp_group: Any, vocab_size: int) -> None:
+        super().__init__()
+        weight = getattr(original, "weight", None)
+        if weight is None:
+            self.register_parameter("weight", None)  # tied: GPTModel passes the embedding weight in
+        else:
+            self.weight = weight
+        self.tp_group = tp_group
+        self.vocab_size = vocab_size
+        self.targets: torch.Tensor | None = None  # [B, S], set before each forward
+
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor | None = None, **_: Any
+    ) -> tuple[torch.Tensor, None]:
+        if self.targets is None:
+            raise RuntimeError("FusedOutputLayer needs set_output_targets(model, labels) before the forward")
+        w = weight if weight is not None else self.weight
+        stats = fused_token_logprobs(
+            hidden, w, self.targets.t(), tp_group=self.tp_group, vocab_size=self.vocab_size
+        )
+        self.targets = None
+        return torch.stack(stats, dim=-1), None  # [S, B, 3]; GPTModel transposes to [B, S, 3]
+
+
+def install_fused_output(model: torch.nn.Module, *, tp_group: Any, vocab_size: int) -> None:
+    model.output_layer = FusedOutputLayer(model.output_layer, tp_group=tp_group, vocab_size=vocab_size)
+
+
+def set_output_targets(model: torch.nn.Module, labels: torch.Tensor) -> bool:
+    """Give the fused output layer (if this stage has one) the micro-batch's targets; returns whether it exists."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    layer = getattr(inner, "output_layer", None)
+    if isinstance(layer, FusedOutputLayer):
+        layer.targets = labels
+        return True
+    return False
