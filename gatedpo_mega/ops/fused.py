@@ -1,16 +1,24 @@
-"""``fused_token_logprobs``: the output layer and the per-token log-probabilities in one op, one token chunk at a time.
+"""The output layer fused with the per-token log-probabilities: the logits exist one chunk at a time.
 
-The logits ``hidden @ W_shard.T`` are the largest tensor of a training step (V x tokens). Here they exist one chunk
-of tokens at a time: forward computes a chunk's logits, reduces them to the statistics of ``token_logprobs``
-(same vocab-parallel reductions: one MAX and one packed SUM all-reduce per chunk) and drops them; backward
-recomputes the chunk's logits from the saved ``hidden`` and ``W`` and the per-token log-sum-exp, and turns
-``d log p_y / d z = 1[k = y] - p`` into the two gradients:
+The logits ``hidden @ W_shard.T`` are the largest tensor of a training step (V x tokens). Two backward strategies:
+
+``fused_token_logprobs`` (recompute; composes with any objective). Forward computes a chunk's logits, reduces them to
+the statistics of ``token_logprobs`` (the same vocab-parallel reductions: one MAX and one packed SUM all-reduce per
+chunk) and drops them; backward recomputes the chunk's logits from the saved ``hidden`` and ``W`` and the per-token
+log-sum-exp, and turns ``d log p_y / d z = 1[k = y] - p`` into the two gradients
 
     d hidden = dZ @ W_shard        (partial over the vocabulary shards: summed over the tensor-parallel group)
     d W_shard += dZ.T @ hidden
 
-Four matmuls in all (the recomputation is the one above the three-matmul floor); the extra memory is one chunk of
-logits and its float32 temporaries, plus the weight gradient's float32 accumulator for half-precision weights.
+Four matmuls in all: the recomputation is the one above the floor.
+
+``fused_pair_loss`` (fused objective). Chunks of whole pairs: forward computes the chunk's logits, the statistics,
+the per-pair loss (objective, gate, NLL term: any function of the statistics), its gradient with respect to the
+token log-probs, and, from the logits still in memory, ``d hidden`` and ``d W``. Backward only scales those stored
+gradients. Three matmuls, the floor.
+
+The extra memory is one chunk of logits and its float32 temporaries, plus the weight gradient's float32
+accumulator for half-precision weights.
 """
 
 from __future__ import annotations
@@ -111,3 +119,109 @@ def fused_token_logprobs(
     logp, logp_max, entropy = _FusedLogprobs.apply(h, weight, flat_targets, tp_group, start, valid, chunk)
     shape = targets.shape
     return logp.view(shape), logp_max.view(shape), entropy.view(shape)
+
+
+PairLossFn = Any  # (logp [2k, T] with grad, logp_max [2k, T], entropy [2k, T], pairs: slice) -> loss [k]
+
+
+class _FusedPairLoss(torch.autograd.Function):
+    """Forward computes the per-pair loss *and* its gradients chunk by chunk; backward only scales them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,  # [R, T, H], R = 2B rows: chosen rows, then rejected rows
+        weight: torch.Tensor,
+        targets: torch.Tensor,  # [R, T] int64, checked
+        loss_fn: PairLossFn,
+        group: ProcessGroup | None,
+        start: int,
+        valid: int,
+        pairs_per_chunk: int,
+    ) -> tuple[torch.Tensor, ...]:
+        rows, t, h_dim = hidden.shape
+        b = rows // 2
+        acc = acc_dtype(hidden.dtype)
+        losses = torch.empty(b, dtype=acc, device=hidden.device)
+        stats = [torch.zeros(rows, t, dtype=acc, device=hidden.device) for _ in range(3)]
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        w = weight[:valid]
+        for i in range(0, b, pairs_per_chunk):
+            pairs = slice(i, min(i + pairs_per_chunk, b))
+            idx = torch.cat(
+                [torch.arange(pairs.start, pairs.stop), torch.arange(b + pairs.start, b + pairs.stop)]
+            )
+            h = hidden[idx].reshape(-1, h_dim)
+            tgt = targets[idx].reshape(-1)
+            logits = h @ weight.t()  # matmul 1 of 3
+            logp, logp_max, entropy, lse = shard_stats(logits, tgt, start, valid, group)
+            keep = tgt != IGNORE_INDEX
+            shaped = [x.masked_fill(~keep, 0.0).view(-1, t) for x in (logp, logp_max, entropy)]
+            for out, x in zip(stats, shaped, strict=True):
+                out[idx] = x
+            leaf = shaped[0].detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = loss_fn(leaf, shaped[1], shaped[2], pairs)
+                (g,) = torch.autograd.grad(loss.sum(), leaf)
+            losses[pairs] = loss.detach()
+            if valid == 0:
+                continue
+            dz = shard_logit_grad(logits, tgt, lse, g.reshape(-1).masked_fill(~keep, 0.0), start, valid)
+            dz = dz.to(hidden.dtype)
+            grad_hidden[idx] = (dz @ w).view(-1, t, h_dim)  # matmul 2 of 3
+            grad_weight[:valid].addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        logp_all, logp_max_all, entropy_all = stats
+        ctx.mark_non_differentiable(logp_all, logp_max_all, entropy_all)
+        return losses, logp_all, logp_max_all, entropy_all
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.reshape(-1)
+        # The weight gradient was summed over pairs in forward, so it can only take one common scale (the mean
+        # over pairs and micro-batches gives exactly that).
+        if not bool(torch.all(scale == scale[0])):
+            raise RuntimeError(
+                "fused_pair_loss: the per-pair losses must be reduced with equal weights (sum or mean)"
+            )
+        c = scale[0].to(grad_hidden.dtype)
+        return grad_hidden * c, grad_weight * c.to(grad_weight.dtype), None, None, None, None, None, None
+
+
+def fused_pair_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    loss_fn: PairLossFn,
+    *,
+    tp_group: ProcessGroup | None = None,
+    vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
+    pairs_per_chunk: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole preference loss through the output layer, with its gradients computed in the forward pass.
+
+    ``hidden`` ``[2B, T, H]`` holds the chosen rows then the rejected rows of ``B`` pairs; ``targets`` ``[2B, T]``.
+    Chunk by chunk of ``pairs_per_chunk`` whole pairs: the chunk's logits (matmul 1), the per-token statistics,
+    ``loss_fn(logp, logp_max, entropy, pairs)`` (the objective, gate and NLL term, on ``[2k, T]`` tensors whose
+    first ``k`` rows are chosen), its gradient with respect to the token log-probs, and from the logits still in
+    memory the gradients of ``hidden`` (matmul 2) and ``weight`` (matmul 3). Backward multiplies the stored
+    gradients by the incoming scale, which must be the same for every pair (a sum or a mean of the losses).
+
+    Returns ``(loss [B], logp [2B, T], logp_max, entropy)``; only ``loss`` carries a gradient.
+    """
+    if hidden.ndim != 3 or hidden.shape[:2] != targets.shape or hidden.shape[0] % 2:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be [2B, T, H] matching targets {tuple(targets.shape)}"
+        )
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} is not [V_local, H={hidden.shape[-1]}]")
+    if pairs_per_chunk < 1:
+        raise ValueError(f"pairs_per_chunk must be >= 1, got {pairs_per_chunk}")
+    flat, start, valid = resolve_shard(targets, weight.shape[0], tp_group, vocab_start_index, vocab_size)
+    h = copy_to_group(hidden, tp_group)
+    return _FusedPairLoss.apply(
+        h, weight, flat.view(targets.shape), loss_fn, tp_group, start, valid, pairs_per_chunk
+    )
