@@ -41,7 +41,9 @@ class FusedOutputLayer(torch.nn.Module):
 
 
 def install_fused_output(model: torch.nn.Module, *, tp_group: Any, vocab_size: int) -> None:
-    model.output_layer = FusedOutputLayer(model.output_layer, tp_group=tp_group, vocab_size=vocab_size)
+    original = model.output_layer
+    assert isinstance(original, torch.nn.Module)
+    model.output_layer = FusedOutputLayer(original, tp_group=tp_group, vocab_size=vocab_size)
 
 
 def set_output_targets(model: torch.nn.Module, labels: torch.Tensor) -> bool:
