@@ -86,7 +86,7 @@ class MetricsLog:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(cfg))
-        self.file = (self.out / "metrics.jsonl").open("a")
+        self.file = (self.out / "metrics.jsonl").open("w")  # a new run starts a new file
         try:
             from torch.utils.tensorboard import SummaryWriter
 
