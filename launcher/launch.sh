@@ -37,8 +37,8 @@ case "$launcher" in
     exec torchrun --nproc-per-node "$nproc" --master-addr "$addr" --master-port "$port" -m gatedpo_mega.cli "$@" ;;
   deepspeed)
     if [ -n "$hostfile" ]; then
-      exec deepspeed --hostfile "$hostfile" --master_addr "$addr" --master_port "$port" --module gatedpo_mega.cli "$@"
+      exec deepspeed --no_local_rank --hostfile "$hostfile" --master_addr "$addr" --master_port "$port" --module gatedpo_mega.cli "$@"
     fi
-    exec deepspeed --num_gpus "$nproc" --master_port "$port" --module gatedpo_mega.cli "$@" ;;
+    exec deepspeed --no_local_rank --num_gpus "$nproc" --master_port "$port" --module gatedpo_mega.cli "$@" ;;
   *) echo "launch.sh: --launcher must be torchrun or deepspeed, got '$launcher'" >&2; exit 2 ;;
 esac

@@ -31,6 +31,11 @@ def _run_this_process(cfg: Config) -> None:
     from gatedpo_mega.training.data import make_run_data
     from gatedpo_mega.training.loop import train
 
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if "OMP_NUM_THREADS" not in os.environ and not torch.cuda.is_available():
+        # Local processes share the host's cores: oversubscribed threads make every collective wait on a
+        # descheduled peer (tensor parallelism on CPU ran 17x slower with the default thread count).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
@@ -41,10 +46,6 @@ def _run_this_process(cfg: Config) -> None:
 
 
 def _worker(rank: int, world: int, port: int, cfg: Config) -> None:
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Local processes share the host's cores: oversubscribed threads make every collective wait on a
-        # descheduled peer (tensor parallelism on CPU ran 17x slower with the default thread count).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
