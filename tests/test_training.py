@@ -154,3 +154,27 @@ def test_bad_layout_is_refused_before_any_process_starts():
     assert out.stderr.strip().splitlines()[-1] == (
         "gatedpo: error: world size 3 is not a multiple of parallel.tensor x parallel.pipeline = 2 x 1"
     )
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "gatedpo_mega.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+def test_cli_runs_local_processes_and_writes_its_outputs(cache, tmp_path):
+    out = tmp_path / "cli"
+    r = _cli("train", "--config", "configs/quickstart.yaml", "--nproc", "2", "parallel.pipeline=1",
+             *BASE, "train.max_steps=2", f"data.cache_dir={cache}", f"train.output_dir={out}")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert (out / "config.yaml").read_text().count("tensor: 2") == 1
+
+
+def test_a_failing_rank_stops_the_run_with_one_line(tmp_path):
+    r = _cli("train", "--nproc", "2", *BASE, f"data.source={tmp_path / 'missing.jsonl'}",
+             f"data.cache_dir={tmp_path}", f"train.output_dir={tmp_path / 'out'}")  # fmt: skip
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if line.startswith("gatedpo: error:")]
+    assert len(errors) == 1 and "missing.jsonl" in errors[0], r.stderr[-2000:]
