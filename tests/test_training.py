@@ -114,6 +114,16 @@ def test_tied_embeddings_across_pipeline_and_tensor_parallel(cache, tmp_path):
     _same(run(2, [*tied, "parallel.tensor=2"], cache, tmp_path, "tied-tp2"), base)
 
 
+def test_bf16_runs_agree_across_layouts_within_bf16_rounding(cache, tmp_path):
+    bf16 = ["model.dtype=bf16"]
+    base = run(1, bf16, cache, tmp_path, "bf16")
+    assert base[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-3)
+    other = run(4, [*bf16, "parallel.tensor=2", "parallel.pipeline=2"], cache, tmp_path, "bf16-tp2pp2")
+    for a, b in zip(base, other, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=5e-4), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=5e-3), a["step"]
+
+
 def test_gate_that_never_closes_is_plain_dpo_to_the_bit(cache, tmp_path):
     plain = run(1, ["gate.shape=none"], cache, tmp_path, "plain")
     # tau = 1e-30: sigmoid((log p + 69) / 0.1) is exactly 1.0 in float32 for every token here.
