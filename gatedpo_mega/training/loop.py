@@ -69,7 +69,7 @@ def load_or_compute_reference(
         if f is not None and layout.is_logger:
             f.parent.mkdir(parents=True, exist_ok=True)
             tmp = f.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"logps": logps, "tokens": tokens}, tmp)
+            torch.save({"logps": logps.cpu(), "tokens": tokens.cpu()}, tmp)
             tmp.replace(f)
     ctx.reference, ctx.ref_tokens = logps.to(device), tokens.to(device)
 
@@ -175,7 +175,8 @@ def _step_record(
 ) -> dict[str, Any]:
     """Reduce the metrics over the data-parallel group and bring them to every rank."""
     metrics = reduce_metric_sums(sums, layout.dp_group) if layout.last_stage else {}
-    tokens = torch.tensor([sum(b.input_ids.numel() for b in batches)], dtype=torch.float64)
+    device = batches[0].input_ids.device  # collectives on the backend's device (NCCL needs CUDA tensors)
+    tokens = torch.tensor([sum(b.input_ids.numel() for b in batches)], dtype=torch.float64, device=device)
     dist.all_reduce(tokens, group=layout.dp_group)
     payload = [metrics]
     if layout.pp > 1:
@@ -184,7 +185,9 @@ def _step_record(
     if torch.cuda.is_available():
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], dtype=torch.float64, device="cuda")
     else:
-        peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64)
+        peak = torch.tensor(
+            [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=device
+        )
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     norm = engine.get_global_grad_norm()
     record = {"step": step, **payload[0]}

@@ -81,16 +81,17 @@ def reference_pass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs ``[N, 2]`` (chosen, rejected) and response token counts of every pair under ``model``,
     from this DP rank's ``batches``, summed over the data-parallel group (on the last stage; zeros elsewhere)."""
-    logps = torch.zeros(num_pairs, 2, dtype=torch.float64)
-    tokens = torch.zeros(num_pairs, 2, dtype=torch.long)
+    device = next(model.parameters()).device  # collectives on the backend's device (NCCL needs CUDA tensors)
+    logps = torch.zeros(num_pairs, 2, dtype=torch.float64, device=device)
+    tokens = torch.zeros(num_pairs, 2, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     for i in range(0, len(batches), 8):  # a few micro-batches per schedule call keeps the pipeline busy
         out = _schedule(model, batches[i : i + 8], reference_loss_func, ctx, forward_only=True)
         for o in out if layout.last_stage else []:
-            ids = o["pair_ids"].cpu()
-            logps[ids] = o["logps"].cpu()
-            tokens[ids] = o["tokens"].cpu()
+            ids = o["pair_ids"]
+            logps[ids] = o["logps"]
+            tokens[ids] = o["tokens"]
     model.train(was_training)
     if layout.last_stage:
         # Every pair belongs to exactly one DP rank (``reference_batches``): a sum assembles the whole table.
