@@ -35,6 +35,7 @@ from gatedpo_mega.ops.logprobs import (
     resolve_shard,
     shard_logit_grad,
     shard_stats,
+    workspace,
 )
 
 
@@ -51,11 +52,13 @@ class _FusedLogprobs(torch.autograd.Function):
         chunk: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = targets.shape[0]
-        outs = [torch.empty(n, dtype=acc_dtype(hidden.dtype), device=hidden.device) for _ in range(4)]
+        acc = acc_dtype(hidden.dtype)
+        outs = [torch.empty(n, dtype=acc, device=hidden.device) for _ in range(4)]
+        work = workspace(min(chunk, n), valid, acc, hidden.device)  # reused by every chunk
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
             logits = hidden[sl] @ weight.t()
-            for out, t in zip(outs, shard_stats(logits, targets[sl], start, valid, group), strict=True):
+            for out, t in zip(outs, shard_stats(logits, targets[sl], start, valid, group, work), strict=True):
                 out[sl] = t
         logp, logp_max, entropy, lse = outs
         ignored = targets == IGNORE_INDEX
@@ -76,12 +79,18 @@ class _FusedLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype(weight.dtype), device=weight.device)
         n = targets.shape[0]
         w = weight[:valid]
+        buf = workspace(min(chunk, n), valid, lse.dtype, hidden.device)[0]
         for i in range(0, n if valid > 0 else 0, chunk):
             sl = slice(i, min(i + chunk, n))
             h = hidden[sl]
-            dz = shard_logit_grad(h @ w.t(), targets[sl], lse[sl], g[sl], start, valid).to(hidden.dtype)
+            dz = shard_logit_grad(
+                h @ w.t(), targets[sl], lse[sl], g[sl], start, valid, out=buf[: sl.stop - i]
+            )
+            dz = dz.to(hidden.dtype)
             grad_hidden[sl] = dz @ w
-            grad_weight[:valid].addmm_(dz.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
+            # The chunk's product runs in the weights' dtype (a bf16 matmul where they are bf16) and is
+            # accumulated over chunks in float32.
+            grad_weight[:valid] += dz.t() @ h
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 

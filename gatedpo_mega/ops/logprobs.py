@@ -177,9 +177,8 @@ class _TokenLogprobs(torch.autograd.Function):
         for i in range(0, n if valid > 0 else 0, chunk):
             sl = slice(i, min(i + chunk, n))
             target = grad[sl, :valid] if direct else buf[: sl.stop - sl.start]  # type: ignore[index]
-            # With the gradient going into the logits' own chunk, compute it from a copy of that chunk.
-            x = logits[sl, :valid].clone() if direct and inplace else logits[sl]
-            chunk_grad = shard_logit_grad(x, targets[sl], lse[sl], g[sl], start, valid, out=target)
+            # In place, input and output are the same memory: an elementwise op may write over what it reads.
+            chunk_grad = shard_logit_grad(logits[sl], targets[sl], lse[sl], g[sl], start, valid, out=target)
             if not direct:
                 grad[sl, :valid] = chunk_grad
         grad[:, valid:] = 0
