@@ -76,7 +76,11 @@ def shard_stats(
         d, e = work if work is not None else workspace(n, valid, acc, x.device)
         d, e = d[:n, :valid], e[:n, :valid]
         # d = z - m, clamped so that -inf logits give 0 * finite = 0 below, not NaN.
-        torch.sub(z, m[:, None], out=d).clamp_(min=torch.finfo(acc).min)
+        if z.dtype == acc:
+            torch.sub(z, m[:, None], out=d)
+        else:  # cast into the buffer, then in place: a mixed-dtype sub on CPU allocates a hidden float32 copy
+            d.copy_(z).sub_(m[:, None])
+        d.clamp_(min=torch.finfo(acc).min)
         zt = d.gather(1, local.clamp(0, valid - 1)[:, None]).squeeze(1)
         packed[:, 1] = torch.where(hit, zt, 0.0)
         torch.exp(d, out=e)
@@ -102,7 +106,13 @@ def shard_logit_grad(
     ``out`` when given (same dtype as ``lse``)."""
     local = target - start
     hit = (local >= 0) & (local < valid)
-    grad = torch.sub(x[:, :valid], lse[:, None], out=out).exp_().mul_(-g[:, None])
+    xv = x[:, :valid]
+    if xv.dtype == lse.dtype:
+        grad = torch.sub(xv, lse[:, None], out=out)
+    else:  # one cast, then in place: a mixed-dtype sub on CPU allocates a hidden float32 copy of the chunk
+        grad = xv.to(lse.dtype) if out is None else out.copy_(xv)
+        grad.sub_(lse[:, None])
+    grad.exp_().mul_(-g[:, None])
     grad.scatter_add_(1, local.clamp(0, valid - 1)[:, None], torch.where(hit, g, 0.0)[:, None])
     return grad
 
