@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gatedpo_mega.ops.collectives import ProcessGroup, copy_to_group
+from gatedpo_mega.ops.collectives import ProcessGroup, copy_to_group, group_size
 from gatedpo_mega.ops.logprobs import (
     IGNORE_INDEX,
     acc_dtype,
@@ -79,7 +79,7 @@ class _FusedLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype(weight.dtype), device=weight.device)
         n = targets.shape[0]
         w = weight[:valid]
-        buf = workspace(min(chunk, n), valid, lse.dtype, hidden.device)[0]
+        buf = torch.empty((min(chunk, n), max(valid, 1)), dtype=lse.dtype, device=hidden.device)
         for i in range(0, n if valid > 0 else 0, chunk):
             sl = slice(i, min(i + chunk, n))
             h = hidden[sl]
@@ -88,9 +88,10 @@ class _FusedLogprobs(torch.autograd.Function):
             )
             dz = dz.to(hidden.dtype)
             grad_hidden[sl] = dz @ w
-            # The chunk's product runs in the weights' dtype (a bf16 matmul where they are bf16) and is
-            # accumulated over chunks in float32.
-            grad_weight[:valid] += dz.t() @ h
+            if grad_weight.dtype == dz.dtype:
+                grad_weight[:valid].addmm_(dz.t(), h)  # in place: no [V, H] temporary
+            else:  # half precision: a bf16/fp16 matmul (fast), accumulated over chunks in float32
+                grad_weight[:valid] += dz.t() @ h
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
 
 
@@ -121,7 +122,9 @@ def fused_token_logprobs(
     flat_targets, start, valid = resolve_shard(
         targets, weight.shape[0], tp_group, vocab_start_index, vocab_size
     )
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(weight.shape[0])
+    chunk = (
+        chunk_size if chunk_size is not None else default_chunk_size(weight.shape[0], group_size(tp_group))
+    )
     if chunk <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk}")
     h = copy_to_group(hidden.reshape(-1, hidden.shape[-1]), tp_group)  # backward: sum of the shards' parts

@@ -43,8 +43,10 @@ def workspace(
     )
 
 
-def default_chunk_size(local_vocab: int) -> int:
-    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab))
+def default_chunk_size(local_vocab: int, tp_size: int = 1) -> int:
+    """Tokens per chunk: sized from the *global* vocabulary, so a rank's chunk temporaries shrink with tensor
+    parallelism like everything else it holds."""
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab * tp_size))
 
 
 def shard_stats(
@@ -183,7 +185,11 @@ class _TokenLogprobs(torch.autograd.Function):
         # Float32 (or float64) logits take their gradient in place of the chunk; half precision goes through a
         # float32 buffer. In place over the logits themselves is safe: each chunk is read before it is written.
         direct = logits.dtype == lse.dtype and grad.is_contiguous()
-        buf = None if direct else workspace(min(chunk, n), valid, lse.dtype, logits.device)[0]
+        buf = (
+            None
+            if direct
+            else torch.empty((min(chunk, n), max(valid, 1)), dtype=lse.dtype, device=logits.device)
+        )
         for i in range(0, n if valid > 0 else 0, chunk):
             sl = slice(i, min(i + chunk, n))
             target = grad[sl, :valid] if direct else buf[: sl.stop - sl.start]  # type: ignore[index]
@@ -228,7 +234,7 @@ def token_logprobs(
         )
     local_vocab = logits.shape[-1]
     flat_targets, start, valid = resolve_shard(targets, local_vocab, tp_group, vocab_start_index, vocab_size)
-    chunk = chunk_size if chunk_size is not None else default_chunk_size(local_vocab)
+    chunk = chunk_size if chunk_size is not None else default_chunk_size(local_vocab, group_size(tp_group))
     if chunk <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk}")
     flat_logits = logits.reshape(-1, local_vocab)
