@@ -1,0 +1,182 @@
+"""Hugging Face ``config.json`` <-> ``ModelConfig`` for the Llama family (Llama 2/3, Mistral, Qwen2).
+
+Everything the megatron-core model built by ``gatedpo_mega.megatron.model`` cannot represent is refused by name:
+other model types, rope scaling, sliding-window attention, biases other than Qwen2's q/k/v bias, a head size other
+than hidden / heads, activations other than SiLU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gatedpo_mega.config import ModelConfig
+from gatedpo_mega.convert.errors import UnsupportedModelError
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# ModelConfig fields that fix the weights' names and shapes (and the function they compute).
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "tie_embeddings",
+    "qkv_bias",
+)
+
+
+def _rope_theta(hf: dict[str, Any], where: str) -> float:
+    """transformers >= 5 writes ``rope_parameters``; earlier versions ``rope_theta`` and ``rope_scaling``."""
+    params = hf.get("rope_parameters")
+    scaling = hf.get("rope_scaling")
+    if isinstance(params, dict) and "rope_type" not in params and params:
+        # per-layer-type parameters ({"full_attention": {...}}): all must be plain rotary embeddings
+        kinds = list(params.values())
+        params = kinds[0] if all(k == kinds[0] for k in kinds) and isinstance(kinds[0], dict) else None
+        if params is None:
+            raise UnsupportedModelError(f"{where}: rope_parameters differ between layer types")
+    for block in (params, scaling):
+        if isinstance(block, dict):
+            kind = block.get("rope_type", block.get("type", "default"))
+            if kind != "default":
+                raise UnsupportedModelError(
+                    f"{where}: rope scaling '{kind}' is not supported (only plain rotary embeddings)"
+                )
+            if float(block.get("partial_rotary_factor", 1.0)) != 1.0:
+                raise UnsupportedModelError(f"{where}: partial_rotary_factor != 1 is not supported")
+    if float(hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise UnsupportedModelError(f"{where}: partial_rotary_factor != 1 is not supported")
+    theta = (params or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def hf_model_config(
+    hf_config: dict[str, Any],
+    *,
+    dtype: str = "fp32",
+    make_vocab_size_divisible_by: int | None = None,
+    where: str = "config.json",
+) -> tuple[ModelConfig, int]:
+    """The ``ModelConfig`` and true vocabulary size of a Hugging Face Llama-family config, or
+    ``UnsupportedModelError`` naming the option that cannot be represented."""
+    hf = hf_config
+    kind = hf.get("model_type")
+    if kind not in SUPPORTED:
+        raise UnsupportedModelError(
+            f"{where}: model_type '{kind}' is not supported (supported: {', '.join(SUPPORTED)})"
+        )
+    required = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+    )
+    for key in required:
+        if not isinstance(hf.get(key), int):
+            raise UnsupportedModelError(f"{where}: {key} is missing or not an integer")
+    hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+    groups = hf.get("num_key_value_heads") or heads
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedModelError(f"{where}: hidden_act '{hf['hidden_act']}' is not supported (only silu)")
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim != hidden // heads:
+        raise UnsupportedModelError(
+            f"{where}: head_dim={head_dim} differs from hidden_size / num_attention_heads = {hidden // heads}"
+        )
+    if hf.get("attention_bias"):
+        raise UnsupportedModelError(
+            f"{where}: attention_bias=true puts a bias on o_proj, which the megatron-core model does not have"
+        )
+    if hf.get("mlp_bias"):
+        raise UnsupportedModelError(f"{where}: mlp_bias=true is not supported")
+    window = hf.get("sliding_window")
+    sliding = (
+        hf.get("use_sliding_window", kind == "mistral")
+        and window is not None
+        and window < hf.get("max_position_embeddings", 0)
+    )
+    if sliding or "sliding_attention" in (hf.get("layer_types") or []):
+        raise UnsupportedModelError(
+            f"{where}: sliding-window attention (sliding_window={window}) is not supported; "
+            "set sliding_window to null if the model was trained without it"
+        )
+    if hf.get("pretraining_tp", 1) != 1:
+        raise UnsupportedModelError(f"{where}: pretraining_tp={hf['pretraining_tp']} is not supported")
+    theta = _rope_theta(hf, where)
+    fields: dict[str, Any] = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        ffn_hidden_size=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        rotary_base=theta,
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=kind == "qwen2",
+        init_std=float(hf.get("initializer_range", 0.02)),
+        dtype=dtype,
+    )
+    if make_vocab_size_divisible_by is not None:
+        fields["make_vocab_size_divisible_by"] = make_vocab_size_divisible_by
+    try:
+        cfg = ModelConfig(**fields)
+    except ValueError as e:
+        raise UnsupportedModelError(f"{where}: {e}") from None
+    return cfg, int(hf["vocab_size"])
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def model_config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        return ModelConfig(**{k: v for k, v in d.items() if k in names})
+    except (TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"{where}: model config: {e}") from None
+
+
+HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def to_hf_config(
+    cfg: ModelConfig, vocab_size: int, base: dict[str, Any] | None, *, dtype: str
+) -> dict[str, Any]:
+    """``config.json`` for the converted model: the original one (``base``) with the dtype updated, or, for a
+    model trained from scratch, a Llama config (Qwen2 when the model has a q/k/v bias, which Llama cannot express)."""
+    if base is not None:
+        out = dict(base)
+        out.pop("torch_dtype", None)
+        out["dtype"] = HF_DTYPES[dtype]
+        out.setdefault("architectures", [ARCHITECTURES[out["model_type"]]])
+        return out
+    kind = "qwen2" if cfg.qkv_bias else "llama"
+    out = {
+        "architectures": [ARCHITECTURES[kind]],
+        "model_type": kind,
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "dtype": HF_DTYPES[dtype],
+    }
+    if kind == "llama":
+        out.update(attention_bias=False, mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None)
+    return out

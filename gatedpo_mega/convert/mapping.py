@@ -1,0 +1,372 @@
+"""Hugging Face Llama-family tensors <-> megatron-core ``GPTModel`` tensors at any tensor x pipeline layout.
+
+Pure functions over tensors; the sources are callables or mappings, so a lazy mapping (a safetensors folder, a
+DeepSpeed checkpoint) streams one tensor at a time.
+
+megatron-core's layout (0.16, ``gpt_layer_specs.get_gpt_layer_local_spec``):
+- ``linear_qkv`` rows are per query group ``[q heads of the group; k; v]`` (``attention.py``
+  ``get_query_key_value_tensors`` views ``[ng, (np/ng + 2) * hn]``), cut over TP along rows (stride 1), so each rank
+  holds whole groups;
+- ``linear_fc1`` is ``[gate; up]`` cut with ``partition_stride=2`` (``mlp.py``): rank r holds
+  ``[gate_r; up_r]``;
+- ``linear_proj`` and ``linear_fc2`` are cut along columns; the embedding and output layer along (padded) rows;
+- rotary embeddings rotate halves (``rotary_interleaved=False``), as Hugging Face's ``rotate_half``, so q/k rows
+  need no permutation.
+Layer names are local to a pipeline stage: stage p holds global layers ``p * L / PP + i`` as ``decoder.layers.i``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from gatedpo_mega.config import ModelConfig
+from gatedpo_mega.convert.errors import (
+    LayoutMismatchError,
+    MissingTensorError,
+    ShapeMismatchError,
+    UnexpectedTensorError,
+)
+from gatedpo_mega.megatron.model import padded_vocab_size
+
+Shape = tuple[int, ...]
+
+_HF_LAYER = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One megatron-core parameter, global name and full (unsharded, padded) shape, and how TP cuts it."""
+
+    name: str  # global name (layer index after the pipeline offset)
+    shape: Shape
+    dim: int | None  # the dimension TP cuts, or None (replicated)
+    stride: int = 1
+
+
+def check_layout(cfg: ModelConfig, tensor: int, pipeline: int) -> None:
+    """The layout constraints of ``megatron.parallel.validate_layout``, for a conversion."""
+    if tensor < 1 or pipeline < 1:
+        raise LayoutMismatchError(f"--tensor and --pipeline must be >= 1, got {tensor} and {pipeline}")
+    checks = [
+        (cfg.num_layers, pipeline, "num_layers", "pipeline"),
+        (cfg.num_attention_heads, tensor, "num_attention_heads", "tensor"),
+        (cfg.num_query_groups, tensor, "num_query_groups", "tensor"),
+        (cfg.ffn_hidden_size, tensor, "ffn_hidden_size", "tensor"),
+    ]
+    for value, size, field, axis in checks:
+        if value % size:
+            raise LayoutMismatchError(f"model {field}={value} is not divisible by --{axis} {size}")
+
+
+def hf_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, Shape]:
+    """The Hugging Face state dict's names and shapes, in the order they are written."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    hn = h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hn, cfg.num_query_groups * hn
+    out: dict[str, Shape] = {"model.embed_tokens.weight": (vocab_size, h)}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        out[p + "self_attn.q_proj.weight"] = (q, h)
+        out[p + "self_attn.k_proj.weight"] = (kv, h)
+        out[p + "self_attn.v_proj.weight"] = (kv, h)
+        if cfg.qkv_bias:
+            out[p + "self_attn.q_proj.bias"] = (q,)
+            out[p + "self_attn.k_proj.bias"] = (kv,)
+            out[p + "self_attn.v_proj.bias"] = (kv,)
+        out[p + "self_attn.o_proj.weight"] = (h, q)
+        out[p + "mlp.gate_proj.weight"] = (f, h)
+        out[p + "mlp.up_proj.weight"] = (f, h)
+        out[p + "mlp.down_proj.weight"] = (h, f)
+        out[p + "input_layernorm.weight"] = (h,)
+        out[p + "post_attention_layernorm.weight"] = (h,)
+    out["model.norm.weight"] = (h,)
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (vocab_size, h)
+    return out
+
+
+def stage_params(
+    cfg: ModelConfig, vocab_size: int, *, tensor: int, pipeline: int, pp_rank: int
+) -> list[Param]:
+    """The megatron-core parameters of pipeline stage ``pp_rank`` (global names, full shapes), in order."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    hn = h // cfg.num_attention_heads
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hn
+    vp = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tensor)
+    per = cfg.num_layers // pipeline
+    first, last = pp_rank == 0, pp_rank == pipeline - 1
+    out: list[Param] = []
+    if first:
+        out.append(Param("embedding.word_embeddings.weight", (vp, h), 0))
+    for g in range(pp_rank * per, (pp_rank + 1) * per):
+        p = f"decoder.layers.{g}."
+        out.append(Param(p + "input_layernorm.weight", (h,), None))
+        out.append(Param(p + "self_attention.linear_proj.weight", (h, cfg.num_attention_heads * hn), 1))
+        out.append(Param(p + "self_attention.linear_qkv.weight", (qkv, h), 0))
+        if cfg.qkv_bias:
+            out.append(Param(p + "self_attention.linear_qkv.bias", (qkv,), 0))
+        out.append(Param(p + "pre_mlp_layernorm.weight", (h,), None))
+        out.append(Param(p + "mlp.linear_fc1.weight", (2 * f, h), 0, stride=2))
+        out.append(Param(p + "mlp.linear_fc2.weight", (h, f), 1))
+    if last:
+        out.append(Param("decoder.final_layernorm.weight", (h,), None))
+        if not cfg.tie_embeddings or pipeline > 1:  # tied at PP 1: the embedding itself is the output layer
+            out.append(Param("output_layer.weight", (vp, h), 0))
+    return out
+
+
+_GLOBAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def local_name(global_name: str, layer_offset: int) -> str:
+    m = _GLOBAL_LAYER.match(global_name)
+    return f"decoder.layers.{int(m.group(1)) - layer_offset}.{m.group(2)}" if m else global_name
+
+
+def local_shape(p: Param, tensor: int) -> Shape:
+    if p.dim is None:
+        return p.shape
+    s = list(p.shape)
+    s[p.dim] //= tensor
+    return tuple(s)
+
+
+def local_shapes(
+    cfg: ModelConfig, vocab_size: int, *, tensor: int, pipeline: int, pp_rank: int
+) -> dict[str, Shape]:
+    """The local state dict's names and shapes of any TP rank of stage ``pp_rank``, as ``build_model`` has them
+    (``_extra_state`` entries left out)."""
+    offset = pp_rank * (cfg.num_layers // pipeline)
+    return {
+        local_name(p.name, offset): local_shape(p, tensor)
+        for p in stage_params(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp_rank)
+    }
+
+
+def shard(full: torch.Tensor, dim: int | None, stride: int, tp_rank: int, tensor: int) -> torch.Tensor:
+    """Rank ``tp_rank``'s slice, as megatron-core cuts it: ``tensor * stride`` chunks, every ``tensor``-th."""
+    if dim is None or tensor == 1:
+        return full
+    pieces = torch.chunk(full, tensor * stride, dim=dim)
+    return torch.cat(pieces[tp_rank::tensor], dim=dim)
+
+
+def unshard(shards: list[torch.Tensor], dim: int | None, stride: int) -> torch.Tensor:
+    """The inverse of ``shard`` over all TP ranks' slices."""
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    parts = [torch.chunk(s, stride, dim=dim) for s in shards]
+    return torch.cat([parts[r][k] for k in range(stride) for r in range(len(shards))], dim=dim)
+
+
+def _sources(p: Param, cfg: ModelConfig) -> list[str]:
+    """The Hugging Face tensors one megatron-core parameter is made of."""
+    if p.name == "embedding.word_embeddings.weight":
+        return ["model.embed_tokens.weight"]
+    if p.name == "output_layer.weight":
+        return ["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
+    if p.name == "decoder.final_layernorm.weight":
+        return ["model.norm.weight"]
+    m = _GLOBAL_LAYER.match(p.name)
+    assert m, p.name
+    pre, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    if rest in _HF_LAYER:
+        return [pre + _HF_LAYER[rest]]
+    if rest.startswith("self_attention.linear_qkv."):
+        kind = rest.rsplit(".", 1)[1]
+        return [pre + f"self_attn.{x}_proj.{kind}" for x in "qkv"]
+    if rest == "mlp.linear_fc1.weight":
+        return [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
+    raise AssertionError(p.name)
+
+
+def _fuse(p: Param, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    """The full megatron-core tensor from its Hugging Face parts."""
+    if p.name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        (w,) = parts
+        if w.shape[0] == p.shape[0]:
+            return w
+        return torch.cat([w, w.new_zeros(p.shape[0] - w.shape[0], *w.shape[1:])])  # padding rows are zero
+    if "linear_qkv" in p.name:
+        q, k, v = parts
+        ng = cfg.num_query_groups
+        rest = q.shape[1:]
+        grouped = [q.reshape(ng, -1, *rest), k.reshape(ng, -1, *rest), v.reshape(ng, -1, *rest)]
+        return torch.cat(grouped, dim=1).reshape(-1, *rest)
+    if "linear_fc1" in p.name:
+        return torch.cat(parts)
+    (w,) = parts
+    return w
+
+
+def _split(p: Param, full: torch.Tensor, cfg: ModelConfig, vocab_size: int) -> list[torch.Tensor]:
+    """The inverse of ``_fuse``: the Hugging Face parts of a full megatron-core tensor."""
+    if p.name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return [full[:vocab_size]]
+    if "linear_qkv" in p.name:
+        ng, hn = cfg.num_query_groups, cfg.hidden_size // cfg.num_attention_heads
+        qpg = cfg.num_attention_heads // ng * hn
+        rest = full.shape[1:]
+        g = full.reshape(ng, qpg + 2 * hn, *rest)
+        q, k, v = torch.split(g, [qpg, hn, hn], dim=1)
+        return [t.reshape(-1, *rest) for t in (q, k, v)]
+    if "linear_fc1" in p.name:
+        return list(torch.chunk(full, 2))
+    return [full]
+
+
+def check_hf_names(
+    names: set[str], cfg: ModelConfig, vocab_size: int, where: str, shape_of: Callable[[str], Shape]
+) -> None:
+    """Missing, unexpected or mis-shaped tensors of a Hugging Face checkpoint, named."""
+    expected = hf_shapes(cfg, vocab_size)
+    allowed_extra = (
+        {"lm_head.weight"} if cfg.tie_embeddings else set()
+    )  # some tied checkpoints store it anyway
+    for name in expected:
+        if name not in names:
+            raise MissingTensorError(f"{where}: tensor {name} is missing")
+    for name in sorted(names):
+        if name not in expected and name not in allowed_extra and not name.endswith("rotary_emb.inv_freq"):
+            raise UnexpectedTensorError(
+                f"{where}: unexpected tensor {name} (not part of a {cfg_kind(cfg)} model)"
+            )
+    for name, shape in expected.items():
+        got = tuple(shape_of(name))
+        if got != shape:
+            raise ShapeMismatchError(f"{where}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+
+
+def cfg_kind(cfg: ModelConfig) -> str:
+    return (
+        f"{cfg.num_layers}-layer, hidden {cfg.hidden_size}, {cfg.num_attention_heads} heads / "
+        f"{cfg.num_query_groups} groups, ffn {cfg.ffn_hidden_size}"
+    )
+
+
+def iter_mcore_rank(
+    hf_get: Callable[[str], torch.Tensor],
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    tensor: int,
+    pipeline: int,
+    tp_rank: int,
+    pp_rank: int,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(local name, tensor)`` of one rank, one at a time, from ``hf_get(hf_name)``."""
+    check_layout(cfg, tensor, pipeline)
+    offset = pp_rank * (cfg.num_layers // pipeline)
+    for p in stage_params(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp_rank):
+        full = _fuse(p, [hf_get(n) for n in _sources(p, cfg)], cfg)
+        if tuple(full.shape) != p.shape:
+            raise ShapeMismatchError(
+                f"tensor {p.name} built from {', '.join(_sources(p, cfg))} has shape {list(full.shape)}, "
+                f"expected {list(p.shape)}"
+            )
+        yield local_name(p.name, offset), shard(full, p.dim, p.stride, tp_rank, tensor).clone()
+
+
+def hf_to_mcore_state(
+    hf_state: Mapping[str, torch.Tensor],
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    tensor: int = 1,
+    pipeline: int = 1,
+    tp_rank: int = 0,
+    pp_rank: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The local state dict of rank (``tp_rank``, ``pp_rank``) with names as ``build_model`` gives them; padded
+    vocabulary rows are zero. ``hf_state`` may be lazy: only the tensors this rank needs are read."""
+    return dict(
+        iter_mcore_rank(
+            hf_state.__getitem__,
+            cfg,
+            vocab_size=vocab_size,
+            tensor=tensor,
+            pipeline=pipeline,
+            tp_rank=tp_rank,
+            pp_rank=pp_rank,
+        )
+    )
+
+
+LocalGetter = Callable[[int, int, str], torch.Tensor]  # (tp_rank, pp_rank, local name) -> tensor
+
+
+class HFView(Mapping[str, torch.Tensor]):
+    """A lazy Hugging Face state dict over per-rank megatron-core tensors: each item gathers the TP shards of one
+    parameter (the last one is kept, so q/k/v and gate/up read their fused tensor once)."""
+
+    def __init__(
+        self, get_local: LocalGetter, cfg: ModelConfig, *, vocab_size: int, tensor: int, pipeline: int
+    ):
+        check_layout(cfg, tensor, pipeline)
+        self.cfg, self.vocab_size, self.tensor, self.pipeline = cfg, vocab_size, tensor, pipeline
+        self._get = get_local
+        self.shapes = hf_shapes(cfg, vocab_size)
+        self._where: dict[str, tuple[Param, int, int]] = {}  # hf name -> (param, its stage, index in _split)
+        per = cfg.num_layers // pipeline
+        for pp in range(pipeline):
+            for p in stage_params(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp):
+                if p.name == "output_layer.weight" and cfg.tie_embeddings:
+                    continue  # the first stage's embedding is the one Hugging Face keeps
+                for i, n in enumerate(_sources(p, cfg)):
+                    self._where[n] = (p, pp, i)
+        self._offsets = [pp * per for pp in range(pipeline)]
+        self._cache: tuple[str, list[torch.Tensor]] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KeyError(name)
+        p, pp, i = self._where[name]
+        if self._cache is None or self._cache[0] != p.name:
+            local = local_name(p.name, self._offsets[pp])
+            shards = [self._get(t, pp, local) for t in range(self.tensor if p.dim is not None else 1)]
+            full = unshard(shards, p.dim, p.stride)
+            self._cache = (p.name, _split(p, full, self.cfg, self.vocab_size))
+        return self._cache[1][i].clone()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def mcore_to_hf_state(
+    ranks: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]
+    | Callable[[int, int], Mapping[str, torch.Tensor]],
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    tensor: int = 1,
+    pipeline: int = 1,
+) -> dict[str, torch.Tensor]:
+    """The Hugging Face state dict (vocabulary unpadded) from every rank's local state dict: ``ranks[(tp, pp)]``
+    or a callable ``ranks(tp, pp)`` that loads one rank's dict."""
+    if callable(ranks):
+        load = ranks
+    else:
+        table = ranks
+
+        def load(t: int, p: int) -> Mapping[str, torch.Tensor]:
+            return table[(t, p)]
+
+    def get(t: int, p: int, name: str) -> torch.Tensor:
+        state = load(t, p)
+        if name not in state:
+            raise MissingTensorError(f"rank tp {t} pp {p}: tensor {name} is missing")
+        return state[name]
+
+    return dict(HFView(get, cfg, vocab_size=vocab_size, tensor=tensor, pipeline=pipeline))

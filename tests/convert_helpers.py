@@ -1,0 +1,105 @@
+"""Tiny Hugging Face models of each supported family, and the multi-process workers of tests/test_convert.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2")
+TOKENS = [[5, 17, 93, 2, 44, 61, 8, 99, 31, 0, 12, 77]]  # ids < 100: valid in every family's vocabulary
+
+
+def hf_config(kind: str) -> Any:
+    """hidden 64, 4 heads in 2 key/value groups: vocabularies of 100-300 are not multiples of 64 x TP 2 = 128."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    if kind == "llama":
+        return LlamaConfig(vocab_size=100, num_hidden_layers=2, rope_theta=500000.0, **common)
+    if kind == "mistral":
+        return MistralConfig(vocab_size=200, num_hidden_layers=4, sliding_window=None, **common)
+    if kind == "qwen2":
+        return Qwen2Config(vocab_size=300, num_hidden_layers=2, tie_word_embeddings=True, **common)
+    raise ValueError(kind)
+
+
+def make_hf_folder(kind: str, root: Path, *, seed: int = 0) -> Path:
+    """A random model saved with ``save_pretrained`` (fp32), biases non-zero, and a stand-in tokenizer file."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(kind))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "norm.weight", "layernorm.weight")):
+                p.add_(
+                    torch.randn_like(p) * 0.1
+                )  # not the ones/zeros a fresh model has: the test must see them
+    path = root / kind
+    model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    return path
+
+
+def hf_logits(path: Path | str, tokens: list[list[int]] = TOKENS) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits
+
+
+def mcore_logits_worker(rank: int, world: int, folders: list[str], out: str, tp: int, pp: int) -> None:
+    """Every mcore folder (laid out tp x pp) loaded into ``build_model`` stages; the last stage's first tensor rank
+    writes the full (unpadded) logits to ``out``."""
+    import torch.distributed as dist
+
+    from gatedpo_mega.convert import load_mcore_weights, read_mcore_meta
+    from gatedpo_mega.convert.hf_config import model_config_from_dict
+    from gatedpo_mega.megatron.model import StageInfo, build_model
+    from gatedpo_mega.megatron.parallel import initialize_layout
+    from gatedpo_mega.megatron.step import causal_mask
+
+    lay = initialize_layout(tp, pp)
+    results = {}
+    for folder in folders:
+        meta = read_mcore_meta(folder)
+        cfg = model_config_from_dict({**meta["model"], "fused_logprobs": False}, folder)
+        per = cfg.num_layers // pp
+        stage = StageInfo(
+            pre_process=lay.first_stage, post_process=lay.last_stage, layer_offset=lay.pp_rank * per,
+            tp_rank=lay.tp_rank, tp_size=tp,
+        )  # fmt: skip
+        model = build_model(
+            cfg, vocab_size=meta["vocab_size"], stage=stage, pipeline=pp, seed=1, tp_group=lay.tp_group
+        )
+        load_mcore_weights(
+            model, folder, cfg=cfg, vocab_size=meta["vocab_size"], tp_rank=lay.tp_rank, tp=tp, pp_rank=lay.pp_rank, pp=pp
+        )  # fmt: skip
+        model.eval()
+        ids = torch.tensor(TOKENS)
+        pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+        mask = causal_mask(ids.shape[1], ids.device)
+        with torch.no_grad():
+            if not lay.first_stage:
+                hidden = torch.empty(ids.shape[1], ids.shape[0], cfg.hidden_size)
+                dist.recv(
+                    hidden, src=rank - tp
+                )  # megatron-core's order: tensor fastest, then data, then pipeline
+                model.set_input_tensor(hidden)
+            y = model(ids, pos, attention_mask=mask)
+            if not lay.last_stage:
+                dist.send(y.contiguous(), dst=rank + tp)
+                continue
+            parts = [torch.empty_like(y) for _ in range(tp)]
+            dist.all_gather(parts, y.contiguous(), group=lay.tp_group)
+            full = torch.cat(parts, dim=-1)[..., : meta["vocab_size"]]
+        results[folder] = full
+    if lay.last_stage and lay.tp_rank == 0:
+        torch.save(results, out)
