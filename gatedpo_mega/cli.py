@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from gatedpo_mega.convert.commands import add_convert_commands
 from gatedpo_mega.data.cli import add_data_commands
 from gatedpo_mega.errors import UserError
 
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, help="start N local processes (not needed under torchrun/deepspeed)")
     p.set_defaults(func=_cmd_train)
     add_data_commands(sub)
+    add_convert_commands(sub)
     p = sub.add_parser("squeeze", help="the squeeze demonstration: DPO vs each gate shape on a softmax model")
     _add_config_args(p)
     p.set_defaults(func=_cmd_squeeze)
