@@ -15,7 +15,9 @@ from convert_helpers import FAMILIES, hf_logits, make_hf_folder, mcore_logits_wo
 from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
+from gatedpo_mega.cli import main
 from gatedpo_mega.convert import (
+    ConvertError,
     hf_model_config,
     hf_to_mcore,
     hf_to_mcore_state,
@@ -154,3 +156,188 @@ def test_mcore_model_at_tp2_pp2_reproduces_transformers_logits(hf_dirs, mcore_di
     for kind in FAMILIES:
         ref = hf_logits(hf_dirs[kind])
         torch.testing.assert_close(got[str(mcore_dirs[kind])], ref, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- refusals
+
+
+def variant(src: Path, dst: Path, *, config=None, weights=None) -> Path:
+    """A copy of the folder ``src`` with its config.json updated and/or its weights edited."""
+    shutil.copytree(src, dst)
+    if config is not None:
+        c = json.loads((dst / "config.json").read_text())
+        c.update(config)
+        (dst / "config.json").write_text(json.dumps(c))
+    if weights is not None:
+        w = load_file(dst / "model.safetensors")
+        weights(w)
+        save_file(w, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def refused(capsys, argv: list[str], match: str) -> str:
+    """The CLI exits 2 with exactly one line, ``gatedpo: error: ...`` containing ``match``."""
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gatedpo")]
+    assert len(err) == 1 and err[0].startswith("gatedpo: error: "), err
+    assert match in err[0], err[0]
+    return err[0]
+
+
+def _drop(name):
+    return lambda w: w.pop(name)
+
+
+def _add(name, shape):
+    return lambda w: w.__setitem__(name, torch.zeros(shape))
+
+
+def _reshape(name, shape):
+    return lambda w: w.__setitem__(name, torch.zeros(shape))
+
+
+HF_CASES = {
+    "model_type": ({"model_type": "gpt_neox"}, None, "model_type 'gpt_neox' is not supported"),
+    "rope_scaling": (
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, None, "rope scaling 'llama3'",
+    ),
+    "sliding_window": ({"model_type": "mistral", "sliding_window": 64}, None, "sliding-window attention (sliding_window=64)"),
+    "o_proj_bias": ({"attention_bias": True}, None, "o_proj"),
+    "activation": ({"hidden_act": "gelu"}, None, "hidden_act 'gelu'"),
+    "missing": (None, _drop("model.layers.1.mlp.up_proj.weight"), "tensor model.layers.1.mlp.up_proj.weight is missing"),
+    "extra": (None, _add("model.layers.0.self_attn.o_proj.bias", (64,)), "unexpected tensor model.layers.0.self_attn.o_proj.bias"),
+    "shape": (None, _reshape("model.layers.0.self_attn.k_proj.weight", (64, 64)), "tensor model.layers.0.self_attn.k_proj.weight has shape [64, 64], expected [32, 64]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_to_mcore_refusals_are_one_line_and_leave_no_destination(case, hf_dirs, tmp_path, capsys):
+    config, weights, match = HF_CASES[case]
+    src = variant(hf_dirs["llama"], tmp_path / "src", config=config, weights=weights)
+    dst = tmp_path / "out" / "dst"
+    refused(capsys, ["convert", "hf-to-mcore", "--src", str(src), "--dst", str(dst), "--tensor", "2"], match)
+    assert (not dst.exists() and not (tmp_path / "out").exists()) or not any((tmp_path / "out").iterdir())
+
+
+def test_layout_that_does_not_divide_the_model_is_refused(hf_dirs, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    argv = ["convert", "hf-to-mcore", "--src", str(hf_dirs["llama"]), "--dst", str(dst)]
+    refused(capsys, [*argv, "--tensor", "3"], "num_attention_heads=4 is not divisible by --tensor 3")
+    refused(capsys, [*argv, "--pipeline", "3"], "num_layers=2 is not divisible by --pipeline 3")
+    assert not dst.exists()
+
+
+def test_missing_and_extra_shard_files(hf_dirs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dirs["mistral"])
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    dst = str(tmp_path / "dst")
+    stray = sharded / "model-99999-of-99999.safetensors"
+    shutil.copyfile(shards[0], stray)
+    refused(
+        capsys,
+        ["convert", "hf-to-mcore", "--src", str(sharded), "--dst", dst],
+        f"{stray}: shard file not listed",
+    )
+    stray.unlink()
+    shards[1].rename(tmp_path / "elsewhere.safetensors")
+    refused(
+        capsys,
+        ["convert", "hf-to-mcore", "--src", str(sharded), "--dst", dst],
+        f"{shards[1]}: shard file listed",
+    )
+    assert not Path(dst).exists()
+
+
+def test_mcore_folder_refusals(mcore_dirs, tmp_path, capsys):
+    def broken(edit):
+        d = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(mcore_dirs["llama"], d)
+        edit(d)
+        return d
+
+    dst = str(tmp_path / "dst")
+    d = broken(lambda d: (d / "tp01_pp01.safetensors").unlink())
+    refused(
+        capsys,
+        ["convert", "mcore-to-hf", "--src", str(d), "--dst", dst],
+        "tp01_pp01.safetensors: rank file is missing",
+    )
+    d = broken(lambda d: shutil.copyfile(d / "tp00_pp00.safetensors", d / "tp02_pp00.safetensors"))
+    refused(
+        capsys,
+        ["convert", "reshard", "--src", str(d), "--dst", dst],
+        "tp02_pp00.safetensors: unexpected rank file",
+    )
+
+    def extra_tensor(d):
+        w = load_file(d / "tp00_pp01.safetensors")
+        w["decoder.layers.0.mlp.linear_fc1.bias"] = torch.zeros(96)
+        save_file(w, d / "tp00_pp01.safetensors")
+
+    d = broken(extra_tensor)
+    refused(
+        capsys,
+        ["convert", "mcore-to-hf", "--src", str(d), "--dst", dst],
+        "unexpected tensor decoder.layers.0.mlp.linear_fc1.bias",
+    )
+    d = broken(lambda d: (d / "gatedpo_mcore.json").unlink())
+    refused(capsys, ["convert", "mcore-to-hf", "--src", str(d), "--dst", dst], "not a training checkpoint")
+    assert not Path(dst).exists()
+
+
+def test_load_mcore_weights_refuses_another_layout_or_model(mcore_dirs):
+    from dataclasses import replace
+
+    from gatedpo_mega.convert import LayoutMismatchError, load_mcore_weights
+    from gatedpo_mega.convert.hf_config import model_config_from_dict
+
+    folder = mcore_dirs["llama"]
+    meta = read_mcore_meta(folder)
+    cfg = model_config_from_dict(meta["model"], "meta")
+    model = torch.nn.Linear(1, 1)
+    kw = dict(vocab_size=meta["vocab_size"], tp_rank=0, pp_rank=0)
+    with pytest.raises(
+        LayoutMismatchError,
+        match=r"tensor 2 x pipeline 2, this run is tensor 1 x pipeline 2: gatedpo convert reshard",
+    ):
+        load_mcore_weights(model, folder, cfg=cfg, tp=1, pp=2, **kw)
+    with pytest.raises(
+        LayoutMismatchError, match=r"model.ffn_hidden_size is 96 in the checkpoint, 128 in this run"
+    ):
+        load_mcore_weights(model, folder, cfg=replace(cfg, ffn_hidden_size=128), tp=2, pp=2, **kw)
+    with pytest.raises(LayoutMismatchError, match=r"vocabulary size is 100 in the checkpoint, 101"):
+        load_mcore_weights(model, folder, cfg=cfg, tp=2, pp=2, **{**kw, "vocab_size": 101})
+    with pytest.raises(ConvertError, match=r"tp00_pp00.safetensors: tensor weight is missing"):
+        load_mcore_weights(model, folder, cfg=cfg, tp=2, pp=2, **kw)  # a model that is not this one
+
+
+def test_existing_destination_needs_force_and_a_failure_leaves_it_untouched(
+    hf_dirs, tmp_path, capsys, monkeypatch
+):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("x")
+    argv = ["convert", "hf-to-mcore", "--src", str(hf_dirs["qwen2"]), "--dst", str(dst), "--tensor", "2"]
+    refused(capsys, argv, "exists and is not empty (pass --force to replace it)")
+    from gatedpo_mega.convert.folders import HFFolder
+
+    real = HFFolder.__getitem__
+
+    def failing(self, name):
+        if name == "model.norm.weight":  # late: the first rank files are already written
+            raise ConvertError(f"{self.root}: tensor {name} is unreadable")
+        return real(self, name)
+
+    monkeypatch.setattr(HFFolder, "__getitem__", failing)
+    refused(capsys, [*argv, "--force"], "tensor model.norm.weight is unreadable")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst"]  # no temporary folder left
+    assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
+    monkeypatch.setattr(HFFolder, "__getitem__", real)
+    assert main([*argv, "--force"]) == 0
+    assert (dst / "gatedpo_mcore.json").exists() and not (dst / "keep.txt").exists()
+    refused(capsys, ["convert", "reshard", "--src", str(dst), "--dst", str(dst / "x")], "overlaps the source")
