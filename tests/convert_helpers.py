@@ -103,3 +103,49 @@ def mcore_logits_worker(rank: int, world: int, folders: list[str], out: str, tp:
         results[folder] = full
     if lay.last_stage and lay.tp_rank == 0:
         torch.save(results, out)
+
+
+def zero_checkpoint_worker(
+    rank: int, world: int, mcore_dir: str, out: str, tp: int, pp: int, zero: int
+) -> None:
+    """A training checkpoint as ``training/checkpoint.py`` lays it out, written by DeepSpeed itself: the model of
+    ``mcore_dir`` (same TP x PP) wrapped by ``build_engine`` at ZeRO ``zero`` and saved before any step, so its
+    fp32 master weights are exactly the loaded ones."""
+    from dataclasses import asdict
+
+    from gatedpo_mega.config import load_config
+    from gatedpo_mega.convert import load_mcore_weights, read_mcore_meta
+    from gatedpo_mega.deepspeed.engine import build_engine
+    from gatedpo_mega.megatron.model import StageInfo, build_model
+    from gatedpo_mega.megatron.parallel import initialize_layout
+
+    meta = read_mcore_meta(mcore_dir)
+    m = meta["model"]
+    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+            "tie_embeddings", "qkv_bias", "rotary_base", "norm_epsilon", "max_position_embeddings", "dtype")  # fmt: skip
+    overrides = [f"model.{k}={str(m[k]).lower() if isinstance(m[k], bool) else m[k]}" for k in keys]
+    overrides += [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}"]
+    overrides += ["train.micro_batch_size=1", f"train.global_batch_size={world // (tp * pp)}"]
+    cfg = load_config(None, overrides)
+    lay = initialize_layout(tp, pp)
+    per = cfg.model.num_layers // pp
+    stage = StageInfo(
+        pre_process=lay.first_stage, post_process=lay.last_stage, layer_offset=lay.pp_rank * per,
+        tp_rank=lay.tp_rank, tp_size=tp,
+    )  # fmt: skip
+    vocab = meta["vocab_size"]
+    model = build_model(cfg.model, vocab_size=vocab, stage=stage, pipeline=pp, seed=3, tp_group=lay.tp_group)
+    load_mcore_weights(
+        model, mcore_dir, cfg=cfg.model, vocab_size=vocab, tp_rank=lay.tp_rank, tp=tp, pp_rank=lay.pp_rank, pp=pp
+    )  # fmt: skip
+    engine = build_engine(model, cfg, lay, num_micro_batches=1)
+    ckpt = Path(out)
+    engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False)
+    if rank == 0:
+        record = {
+            "format": "gatedpo-train-checkpoint", "version": 1, "step": 0,
+            "layout": {"tensor": tp, "pipeline": pp, "data": lay.dp, "zero_stage": zero},
+            "model": asdict(cfg.model), "vocab_size": vocab, "padded_vocab_size": meta["padded_vocab_size"],
+            "hf_config": meta["hf_config"],
+        }  # fmt: skip
+        (ckpt / "meta.json").write_text(json.dumps(record))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from convert_helpers import FAMILIES, hf_logits, make_hf_folder, mcore_logits_worker
+from convert_helpers import FAMILIES, hf_logits, make_hf_folder, mcore_logits_worker, zero_checkpoint_worker
 from distributed import run_distributed
 from safetensors.torch import load_file, save_file
 
@@ -341,3 +341,39 @@ def test_existing_destination_needs_force_and_a_failure_leaves_it_untouched(
     assert main([*argv, "--force"]) == 0
     assert (dst / "gatedpo_mcore.json").exists() and not (dst / "keep.txt").exists()
     refused(capsys, ["convert", "reshard", "--src", str(dst), "--dst", str(dst / "x")], "overlaps the source")
+
+
+# --------------------------------------------------------------------------- DeepSpeed training checkpoints
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("kind", "tp", "pp", "world", "zero"),
+    [("qwen2", 2, 2, 4, 1), ("llama", 1, 1, 2, 3)],
+    ids=["zero1-tp2pp2", "zero3-dp2"],
+)
+def test_zero_checkpoint_to_hf_gives_the_weights_back(kind, tp, pp, world, zero, hf_dirs, tmp_path, capsys):
+    mcore = hf_to_mcore(hf_dirs[kind], tmp_path / "mcore", tensor=tp, pipeline=pp)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000000"
+    run_distributed(zero_checkpoint_worker, world, str(mcore), str(ckpt), tp, pp, zero)
+    out = tmp_path / "hf"
+    assert main(["convert", "zero-to-hf", "--src", str(tmp_path / "run"), "--dst", str(out)]) == 0  # latest
+    assert f"ZeRO {zero}, fp32 master weights" in capsys.readouterr().out
+    original = hf_weights(hf_dirs[kind])
+    assert_bit_identical(hf_weights(out), original)
+    assert torch.equal(hf_logits(out), hf_logits(hf_dirs[kind]))
+    if zero < 3:
+        module = mcore_to_hf(ckpt, tmp_path / "module")
+        assert_bit_identical(hf_weights(module), original)
+    tmp = ckpt.with_name(".tmp-step-00000001")
+    shutil.copytree(ckpt, tmp)
+    refused(
+        capsys,
+        ["convert", "zero-to-hf", "--src", str(tmp), "--dst", str(tmp_path / "x")],
+        "incomplete checkpoint",
+    )
+    lost = "mp_rank_00_model_states.pt" if zero < 3 else "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    (ckpt / "deepspeed" / "state" / lost).rename(tmp_path / "moved.pt")
+    argv = ["convert", "zero-to-hf", "--src", str(ckpt), "--dst", str(tmp_path / "x")]
+    refused(capsys, argv, f"{lost}: file is missing")
+    assert not (tmp_path / "x").exists()

@@ -122,9 +122,10 @@ class TrainCheckpoint:
         expected = {self._model_file(m).name for m in range(mp)}
         if self._optim_prefix is not None:
             expected |= {self._optim_file(d, m).name for d in range(self.data) for m in range(mp)}
-        pattern = re.compile(r".*mp_rank_\d+.*\.pt$")
+        prefix = self._optim_prefix
         for f in sorted(self.ds.iterdir()):
-            if pattern.match(f.name) and f.name not in expected and "optim_states" in f.name:
+            optim = prefix is not None and f.name.startswith(prefix) and f.name.endswith("_optim_states.pt")
+            if optim and f.name not in expected:
                 raise UnexpectedTensorError(
                     f"{f}: unexpected file for data {self.data} x tensor {self.tensor} x pipeline {self.pipeline}"
                 )
