@@ -273,7 +273,7 @@ def iter_mcore_rank(
                 f"tensor {p.name} built from {', '.join(_sources(p, cfg))} has shape {list(full.shape)}, "
                 f"expected {list(p.shape)}"
             )
-        yield local_name(p.name, offset), shard(full, p.dim, p.stride, tp_rank, tensor).clone()
+        yield local_name(p.name, offset), shard(full, p.dim, p.stride, tp_rank, tensor)
 
 
 def hf_to_mcore_state(
@@ -288,8 +288,9 @@ def hf_to_mcore_state(
 ) -> dict[str, torch.Tensor]:
     """The local state dict of rank (``tp_rank``, ``pp_rank``) with names as ``build_model`` gives them; padded
     vocabulary rows are zero. ``hf_state`` may be lazy: only the tensors this rank needs are read."""
-    return dict(
-        iter_mcore_rank(
+    return {  # copies: a slice must not keep its full tensor alive, nor alias the caller's tensors
+        name: t.clone()
+        for name, t in iter_mcore_rank(
             hf_state.__getitem__,
             cfg,
             vocab_size=vocab_size,
@@ -298,7 +299,7 @@ def hf_to_mcore_state(
             tp_rank=tp_rank,
             pp_rank=pp_rank,
         )
-    )
+    }
 
 
 LocalGetter = Callable[[int, int, str], torch.Tensor]  # (tp_rank, pp_rank, local name) -> tensor
@@ -335,7 +336,7 @@ class HFView(Mapping[str, torch.Tensor]):
             shards = [self._get(t, pp, local) for t in range(self.tensor if p.dim is not None else 1)]
             full = unshard(shards, p.dim, p.stride)
             self._cache = (p.name, _split(p, full, self.cfg, self.vocab_size))
-        return self._cache[1][i].clone()
+        return self._cache[1][i]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
@@ -369,4 +370,5 @@ def mcore_to_hf_state(
             raise MissingTensorError(f"rank tp {t} pp {p}: tensor {name} is missing")
         return state[name]
 
-    return dict(HFView(get, cfg, vocab_size=vocab_size, tensor=tensor, pipeline=pipeline))
+    view = HFView(get, cfg, vocab_size=vocab_size, tensor=tensor, pipeline=pipeline)
+    return {name: view[name].clone() for name in view}

@@ -5,14 +5,14 @@ Two sources, both per megatron-core rank (``mp = pp_rank * T + tp_rank``, the pr
 - ``module``: the model weights DeepSpeed saved in ``mp_rank_XX_model_states.pt`` (ZeRO 0-2; in the model dtype).
 
 How ZeRO lays out the fp32 masters (DeepSpeed's ``deepspeed/utils/zero_to_fp32.py`` reads them the same way):
-- stage 0 (bf16), 1 and 2: per parameter group, the parameters of ``param_shapes`` are flattened one after another
+- stage 1 and 2 (and DeepSpeed's BF16_Optimizer, which bf16 parameters get at stage 1): per parameter group, the parameters of ``param_shapes`` are flattened one after another
   (plus ``param_alignment_paddings`` when saved), and that flat vector, padded, is cut into D equal contiguous
   partitions, one per data-parallel rank (``single_partition_of_fp32_groups``);
 - stage 3: every parameter is cut on its own into D pieces of ``ceil(numel / D)`` (the last padded), and each
   rank's ``fp32_flat_groups`` hold its pieces of all parameters, in order.
 Unlike ``zero_to_fp32``, which concatenates every partition into one state dict, a parameter is assembled from the
-pieces it needs, and the files are memory-mapped and let go after each output shard (``release``), so the resident
-memory stays at about one output shard.
+pieces it needs, and the files are memory-mapped and unmapped after every 256 MiB read (``release``), so the
+resident memory stays near the largest tensor, not the model.
 """
 
 from __future__ import annotations
@@ -106,6 +106,9 @@ class TrainCheckpoint:
         self.source = source if self._optim_prefix is not None else "module"
         self._check_files()
         self._ranks: dict[int, _Rank] = {}
+        # Pages of memory-mapped files stay resident while mapped: unmap after this many bytes have been read.
+        self.map_budget = 256 * 2**20
+        self._touched = 0
 
     def _find_optim_prefix(self) -> str | None:
         """``zero_pp_rank_`` (ZeRO 1-3), ``bf16_zero_pp_rank_`` (stage 0 with bf16), or None (stage 0, fp32:
@@ -152,13 +155,18 @@ class TrainCheckpoint:
         return self._ranks[mp]
 
     def get(self, tp_rank: int, pp_rank: int, name: str) -> torch.Tensor:
-        return self._rank(tp_rank, pp_rank).get(name)
+        if self._touched > self.map_budget:
+            self.release()
+        t = self._rank(tp_rank, pp_rank).get(name)
+        self._touched += t.numel() * t.element_size()
+        return t
 
     def release(self) -> None:
         """Unmap every file read so far (their pages leave the resident set); they are re-opened on demand."""
         for r in self._ranks.values():
             r.release()
         gc.collect()
+        self._touched = 0
 
 
 class _Rank:
@@ -217,8 +225,9 @@ class _Rank:
             self._optim = []
             for f in self.optim_files:
                 sd = _load(f).get("optimizer_state_dict")
-                if not isinstance(sd, dict) or "zero_stage" not in sd:
-                    raise CheckpointFormatError(f"{f}: not a ZeRO optimizer-states file")
+                groups = ("single_partition_of_fp32_groups", "fp32_flat_groups")
+                if not isinstance(sd, dict) or not any(k in sd for k in groups):
+                    raise CheckpointFormatError(f"{f}: not a ZeRO optimizer-states file (no fp32 partitions)")
                 self._optim.append(sd)
         return self._optim
 
@@ -226,7 +235,9 @@ class _Rank:
         """Where each parameter's elements are: ``self.where[name] = (group, offset, numel, shape)``."""
         states = self._optim_states()
         first = states[0]
-        self.stage = int(first["zero_stage"])
+        # DeepSpeed's BF16_Optimizer (bf16 parameters at ZeRO 1, files ``bf16_zero_pp_rank_*``) saves no
+        # ``zero_stage``; its fp32 partitions are laid out as stage 1's.
+        self.stage = 3 if "fp32_flat_groups" in first else 1
         world = first["partition_count"]
         world = max(world) if isinstance(world, list) else int(world)
         if world != len(states):
