@@ -8,8 +8,8 @@ Step 1 writes a training checkpoint the way a run does (``build_model`` + ``buil
 ``zero_to_fp32`` reads model-parallel rank 0 only. Step 2 runs each converter in its own process and reads the
 process's peak resident set (``ru_maxrss`` from ``wait4``, which counts the pages of memory-mapped files it
 touched as well as its own memory) and wall time. Both write safetensors shards of at most 2 GB; DeepSpeed's
-output is fp32 only, so ``zero-to-hf`` is measured with ``--dtype fp32`` and with the model's bf16. Prints a table;
-asserts nothing.
+output is fp32 only, so ``zero-to-hf`` is measured with ``--dtype fp32`` and with the model's bf16. Then the bf16
+output goes to tensor 2 x pipeline 2 and back (``hf-to-mcore``, ``mcore-to-hf``). Prints a table; asserts nothing.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def main() -> int:
     print(
         f"checkpoint {ckpt}: {_size(ckpt):.2f} GiB; files: {', '.join(sorted(p.name for p in ds_state.iterdir()))}"
     )
-    ours = [sys.executable, "-m", "gatedpo_mega.cli", "convert", "zero-to-hf", "--src", str(ckpt), "--force"]
+    conv = [sys.executable, "-m", "gatedpo_mega.cli", "convert"]
+    ours = [*conv, "zero-to-hf", "--src", str(ckpt), "--force"]
     deepspeed_cmd = (
         "import sys; from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict as c; "
         "c(sys.argv[1], sys.argv[2], max_shard_size='2GB', safe_serialization=True, tag='state')"
@@ -126,6 +127,12 @@ def main() -> int:
          out / "hf_bf16"),
         ("deepspeed zero_to_fp32 (convert_zero_checkpoint_to_fp32_state_dict, safetensors, 2GB shards)",
          [sys.executable, "-c", deepspeed_cmd, str(ckpt / "deepspeed"), str(out / "ds_fp32")], out / "ds_fp32"),
+        ("gatedpo convert hf-to-mcore --tensor 2 --pipeline 2 (of the bf16 output)",
+         [*conv, "hf-to-mcore", "--src", str(out / "hf_bf16"), "--dst", str(out / "mcore"), "--tensor", "2",
+          "--pipeline", "2", "--force"], out / "mcore"),
+        ("gatedpo convert mcore-to-hf (of that)",
+         [*conv, "mcore-to-hf", "--src", str(out / "mcore"), "--dst", str(out / "hf_back"), "--force"],
+         out / "hf_back"),
     ]  # fmt: skip
     for name, cmd, dst in runs:
         shutil.rmtree(dst, ignore_errors=True)
