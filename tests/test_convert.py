@@ -391,3 +391,16 @@ def test_zero_checkpoint_to_hf_gives_the_weights_back(
     argv = ["convert", "zero-to-hf", "--src", str(ckpt), "--dst", str(tmp_path / "x")]
     refused(capsys, argv, f"{lost}: file is missing")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_model_without_an_hf_config_gets_a_llama_or_qwen2_config(kind, hf_dirs, mcore_dirs, tmp_path):
+    """A model trained from scratch has no config.json to restore: Llama, or Qwen2 for a q/k/v bias."""
+    src = tmp_path / "m"
+    shutil.copytree(mcore_dirs[kind], src)
+    meta = json.loads((src / "gatedpo_mcore.json").read_text())
+    (src / "gatedpo_mcore.json").write_text(json.dumps({**meta, "hf_config": None}))
+    out = mcore_to_hf(src, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == kind
+    assert_loads_cleanly(out)
+    torch.testing.assert_close(hf_logits(out), hf_logits(hf_dirs[kind]), rtol=0, atol=1e-6)
