@@ -33,6 +33,20 @@ def _cmd_squeeze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from gatedpo_mega.analysis import format_table, group_runs, load_run, summary_rows, write_report
+
+    label_by = [k.strip() for k in args.label_by.split(",") if k.strip()] if args.label_by else None
+    groups = group_runs([load_run(d) for d in args.run_dirs], label_by=label_by)
+    for g in groups:
+        print(f"{g.label}: {len(g.runs)} run(s), seeds {', '.join(str(r.seed) for r in g.runs)}")
+    paths = write_report(groups, Path(args.out))
+    print(format_table(summary_rows(groups)))
+    plots = [p for k, p in paths.items() if k not in ("table", "json", "overview")]
+    print(f"wrote {paths['table']}, {paths['json']}, {paths['overview']} and {len(plots)} plots in {args.out}")
+    return 0
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
     from gatedpo_mega.config import dump_config, load_config
 
@@ -46,7 +60,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
-    return launch(load_config(args.config, args.overrides), args.nproc)
+    overrides = [*args.overrides, "train.resume=true"] if args.resume else args.overrides
+    return launch(load_config(args.config, overrides), args.nproc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train with Gate-DPO on megatron-core (TP x PP) and DeepSpeed ZeRO")
     _add_config_args(p)
     p.add_argument("--nproc", type=int, help="start N local processes (not needed under torchrun/deepspeed)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest complete checkpoint in train.output_dir",
+    )
     p.set_defaults(func=_cmd_train)
     add_data_commands(sub)
     add_convert_commands(sub)
@@ -64,11 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved configuration")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
+    p = sub.add_parser("analyze", help="compare training runs: plots per quantity and a summary table per arm")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (config.yaml + metrics.jsonl)")
+    p.add_argument("--out", required=True, help="folder for the PNG plots, summary.md and summary.json")
+    p.add_argument(
+        "--label-by",
+        metavar="KEYS",
+        help="comma-separated config keys naming each arm (default: objective.name, gate.shape and the keys that differ)",
+    )
+    p.set_defaults(func=_cmd_analyze)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (``--resume key=value``) arrive here; anything else is refused
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args))
     except UserError as e:

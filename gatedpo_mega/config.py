@@ -19,7 +19,7 @@ import yaml
 from gatedpo_mega.data.config import DataConfig
 from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.gate import GateConfig
-from gatedpo_mega.objectives import OBJECTIVES
+from gatedpo_mega.objectives import OBJECTIVES, SFT_OBJECTIVES
 
 T = TypeVar("T")
 
@@ -36,7 +36,7 @@ def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
 
 @dataclass(kw_only=True, slots=True)
 class ObjectiveConfig:
-    name: str = "dpo"  # dpo | ipo | cal_dpo | hinge
+    name: str = "dpo"  # dpo | ipo | cal_dpo | hinge | sft (chosen) | sft_extended (chosen and rejected)
     beta: float = 0.1  # inverse temperature of the implicit reward
     label_smoothing: float = 0.0  # conservative DPO (dpo only)
     average_logps: bool = False  # length-normalised sequence log-probs instead of sums
@@ -44,13 +44,17 @@ class ObjectiveConfig:
     nll_average: bool = True  # NLL term per token (True) or per sequence (False)
 
     def __post_init__(self) -> None:
-        _choice("objective.name", self.name, tuple(OBJECTIVES))
+        _choice("objective.name", self.name, (*OBJECTIVES, *SFT_OBJECTIVES))
         _positive("objective.beta", self.beta)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if self.label_smoothing and self.name != "dpo":
             raise ValueError("objective.label_smoothing applies to objective.name=dpo only")
         _positive("objective.nll_weight", self.nll_weight, allow_zero=True)
+        if self.name in SFT_OBJECTIVES and self.nll_weight:
+            raise ValueError(
+                f"objective.nll_weight applies to preference objectives, not objective.name={self.name}"
+            )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -89,6 +93,11 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "fp32"  # fp32 | bf16 (parameters and compute; the optimizer keeps fp32 master weights)
     fused_logprobs: bool = True  # output layer + log-probs per token chunk, never holding the logits
+    # Start from these weights instead of the seeded initialisation: a Hugging Face folder (config.json +
+    # safetensors), a folder written by ``gatedpo convert hf-to-mcore``/``reshard``, or a training checkpoint
+    # (``OUTPUT/checkpoints/step-N``, or ``OUTPUT`` for its latest). The shape fields above must match it.
+    init_from: str = ""
+    backend: str = "megatron"  # megatron | transformers (a Hugging Face causal LM from init_from, under ZeRO)
 
     def __post_init__(self) -> None:
         for name in (
@@ -111,6 +120,9 @@ class ModelConfig:
         _positive("model.vocab_size", self.vocab_size, allow_zero=True)
         _positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        _choice("model.backend", self.backend, ("megatron", "transformers"))
+        if self.backend == "transformers" and not self.init_from:
+            raise ValueError("model.backend=transformers needs model.init_from: a Hugging Face model folder")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -122,9 +134,16 @@ class TrainConfig:
     )
     seed: int = 1234
     output_dir: str = "outputs/run"
-    save_every: int = (
-        0  # steps between checkpoints; checkpointing is not in this version, so only 0 is accepted
+    save_every: int = 0  # steps between checkpoints (0: only the final one)
+    save_final: bool = True  # a checkpoint after the last step
+    keep_checkpoints: int = 0  # how many of the latest complete checkpoints to keep (0: all)
+    resume: bool = False  # continue from the latest complete checkpoint in output_dir (``--resume``)
+    eval_every: int = 0  # steps between evaluations on the held-out split (0: none; also after the last step)
+    eval_max_pairs: int = 0  # evaluate on the first N held-out pairs (0: all)
+    reference: str = (
+        "precomputed"  # precomputed | live (a frozen copy of the initial model, forward per step)
     )
+    collective_timeout_minutes: float = 30.0  # a rank stuck in a collective this long fails the run
     lr: float = 1e-3
     min_lr: float = 1e-4  # cosine decay floor
     warmup_steps: int = 2
@@ -137,10 +156,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "reference_batch_size"):
             _positive(f"train.{name}", getattr(self, name))
-        if self.save_every != 0:
-            raise ValueError(
-                f"train.save_every={self.save_every}: checkpoints are not written by this version; use 0"
-            )
+        for name in ("save_every", "keep_checkpoints", "eval_every", "eval_max_pairs"):
+            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        _choice("train.reference", self.reference, ("precomputed", "live"))
+        _positive("train.collective_timeout_minutes", self.collective_timeout_minutes)
         _positive("train.lr", self.lr)
         _positive("train.min_lr", self.min_lr, allow_zero=True)
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
@@ -199,6 +218,20 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
+
+    def __post_init__(self) -> None:
+        if self.objective.name in SFT_OBJECTIVES and self.gate.enabled:
+            raise ValueError(
+                f"gate.shape={self.gate.shape}: the gate attenuates preference gradients on rejected responses; "
+                f"objective.name={self.objective.name} has none, set gate.shape=none"
+            )
+        if self.model.backend == "transformers" and (self.parallel.tensor, self.parallel.pipeline) != (1, 1):
+            raise ValueError(
+                "model.backend=transformers runs data-parallel under ZeRO only: parallel.tensor and "
+                "parallel.pipeline must be 1 (for TP/PP use the default backend with model.init_from)"
+            )
+        if self.objective.name in SFT_OBJECTIVES and self.train.reference == "live":
+            raise ValueError(f"train.reference=live: objective.name={self.objective.name} uses no reference")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -46,8 +46,8 @@ def metric_sums(
     loss: torch.Tensor,
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
     chosen: ResponseStats,
     rejected: ResponseStats,
     gate: torch.Tensor | None,
@@ -55,22 +55,29 @@ def metric_sums(
     """Metric sums of one micro-batch. Sequence log-probs are per pair ``[B]`` and summed over tokens.
 
     ``loss`` is the per-pair loss ``[B]``; ``gate`` is the rejected tokens' gate ``[B, T]`` (None: no gate).
+    Without reference log-probs (SFT) the reward and log-likelihood-change metrics are left out.
     """
     pairs = float(policy_chosen.numel())
-    dw = (policy_chosen - ref_chosen).detach().double()
-    dl = (policy_rejected - ref_rejected).detach().double()
     g = torch.ones_like(rejected.logp) if gate is None else gate
-    out: MetricSums = {
-        "loss": _pair(loss.sum(), pairs),
-        "rewards/chosen": _pair(beta * dw.sum(), pairs),
-        "rewards/rejected": _pair(beta * dl.sum(), pairs),
-        "rewards/margins": _pair(beta * (dw - dl).sum(), pairs),
-        "rewards/accuracies": _pair((dw > dl).double().sum(), pairs),
+    out: MetricSums = {"loss": _pair(loss.sum(), pairs)}
+    if ref_chosen is not None and ref_rejected is not None:
+        dw = (policy_chosen - ref_chosen).detach().double()
+        dl = (policy_rejected - ref_rejected).detach().double()
+        out |= {
+            "rewards/chosen": _pair(beta * dw.sum(), pairs),
+            "rewards/rejected": _pair(beta * dl.sum(), pairs),
+            "rewards/margins": _pair(beta * (dw - dl).sum(), pairs),
+            "rewards/accuracies": _pair((dw > dl).double().sum(), pairs),
+            # Change of the chosen response's log-likelihood against the reference, per response token.
+            "logps/chosen_delta_per_token": _pair(dw.sum(), chosen.mask.sum()),
+            "logps/rejected_delta_per_token": _pair(dl.sum(), rejected.mask.sum()),
+        }
+    out |= {
         "logps/chosen": _pair(policy_chosen.sum(), pairs),
         "logps/rejected": _pair(policy_rejected.sum(), pairs),
-        # Change of the chosen response's log-likelihood against the reference, per response token.
-        "logps/chosen_delta_per_token": _pair(dw.sum(), chosen.mask.sum()),
-        "logps/rejected_delta_per_token": _pair(dl.sum(), rejected.mask.sum()),
+        # Response-token counts: likelihood per token is logps / tokens (eval and analysis use it).
+        "tokens/chosen": _pair(chosen.mask.sum(), pairs),
+        "tokens/rejected": _pair(rejected.mask.sum(), pairs),
         "gate/mean": _token_mean(g, rejected.mask),
         "gate/frac_attenuated": _token_mean((g < ATTENUATED_BELOW).double(), rejected.mask),
         "squeeze/top1_rejected": _token_mean(rejected.logp_max.exp(), rejected.mask),

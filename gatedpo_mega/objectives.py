@@ -41,6 +41,15 @@ def hinge(dw: torch.Tensor, dl: torch.Tensor, *, beta: float, label_smoothing: f
 
 Objective = Callable[..., torch.Tensor]
 OBJECTIVES: dict[str, Objective] = {"dpo": dpo, "ipo": ipo, "cal_dpo": cal_dpo, "hinge": hinge}
+# Supervised objectives on the same pairs (no reference model): ``sft`` on chosen responses; ``sft_extended`` on
+# chosen and rejected responses (Ren & Sutherland 2024, "Learning dynamics of LLM finetuning", sec. 4.3: SFT on
+# both responses first, so DPO does not start by pushing down responses the model finds extremely unlikely).
+SFT_OBJECTIVES = ("sft", "sft_extended")
+
+
+def sft_loss(chosen_nll: torch.Tensor, rejected_nll: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pair SFT loss from per-sequence NLLs: the chosen one, or the mean of both for extended SFT."""
+    return chosen_nll if rejected_nll is None else 0.5 * (chosen_nll + rejected_nll)
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:

@@ -69,7 +69,8 @@ class LayoutMPU:
 
 
 def uses_engine_driver(cfg: Config) -> bool:
-    return cfg.parallel.zero_stage >= 2
+    """ZeRO 2/3 reduce gradients in backward hooks; a Hugging Face model has no megatron-core schedule."""
+    return cfg.parallel.zero_stage >= 2 or cfg.model.backend == "transformers"
 
 
 def deepspeed_config(cfg: Config, *, dp: int, num_micro_batches: int) -> dict[str, Any]:

@@ -100,7 +100,7 @@ def initialize_layout(tensor: int, pipeline: int, *, timeout_minutes: float = 30
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
-        distributed_timeout_minutes=int(timeout_minutes),
+        distributed_timeout_minutes=timeout_minutes,  # type: ignore[arg-type]  # a timedelta takes floats
     )
     return Layout(
         rank=dist.get_rank(),

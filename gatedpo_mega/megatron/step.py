@@ -20,7 +20,7 @@ from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.gate import GateConfig, apply_gate, gate_values
 from gatedpo_mega.megatron.output import set_output_targets
 from gatedpo_mega.metrics import ResponseStats, metric_sums
-from gatedpo_mega.objectives import preference_loss, sequence_logps
+from gatedpo_mega.objectives import SFT_OBJECTIVES, preference_loss, sequence_logps, sft_loss
 from gatedpo_mega.ops import token_logprobs
 
 
@@ -37,6 +37,7 @@ class LossContext:
     reference: torch.Tensor | None  # [N, 2] summed reference log-probs (chosen, rejected) by pair id
     ref_tokens: torch.Tensor | None  # [N, 2] response token counts, for length-normalised objectives
     fused: bool = False  # the model's output layer is FusedOutputLayer (outputs statistics, not logits)
+    hf: bool = False  # the model is a Hugging Face causal LM (the transformers backend)
     step: int = 0
     micro_batch: int = 0
 
@@ -46,8 +47,12 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     return torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)[None, None]
 
 
-def model_forward(model: torch.nn.Module, batch: PreferenceBatch) -> torch.Tensor:
+def model_forward(model: torch.nn.Module, batch: PreferenceBatch, *, hf: bool = False) -> torch.Tensor:
     """Logits ``[2B, T, V/TP]`` on the last stage, or ``[2B, T, 3]`` statistics with the fused output layer."""
+    if hf:
+        from gatedpo_mega.hf.model import hf_forward
+
+        return hf_forward(model, batch.input_ids, batch.labels)
     set_output_targets(model, batch.labels)
     ids = batch.input_ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
@@ -72,10 +77,41 @@ def response_stats(
     return chosen, rejected, logp[b:]
 
 
+def _finite(loss: torch.Tensor, batch: PreferenceBatch, ctx: LossContext) -> None:
+    if not math.isfinite(float(loss.detach())):
+        raise NonFiniteLossError(
+            f"loss is {float(loss.detach())} at step {ctx.step}, micro-batch {ctx.micro_batch} (pairs {batch.pair_ids.tolist()})"
+        )
+
+
+def sft_loss_func(
+    batch: PreferenceBatch, ctx: LossContext, logits: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``sft``: NLL of the chosen responses; ``sft_extended``: of chosen and rejected (per-sequence, token-mean
+    with ``objective.nll_average``)."""
+    obj = ctx.objective
+    chosen, rejected, _ = response_stats(logits, batch, ctx)
+    pc = sequence_logps(chosen.logp, chosen.mask)
+    pr = sequence_logps(rejected.logp, rejected.mask)
+    nll_c = -sequence_logps(chosen.logp, chosen.mask, average=obj.nll_average)
+    nll_r = -sequence_logps(rejected.logp, rejected.mask, average=obj.nll_average)
+    per_pair = sft_loss(nll_c, nll_r if obj.name == "sft_extended" else None)
+    loss = per_pair.mean()
+    _finite(loss, batch, ctx)
+    sums = metric_sums(
+        beta=obj.beta, loss=per_pair, policy_chosen=pc, policy_rejected=pr, ref_chosen=None, ref_rejected=None,
+        chosen=chosen, rejected=rejected, gate=None,
+    )  # fmt: skip
+    ctx.micro_batch += 1
+    return loss, {"sums": sums}
+
+
 def preference_loss_func(
     batch: PreferenceBatch, ctx: LossContext, logits: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     obj, gate = ctx.objective, ctx.gate
+    if obj.name in SFT_OBJECTIVES:
+        return sft_loss_func(batch, ctx, logits)
     chosen, rejected, rejected_logp = response_stats(logits, batch, ctx)
     g = None
     if gate.enabled:
@@ -93,10 +129,7 @@ def preference_loss_func(
         label_smoothing=obj.label_smoothing, chosen_nll=nll, nll_weight=obj.nll_weight,
     )  # fmt: skip
     loss = per_pair.mean()
-    if not math.isfinite(float(loss.detach())):
-        raise NonFiniteLossError(
-            f"loss is {float(loss.detach())} at step {ctx.step}, micro-batch {ctx.micro_batch} (pairs {batch.pair_ids.tolist()})"
-        )
+    _finite(loss, batch, ctx)
     sums = metric_sums(
         beta=obj.beta, loss=per_pair, policy_chosen=pc, policy_rejected=pr, ref_chosen=ref[:, 0],
         ref_rejected=ref[:, 1], chosen=chosen, rejected=rejected, gate=g,
@@ -123,4 +156,4 @@ def forward_step(
 ) -> tuple[Any, Any]:
     """Megatron's ``forward_step_func`` (bind ``loss_func`` and ``ctx`` with ``functools.partial``)."""
     batch: PreferenceBatch = next(data_iterator)
-    return model_forward(model, batch), partial(loss_func, batch, ctx)
+    return model_forward(model, batch, hf=ctx.hf), partial(loss_func, batch, ctx)

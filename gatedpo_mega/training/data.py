@@ -6,22 +6,55 @@ import hashlib
 import json
 from dataclasses import asdict
 
+import numpy as np
 import torch.distributed as dist
 
 from gatedpo_mega.config import Config
 from gatedpo_mega.data import PreferenceLoader, load_preference_data
+from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.data.loader import collate
+from gatedpo_mega.data.tokenized import TokenizedPairs
 from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.megatron.parallel import Layout
+from gatedpo_mega.training.init import source_identity, source_vocab_size
 from gatedpo_mega.training.loop import RunData
 
 
 def reference_key(cfg: Config, vocab_size: int) -> str:
-    """What the initial weights depend on: the model shape, the vocabulary and the seed (not the layout)."""
+    """What the initial weights depend on: the model shape, the vocabulary, the seed and the ``init_from``
+    source's files (not the layout)."""
+    model = asdict(cfg.model)
+    model.pop("fused_logprobs")  # a way of computing, not a property of the weights
     blob = json.dumps(
-        {"model": asdict(cfg.model), "vocab": vocab_size, "seed": cfg.train.seed}, sort_keys=True
+        {
+            "model": model,
+            "vocab": vocab_size,
+            "seed": cfg.train.seed,
+            "init": source_identity(cfg.model.init_from),
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def eval_micro_batches(
+    pairs: TokenizedPairs, cfg: Config, layout: Layout, pad_id: int
+) -> tuple[list[PreferenceBatch], list[bool]]:
+    """Every held-out pair once: sorted by length, cut into micro-batches of ``train.reference_batch_size``,
+    dealt round-robin over DP ranks; ranks with fewer get fillers (repeats, not counted) so that every rank runs
+    the same number of forwards (ZeRO-3 gathers parameters collectively in each)."""
+    n = len(pairs)
+    size = cfg.train.reference_batch_size
+    order = sorted(range(n), key=lambda i: (int(pairs.row_lengths[i]), i))
+    chunks = [order[i : i + size] for i in range(0, n, size)]
+    mine = chunks[layout.dp_rank :: layout.dp]
+    counted = [True] * len(mine)
+    rounds = -(-len(chunks) // layout.dp)
+    while len(mine) < rounds:
+        mine.append(chunks[0])
+        counted.append(False)
+    pad = cfg.data.pad_to_multiple
+    return [collate(pairs, c, pad_to_multiple=pad, pad_id=pad_id) for c in mine], counted
 
 
 def make_run_data(cfg: Config, layout: Layout) -> RunData:
@@ -32,10 +65,12 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
     if layout.rank != 0:
         data = load_preference_data(cfg.data, seed=cfg.train.seed)
     tok = data.tokenizer
-    vocab = cfg.model.vocab_size or tok.vocab_size
+    # The vocabulary: as configured, else the initial weights' (model.init_from), else the tokenizer's.
+    vocab = cfg.model.vocab_size or source_vocab_size(cfg.model.init_from) or tok.vocab_size
     if vocab < tok.vocab_size:
         raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size}"
+            f"the model's vocabulary ({vocab}) is smaller than the tokenizer's {tok.vocab_size}: the tokenizer "
+            "does not belong to this model"
         )
     t = cfg.train
     try:
@@ -57,11 +92,25 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
         collate(data.train, c, pad_to_multiple=cfg.data.pad_to_multiple, pad_id=tok.pad_id) for c in chunks
     ]
     report = data.report.format() + "\n" + steps.describe()
-    return RunData(
+    key = reference_key(cfg, vocab)
+    run = RunData(
         steps=steps,
         reference_batches=ref,
         num_pairs=n,
         vocab_size=vocab,
-        reference_file=data.cache_path / f"reference-{reference_key(cfg, vocab)}.pt",
+        reference_file=data.cache_path / f"reference-{key}.pt",
         report=report,
     )
+    if t.eval_every:
+        if data.eval is None or not len(data.eval):
+            raise ConfigError(
+                f"train.eval_every={t.eval_every} needs held-out pairs; data.eval_fraction={cfg.data.eval_fraction} "
+                "left none"
+            )
+        evals = data.eval
+        if t.eval_max_pairs and len(evals) > t.eval_max_pairs:
+            evals = evals.subset(np.arange(t.eval_max_pairs))
+        run.eval_batches, run.eval_counted = eval_micro_batches(evals, cfg, layout, tok.pad_id)
+        run.num_eval_pairs = len(evals)
+        run.eval_reference_file = data.cache_path / f"reference-eval{len(evals)}-{key}.pt"
+    return run

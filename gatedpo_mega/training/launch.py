@@ -17,8 +17,7 @@ import torch.multiprocessing as mp
 from gatedpo_mega.config import Config, dump_config
 from gatedpo_mega.errors import UserError
 from gatedpo_mega.megatron.parallel import validate_layout
-
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("GATEDPO_TIMEOUT_MINUTES", "30")))
+from gatedpo_mega.training.checkpoint import check_resume
 
 
 def _free_port() -> int:
@@ -27,7 +26,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_this_process(cfg: Config) -> None:
+def _run_this_process(cfg: Config, make_data: Any = None) -> None:
     from gatedpo_mega.training.data import make_run_data
     from gatedpo_mega.training.loop import train
 
@@ -38,20 +37,26 @@ def _run_this_process(cfg: Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        timeout = datetime.timedelta(minutes=cfg.train.collective_timeout_minutes)
+        dist.init_process_group(backend, timeout=timeout)
     try:
-        train(cfg, make_run_data)
+        train(cfg, make_data or make_run_data)
     finally:
         dist.destroy_process_group()
 
 
-def _worker(rank: int, world: int, port: int, cfg: Config) -> None:
+def _is_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, TimeoutError) or "timed out" in text or "timeout" in text
+
+
+def _worker(rank: int, world: int, port: int, cfg: Config, make_data: Any = None) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
     )  # fmt: skip
     try:
-        _run_this_process(cfg)
+        _run_this_process(cfg, make_data)
     except UserError as e:
         print(f"gatedpo: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
@@ -61,28 +66,42 @@ def _worker(rank: int, world: int, port: int, cfg: Config) -> None:
         if isinstance(e, NonFiniteLossError):
             print(f"gatedpo: error: rank {rank}: {e}", file=sys.stderr, flush=True)
             sys.exit(3)
+        if _is_timeout(e):
+            minutes = cfg.train.collective_timeout_minutes
+            print(
+                f"gatedpo: error: rank {rank}: a collective waited longer than train.collective_timeout_minutes="
+                f"{minutes:g}: another rank stopped responding ({str(e).splitlines()[0][:200]})",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            sys.exit(4)
         traceback.print_exc()
         print(f"gatedpo: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
-def launch(cfg: Config, nproc: int | None) -> int:
-    """Run ``cfg`` to the end; returns the exit code."""
+def launch(cfg: Config, nproc: int | None, make_data: Any = None) -> int:
+    """Run ``cfg`` to the end; returns the exit code. ``make_data(cfg, layout) -> RunData`` replaces the data
+    pipeline (a module-level function: it is pickled into the processes)."""
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else (nproc or 1)
     validate_layout(cfg, world)
+    if not under_launcher or int(os.environ["RANK"]) == 0:
+        check_resume(cfg, world)  # refused before any process starts (under a launcher: by rank 0 only)
     if under_launcher:
         if int(os.environ["RANK"]) == 0:
             print(dump_config(cfg), flush=True)
-        _run_this_process(cfg)
+        _run_this_process(cfg, make_data)
         return 0
     print(dump_config(cfg), flush=True)
     port = _free_port()
     if world == 1:
-        _worker(0, 1, port, cfg)
+        _worker(0, 1, port, cfg, make_data)
         return 0
     ctx: Any = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, world, port, cfg), name=f"rank{r}") for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, cfg, make_data), name=f"rank{r}")
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     failed: list[tuple[int, int]] = []

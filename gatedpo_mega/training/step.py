@@ -28,6 +28,9 @@ def _schedule(
     *,
     forward_only: bool,
 ) -> list[dict[str, Any]]:
+    if ctx.hf:  # a Hugging Face model has no pipeline stages: forward-only, one micro-batch at a time
+        assert forward_only, "the transformers backend trains through DeepSpeed's engine"
+        return [loss_func(b, ctx, model_forward(model, b, hf=True))[1] for b in batches]
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     fb = get_forward_backward_func()
@@ -62,7 +65,7 @@ def train_step(
     if engine_driver:
         sums = []
         for batch in batches:
-            loss, aux = preference_loss_func(batch, ctx, model_forward(engine, batch))
+            loss, aux = preference_loss_func(batch, ctx, model_forward(engine, batch, hf=ctx.hf))
             engine.backward(loss)
             engine.step()
             sums.append(aux["sums"])
@@ -76,25 +79,41 @@ def train_step(
 
 
 @torch.no_grad()
+def run_forward(
+    model: torch.nn.Module, batches: list[PreferenceBatch], loss_func: Any, ctx: LossContext
+) -> list[dict[str, Any]]:
+    """Forward-only over ``batches``: the loss function's outputs on the last stage (empty elsewhere)."""
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(batches), 8):  # a few micro-batches per schedule call keeps the pipeline busy
+        out += _schedule(model, batches[i : i + 8], loss_func, ctx, forward_only=True) or []
+    return out
+
+
+@torch.no_grad()
 def reference_pass(
-    model: torch.nn.Module, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch], num_pairs: int
+    model: torch.nn.Module,
+    layout: Layout,
+    ctx: LossContext,
+    batches: list[PreferenceBatch],
+    num_pairs: int,
+    *,
+    reduce: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs ``[N, 2]`` (chosen, rejected) and response token counts of every pair under ``model``,
-    from this DP rank's ``batches``, summed over the data-parallel group (on the last stage; zeros elsewhere)."""
+    """Summed log-probs ``[N, 2]`` (chosen, rejected) and response token counts of the pairs in ``batches`` under
+    ``model`` by pair id, on the last stage (zeros elsewhere). With ``reduce``, summed over the data-parallel group:
+    when every pair belongs to exactly one DP rank, that assembles the whole table."""
     device = next(model.parameters()).device  # collectives on the backend's device (NCCL needs CUDA tensors)
     logps = torch.zeros(num_pairs, 2, dtype=torch.float64, device=device)
     tokens = torch.zeros(num_pairs, 2, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
-    for i in range(0, len(batches), 8):  # a few micro-batches per schedule call keeps the pipeline busy
-        out = _schedule(model, batches[i : i + 8], reference_loss_func, ctx, forward_only=True)
-        for o in out if layout.last_stage else []:
-            ids = o["pair_ids"]
-            logps[ids] = o["logps"]
-            tokens[ids] = o["tokens"]
+    out = run_forward(model, batches, reference_loss_func, ctx)
+    for o in out if layout.last_stage else []:
+        ids = o["pair_ids"]
+        logps[ids] = o["logps"]
+        tokens[ids] = o["tokens"]
     model.train(was_training)
-    if layout.last_stage:
-        # Every pair belongs to exactly one DP rank (``reference_batches``): a sum assembles the whole table.
+    if reduce and layout.last_stage:
         dist.all_reduce(logps, group=layout.dp_group)
         dist.all_reduce(tokens, group=layout.dp_group)
     return logps, tokens

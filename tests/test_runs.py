@@ -1,0 +1,233 @@
+"""Runs that last: checkpoints and exact resume, refusals, evaluation, the live reference, SFT then DPO, time-outs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from distributed import run_distributed
+
+from gatedpo_mega.config import load_config
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+BASE = [
+    "model.num_layers=4", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_query_groups=2",
+    "model.ffn_hidden_size=64", "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr=3e-3",
+    "train.warmup_steps=1", "train.reference_batch_size=8", "data.builtin_pairs=120", "data.max_length=64",
+    "data.max_prompt_length=40", "data.eval_fraction=0.2",
+]  # fmt: skip
+TIMING = {"tokens_per_second", "step_seconds", "memory/peak_mib_max_rank"}
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cli(*args, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "gatedpo_mega.cli", *args], capture_output=True, text=True, **kw
+    )
+
+
+def _errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("gatedpo: error:")]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _train_worker(rank, world, overrides, out):
+    from gatedpo_mega.training.data import make_run_data
+    from gatedpo_mega.training.loop import train
+
+    history = train(load_config(None, overrides), make_run_data)
+    if rank == 0:
+        Path(out).write_text(json.dumps(history))
+
+
+def run(world, extra, cache, tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    overrides = [*BASE, f"data.cache_dir={cache}", f"train.output_dir={tmp_path / name}", *extra]
+    run_distributed(_train_worker, world, overrides, str(out))
+    return json.loads(out.read_text())
+
+
+def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_metrics(cache, tmp_path):
+    args = ["train", "--nproc", "2", *BASE, f"data.cache_dir={cache}", "parallel.tensor=2", "train.max_steps=10",
+            "train.save_every=2", "train.eval_every=3"]  # fmt: skip
+    full = _cli(*args, f"train.output_dir={tmp_path / 'full'}")
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gatedpo_mega.cli", *args, f"train.output_dir={out}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill once a few steps are logged: mid-run, perhaps mid-checkpoint
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as a preemption takes it
+    proc.wait()
+    killed_at = _rows(out)[-1]["step"]
+    assert 4 <= killed_at < 10, "the run was not interrupted mid-training"
+    resumed = _cli(*args, f"train.output_dir={out}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = _rows(tmp_path / "full"), _rows(out)
+    assert [r["step"] for r in b] == list(range(0, 11))  # step 0: the evaluation before training
+    for ra, rb in zip(a, b, strict=True):
+        assert {k: v for k, v in ra.items() if k not in TIMING} == {
+            k: v for k, v in rb.items() if k not in TIMING
+        }
+    assert "eval/loss" in b[3] and "eval/loss" in b[-1] and "eval/loss" not in b[4]
+    assert b[0]["eval/loss"] == pytest.approx(math.log(2.0), abs=1e-6) and "loss" not in b[0]
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".tmp"))
+    assert names == [f"step-{s:08d}" for s in (2, 4, 6, 8, 10)]
+
+    # The same folder without --resume is refused, and so is a resume at another layout or model shape.
+    again = _cli(*args, f"train.output_dir={out}")
+    assert again.returncode == 2
+    assert _errors(again.stderr) == [
+        f"gatedpo: error: {out} already holds checkpoints (latest step-00000010); pass --resume to continue "
+        "that run, or choose another train.output_dir"
+    ]
+    more = [f"train.output_dir={out}", "--resume", "train.max_steps=12"]
+    other = _cli(*args, *more, "parallel.tensor=1")
+    assert other.returncode == 2
+    assert _errors(other.stderr) == [
+        f"gatedpo: error: checkpoint {out}/checkpoints/step-00000010 was written at tensor=2 (tensor 2, pipeline 1, "
+        "data 1, zero_stage 1); this run has tensor=1 (tensor 1, pipeline 1, data 2, zero_stage 1). Resume with "
+        "the checkpoint's layout"
+    ], other.stderr[-3000:]
+    shape = _cli(*args, *more, "model.ffn_hidden_size=128")
+    assert shape.returncode == 2
+    assert _errors(shape.stderr) == [
+        f"gatedpo: error: checkpoint {out}/checkpoints/step-00000010 holds a model with model.ffn_hidden_size=64; "
+        "this run has model.ffn_hidden_size=128"
+    ], shape.stderr[-3000:]
+
+
+def test_an_incomplete_checkpoint_is_never_resumed_from(cache, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", *BASE, f"data.cache_dir={cache}", "train.max_steps=2", "train.save_every=1",
+            f"train.output_dir={out}"]  # fmt: skip
+    assert _cli(*args).returncode == 0
+    # A crash mid-write leaves a .tmp folder (here: step 3 without its meta.json) that must be ignored.
+    (out / "checkpoints" / ".tmp-step-00000003" / "deepspeed").mkdir(parents=True)
+    r = _cli(*args, "--resume", "train.max_steps=3", "train.keep_checkpoints=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "step-00000002 (step 2)" in r.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+
+
+def test_live_reference_gives_the_precomputed_losses(cache, tmp_path):
+    extra = ["train.max_steps=3", "parallel.pipeline=2", "train.eval_every=2"]
+    pre = run(2, extra, cache, tmp_path, "pre")
+    live = run(2, [*extra, "train.reference=live"], cache, tmp_path, "live")
+    assert [r["step"] for r in pre] == [0, 1, 2, 3]
+    assert pre[1]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    for a, b in zip(pre, live, strict=True):
+        for k in (
+            "loss",
+            "rewards/margins",
+            "rewards/chosen",
+            "grad_norm",
+            "eval/loss",
+            "eval/rewards/margins",
+        ):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k)
+    assert "eval/loss" in pre[2] and "eval/loss" in pre[3] and "eval/loss" not in pre[1]
+
+
+def test_eval_covers_every_held_out_pair_once_at_any_data_parallel_size(cache, tmp_path):
+    # 3 eval micro-batches over 2 ranks: one rank runs a filler that must not be counted.
+    extra = ["train.max_steps=2", "train.eval_every=1", "train.reference_batch_size=8"]
+    one = run(1, extra, cache, tmp_path, "dp1")
+    two = run(2, [*extra, "parallel.zero_stage=3"], cache, tmp_path, "dp2")
+    for a, b in zip(one, two, strict=True):
+        for k in (
+            "eval/loss",
+            "eval/rewards/accuracies",
+            "eval/logps/chosen",
+            "eval/squeeze/entropy_rejected",
+        ):
+            assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+    assert one[0]["eval/loss"] == pytest.approx(math.log(2.0), abs=1e-6)  # step 0: policy = reference
+    assert 0 < abs(one[1]["eval/loss"] - math.log(2.0)) < 0.02  # one small step from the reference
+
+
+def test_sft_extended_then_gate_dpo_from_its_checkpoint(cache, tmp_path):
+    sft = run(2, ["objective.name=sft_extended", "gate.shape=none", "train.max_steps=4", "parallel.tensor=2",
+                  "train.lr=1e-2"], cache, tmp_path, "sft")  # fmt: skip
+    assert sft[-1]["loss"] < sft[0]["loss"]
+    assert "rewards/margins" not in sft[0] and "logps/chosen" in sft[0]
+    first = sft[0][
+        "loss"
+    ]  # the mean NLL per token of chosen and rejected: about log(vocab) at initialisation
+    assert 2.0 < first < 10.0
+    init = f"model.init_from={tmp_path / 'sft'}"
+    dpo = run(2, ["train.max_steps=2", "parallel.tensor=2", init], cache, tmp_path, "dpo")
+    fresh = run(2, ["train.max_steps=1", "parallel.tensor=2"], cache, tmp_path, "fresh")
+    assert dpo[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)  # policy = reference = the SFT model
+    assert dpo[0]["logps/chosen"] > fresh[0]["logps/chosen"] + 1.0  # the SFT weights were loaded
+    wrong = _cli("train", *BASE, init, f"data.cache_dir={cache}", f"train.output_dir={tmp_path / 'wrong'}")
+    assert wrong.returncode == 2
+    (line,) = _errors(wrong.stderr)
+    assert "was written at tensor 2 x pipeline 1; this run is tensor 1 x pipeline 1" in line, wrong.stderr[
+        -2000:
+    ]
+
+
+def test_sft_refuses_a_gate():
+    with pytest.raises(Exception, match=r"objective.name=sft has none, set gate.shape=none"):
+        load_config(None, ["objective.name=sft"])
+
+
+def _hanging_data(cfg, layout):
+    from gatedpo_mega.training.data import make_run_data
+
+    data = make_run_data(cfg, layout)
+    if layout.rank == 1:
+        real = data.steps
+
+        class Stuck:
+            num_micro_batches = real.num_micro_batches
+
+            def __init__(self):
+                self.calls = 0
+
+            def __next__(self):
+                self.calls += 1
+                if self.calls == 2:
+                    time.sleep(3600)  # a rank that hangs in step 2
+                return next(real)
+
+        data.steps = Stuck()
+    return data
+
+
+def test_a_hanging_rank_times_out_and_the_launcher_names_the_failed_rank(cache, tmp_path, capfd):
+    from gatedpo_mega.training.launch import launch
+
+    cfg = load_config(None, [*BASE, f"data.cache_dir={cache}", f"train.output_dir={tmp_path}", "train.max_steps=3",
+                             "train.collective_timeout_minutes=0.1", "data.eval_fraction=0"])  # fmt: skip
+    t0 = time.monotonic()
+    code = launch(cfg, 2, make_data=_hanging_data)
+    assert code == 4
+    assert time.monotonic() - t0 < 120
+    err = capfd.readouterr().err
+    assert (
+        "gatedpo: error: rank 0: a collective waited longer than train.collective_timeout_minutes=0.1" in err
+    )
+    assert "gatedpo: rank 0 exited with code 4; the other ranks were stopped" in err
