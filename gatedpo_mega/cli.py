@@ -42,8 +42,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(f"{g.label}: {len(g.runs)} run(s), seeds {', '.join(str(r.seed) for r in g.runs)}")
     paths = write_report(groups, Path(args.out))
     print(format_table(summary_rows(groups)))
-    plots = [p for k, p in paths.items() if k not in ("table", "json", "overview")]
-    print(f"wrote {paths['table']}, {paths['json']}, {paths['overview']} and {len(plots)} plots in {args.out}")
+    n_plots = len(paths) - 3  # besides summary.md, summary.json and overview.png
+    print(f"wrote {paths['table']}, {paths['json']}, {paths['overview']} and {n_plots} plots")
     return 0
 
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved configuration")
     _add_config_args(p)
     p.set_defaults(func=_cmd_config)
-    p = sub.add_parser("analyze", help="compare training runs: plots per quantity and a summary table per arm")
+    p = sub.add_parser("analyze", help="compare runs: a plot per quantity and a table, one line/row per arm")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (config.yaml + metrics.jsonl)")
     p.add_argument("--out", required=True, help="folder for the PNG plots, summary.md and summary.json")
     p.add_argument(

@@ -1,0 +1,442 @@
+"""Run analysis: training runs in, comparison plots and a summary table out (``gatedpo analyze``).
+
+A run folder holds ``config.yaml`` (the resolved config) and ``metrics.jsonl`` (one object per optimizer step, plus
+``eval/<name>`` keys on evaluation steps; a step-0 row may hold only the evaluation before training). Runs whose
+configs agree on everything but the seed and the output folder are seeds of one *arm* (a :class:`Group`); plots
+show each arm's mean over seeds as a line and min..max over seeds as a band, and the table reports each arm as
+``mean ± std`` over seeds.
+
+    runs = [load_run(p) for p in paths]
+    groups = group_runs(runs)                  # or label_by=["objective.name", "gate.shape"]
+    print(format_table(summary_rows(groups)))
+    write_report(groups, Path("outputs/analysis"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from gatedpo_mega.errors import UserError
+
+# Keys that tell seeds of one arm apart without making them different arms.
+RUN_SPECIFIC_KEYS = ("train.seed", "train.output_dir", "train.resume")
+DEFAULT_LABEL_KEYS = ("objective.name", "gate.shape")
+
+# Plotted quantities, in overview order: metric name -> panel title.
+QUANTITIES: dict[str, str] = {
+    "logps/chosen_delta_per_token": "Δ log p(chosen) / token vs reference",
+    "logps/rejected_delta_per_token": "Δ log p(rejected) / token vs reference",
+    "rewards/margins": "reward margin",
+    "rewards/accuracies": "preference accuracy",
+    "squeeze/top1_chosen": "top-1 probability, chosen tokens",
+    "squeeze/entropy_chosen": "entropy, chosen tokens",
+    "squeeze/top1_rejected": "top-1 probability, rejected tokens",
+    "squeeze/entropy_rejected": "entropy, rejected tokens",
+    "gate/mean": "gate mean",
+    "gate/frac_attenuated": "fraction of rejected tokens attenuated",
+    "loss": "loss",
+}
+
+# Summary columns: (row key, header, how the number is computed).
+_COLUMNS = (
+    ("accuracy", "eval acc."),
+    ("chosen_delta_per_token", "Δ log p chosen / tok"),
+    ("rejected_delta_per_token", "Δ log p rejected / tok"),
+    ("d_top1_rejected", "Δ top-1 rejected"),
+    ("d_entropy_rejected", "Δ entropy rejected"),
+    ("d_top1_chosen", "Δ top-1 chosen"),
+    ("d_entropy_chosen", "Δ entropy chosen"),
+    ("frac_attenuated", "attenuated (train, last 10%)"),
+)
+_LAST_VALUE = {
+    "accuracy": "rewards/accuracies",
+    "chosen_delta_per_token": "logps/chosen_delta_per_token",
+    "rejected_delta_per_token": "logps/rejected_delta_per_token",
+}
+_CHANGE = {
+    "d_top1_rejected": "squeeze/top1_rejected",
+    "d_entropy_rejected": "squeeze/entropy_rejected",
+    "d_top1_chosen": "squeeze/top1_chosen",
+    "d_entropy_chosen": "squeeze/entropy_chosen",
+}
+
+
+@dataclass
+class Run:
+    """One training run: its flattened config (``"gate.tau" -> 1e-4``) and its records by step.
+
+    ``train`` holds the optimizer-step metrics, ``eval`` the ``eval/<name>`` metrics with the prefix removed.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    train: dict[int, dict[str, float]]
+    eval: dict[int, dict[str, float]]
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("train.seed")
+
+
+@dataclass
+class Group:
+    """The seeds of one arm: runs whose configs differ only in :data:`RUN_SPECIFIC_KEYS`."""
+
+    label: str
+    runs: list[Run]
+    config: dict[str, Any] = field(default_factory=dict)  # the shared config, without the run-specific keys
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = tuple(v) if isinstance(v, list) else v
+    return flat
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"{path}: missing (a run folder holds config.yaml and metrics.jsonl)")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise UserError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: expected a mapping of config sections, got {type(tree).__name__}")
+    return _flatten(tree)
+
+
+def _read_metrics(path: Path) -> tuple[dict[int, dict[str, float]], dict[int, dict[str, float]]]:
+    if not path.is_file():
+        raise UserError(f"{path}: missing (a run folder holds config.yaml and metrics.jsonl)")
+    train: dict[int, dict[str, float]] = {}
+    evals: dict[int, dict[str, float]] = {}
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            step = record.pop("step", None)
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise UserError(f"{path}:{lineno}: 'step' must be a non-negative integer, got {step!r}")
+            t: dict[str, float] = {}
+            e_: dict[str, float] = {}
+            for k, v in record.items():
+                if v is None:  # a metric this step could not compute
+                    continue
+                if not _number(v):
+                    raise UserError(f"{path}:{lineno}: '{k}' must be a number, got {v!r}")
+                if k.startswith("eval/"):
+                    e_[k.removeprefix("eval/")] = float(v)
+                else:
+                    t[k] = float(v)
+            # A resumed run may repeat steps; the later record is the one that continued.
+            if t:
+                train[step] = t
+            if e_:
+                evals[step] = e_
+    if not train and not evals:
+        raise UserError(f"{path}: no metric records")
+    return dict(sorted(train.items())), dict(sorted(evals.items()))
+
+
+def load_run(path: str | Path) -> Run:
+    """Read ``config.yaml`` and ``metrics.jsonl`` from a run folder; bad input raises :class:`UserError`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: not a run folder (no such directory)")
+    config = _read_config(path / "config.yaml")
+    train, evals = _read_metrics(path / "metrics.jsonl")
+    return Run(path=path, config=config, train=train, eval=evals)
+
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, tuple):
+        return ",".join(_show(x) for x in v)
+    return str(v)
+
+
+def _label(config: dict[str, Any], keys: Sequence[str]) -> str:
+    parts = []
+    for k in keys:
+        v = _show(config.get(k))
+        parts.append(v if k == "objective.name" else f"gate={v}" if k == "gate.shape" else f"{k}={v}")
+    return " ".join(parts)
+
+
+def group_runs(runs: Sequence[Run], label_by: Sequence[str] | None = None) -> list[Group]:
+    """Runs that differ only in seed and output folder form one group, in order of first appearance.
+
+    The label names ``objective.name`` and ``gate.shape`` plus every other key that differs between groups,
+    or exactly the keys of ``label_by``.
+    """
+    if not runs:
+        raise UserError("no runs to analyze")
+    buckets: dict[tuple[tuple[str, str], ...], list[Run]] = {}
+    for run in runs:
+        shared = {k: v for k, v in run.config.items() if k not in RUN_SPECIFIC_KEYS}
+        buckets.setdefault(tuple(sorted((k, repr(v)) for k, v in shared.items())), []).append(run)
+    configs = [
+        {k: v for k, v in rs[0].config.items() if k not in RUN_SPECIFIC_KEYS} for rs in buckets.values()
+    ]
+    all_keys = sorted({k for c in configs for k in c})
+    if label_by is not None:
+        unknown = [k for k in label_by if k not in all_keys and k not in RUN_SPECIFIC_KEYS]
+        if unknown:
+            raise UserError(
+                f"--label-by: unknown config key(s) {', '.join(unknown)} (e.g. {', '.join(all_keys[:6])})"
+            )
+        keys = list(label_by)
+    else:
+        differing = [k for k in all_keys if len({repr(c.get(k)) for c in configs}) > 1]
+        keys = [k for k in DEFAULT_LABEL_KEYS if k in all_keys]
+        keys += [k for k in differing if k not in keys]
+    groups = []
+    for cfg, rs in zip(configs, buckets.values(), strict=True):
+        rs = sorted(rs, key=lambda r: (str(type(r.seed)), r.seed if r.seed is not None else 0))
+        groups.append(Group(label=_label(rs[0].config, keys), runs=rs, config=cfg))
+    seen: dict[str, int] = {}
+    for g in groups:  # labels that do not tell groups apart (a too-short --label-by) get a number
+        seen[g.label] = seen.get(g.label, 0) + 1
+        if seen[g.label] > 1:
+            g.label = f"{g.label} [{seen[g.label]}]"
+    return groups
+
+
+# -- the table ---------------------------------------------------------------------------------------------------
+
+
+def _stats(values: list[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    std = float(a.std(ddof=1)) if len(a) >= 2 else None
+    return {"mean": float(a.mean()), "std": std, "n": len(a), "values": a.tolist()}
+
+
+def _endpoints(run: Run) -> tuple[str, dict[str, float], dict[str, float]]:
+    """The records the table compares: (source, first, last). Eval rows if any evaluation followed training."""
+    if any(step > 0 for step in run.eval) or (run.eval and not run.train):
+        rows = list(run.eval.values())
+        return "eval", rows[0], rows[-1]
+    rows = list(run.train.values())
+    return "train", rows[0], rows[-1]
+
+
+def _run_numbers(run: Run) -> tuple[str, dict[str, float]]:
+    source, first, last = _endpoints(run)
+    out: dict[str, float] = {}
+    for col, key in _LAST_VALUE.items():
+        if key in last:
+            out[col] = last[key]
+    for col, key in _CHANGE.items():
+        if key in first and key in last:
+            out[col] = last[key] - first[key]
+    frac = [r["gate/frac_attenuated"] for r in run.train.values() if "gate/frac_attenuated" in r]
+    if frac:
+        tail = frac[-max(1, math.ceil(0.1 * len(frac))) :]
+        out["frac_attenuated"] = float(np.mean(tail))
+    return source, out
+
+
+def summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
+    """One row per group: seeds, then each column as ``{"mean", "std", "n", "values"}`` over seeds (or None).
+
+    Last-evaluation numbers; ``source`` is ``"train"`` when a run had no evaluation after step 0 and its last
+    (and, for changes, first) train record stood in.
+    """
+    rows = []
+    for g in groups:
+        per_run = [_run_numbers(r) for r in g.runs]
+        row: dict[str, Any] = {
+            "label": g.label,
+            "seeds": len(g.runs),
+            "seed_values": [r.seed for r in g.runs],
+            "runs": [str(r.path) for r in g.runs],
+            "train_fallback": sum(src == "train" for src, _ in per_run),
+        }
+        for col, _ in _COLUMNS:
+            row[col] = _stats([nums[col] for _, nums in per_run if col in nums])
+        rows.append(row)
+    return rows
+
+
+def _fmt(s: dict[str, Any] | None, signed: bool) -> str:
+    if s is None:
+        return "–"
+    m = f"{s['mean']:+.4g}" if signed else f"{s['mean']:.4g}"
+    return m if s["std"] is None else f"{m} ± {s['std']:.4g}"
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`summary_rows`, with footnotes."""
+    head = ["arm", "seeds", *(h for _, h in _COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        label = row["label"] + (" †" if row["train_fallback"] else "")
+        cells = [_fmt(row[col], signed=col != "accuracy" and col != "frac_attenuated") for col, _ in _COLUMNS]
+        lines.append(f"| {label} | {row['seeds']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Last evaluation; Δ top-1 / entropy: last evaluation minus the first (step 0 when present); "
+        "mean ± std over seeds (ddof=1); – : not logged by these runs."
+    )
+    fallback = [f"{r['label']} ({r['train_fallback']} of {r['seeds']})" for r in rows if r["train_fallback"]]
+    if fallback:
+        lines.append(
+            "† no evaluation after step 0 in some runs: their last (and first) train records stand in: "
+            + ", ".join(fallback)
+            + "."
+        )
+    return "\n".join(lines)
+
+
+# -- the plots ---------------------------------------------------------------------------------------------------
+
+
+def _series(
+    group: Group, kind: str, key: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(steps, mean, min, max) over the group's seeds at every step where at least one seed logged ``key``."""
+    by_step: dict[int, list[float]] = {}
+    for run in group.runs:
+        for step, rec in (run.train if kind == "train" else run.eval).items():
+            if key in rec and math.isfinite(rec[key]):
+                by_step.setdefault(step, []).append(rec[key])
+    if not by_step:
+        return None
+    steps = sorted(by_step)
+    vals = [np.asarray(by_step[s]) for s in steps]
+    return (
+        np.asarray(steps),
+        np.asarray([v.mean() for v in vals]),
+        np.asarray([v.min() for v in vals]),
+        np.asarray([v.max() for v in vals]),
+    )
+
+
+def _draw(
+    ax: Any, groups: Sequence[Group], kind: str, key: str, colors: list[Any], dashed: bool = False
+) -> bool:
+    drawn = False
+    for g, color in zip(groups, colors, strict=True):
+        s = _series(g, kind, key)
+        if s is None:
+            continue
+        steps, mean, lo, hi = s
+        style: dict[str, Any] = {"marker": "o", "ms": 3} if dashed or len(steps) <= 12 else {}
+        if dashed:
+            style["ls"] = "--"
+        ax.plot(steps, mean, color=color, label=g.label, lw=1.5, **style)
+        if len(g.runs) > 1:
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.2, lw=0)
+        drawn = True
+    return drawn
+
+
+def _plot_name(kind: str, key: str) -> str:
+    return f"{kind}_{key.replace('/', '_')}.png"
+
+
+def _colors(n: int) -> list[Any]:
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
+    """One PNG per (train | eval, quantity) that some run logged, and ``overview.png`` with a panel per quantity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = _colors(len(groups))
+    paths: dict[str, Path] = {}
+    # One figure cleared per quantity, with fixed margins: tight_layout on each would double the time.
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.92)
+    for kind in ("train", "eval"):
+        for key, title in QUANTITIES.items():
+            ax.clear()
+            if _draw(ax, groups, kind, key, colors):
+                ax.set_title(f"{kind}: {title}")
+                ax.set_xlabel("step")
+                ax.set_ylabel(key)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+                name = _plot_name(kind, key)
+                fig.savefig(out_dir / name, dpi=90)
+                paths[name.removesuffix(".png")] = out_dir / name
+    plt.close(fig)
+
+    # Overview: train as solid lines, eval dashed with markers, one colour per arm.
+    present = [
+        k for k in QUANTITIES if any(_series(g, kind, k) for g in groups for kind in ("train", "eval"))
+    ]
+    ncols = min(4, max(1, len(present)))
+    nrows = max(1, math.ceil(len(present) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, present, strict=False):
+        _draw(ax, groups, "train", key, colors)
+        _draw(ax, groups, "eval", key, colors, dashed=True)
+        ax.set_title(QUANTITIES[key], fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present) :]:
+        ax.axis("off")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, lw=2, label=g.label) for g, c in zip(groups, colors, strict=True)]
+    handles += [
+        Line2D([], [], color="grey", lw=1.5, label="train (mean, band: min..max over seeds)"),
+        Line2D([], [], color="grey", lw=1.5, ls="--", marker="o", ms=3, label="eval"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(handles) / 4), 1, 1))
+    fig.savefig(out_dir / "overview.png", dpi=90)
+    plt.close(fig)
+    paths["overview"] = out_dir / "overview.png"
+    return paths
+
+
+def write_report(groups: Sequence[Group], out_dir: str | Path) -> dict[str, Path]:
+    """``summary.md``, ``summary.json`` and the plots in ``out_dir``; returns name -> path (``table``, ``json``, ...)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = summary_rows(groups)
+    paths = {"table": out / "summary.md", "json": out / "summary.json"}
+    paths["table"].write_text(format_table(rows) + "\n")
+    arms = [{"label": g.label, "config": {k: _show(v) for k, v in g.config.items()}} for g in groups]
+    paths["json"].write_text(json.dumps({"rows": rows, "arms": arms}, indent=1) + "\n")
+    paths.update(write_plots(groups, out))
+    return paths
