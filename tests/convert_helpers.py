@@ -55,16 +55,39 @@ def hf_logits(path: Path | str, tokens: list[list[int]] = TOKENS) -> torch.Tenso
         return model(torch.tensor(tokens)).logits
 
 
+def stage_logits(model: Any, lay: Any, rank: int, hidden_size: int, vocab_size: int) -> torch.Tensor | None:
+    """TOKENS through this rank's pipeline stage (hidden states passed by send/recv); the full unpadded logits on
+    the last stage, None elsewhere."""
+    import torch.distributed as dist
+
+    from gatedpo_mega.megatron.step import causal_mask
+
+    model.eval()
+    ids = torch.tensor(TOKENS)
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    with torch.no_grad():
+        if not lay.first_stage:
+            hidden = torch.empty(ids.shape[1], ids.shape[0], hidden_size)
+            dist.recv(
+                hidden, src=rank - lay.tp
+            )  # megatron-core's order: tensor fastest, then data, then pipeline
+            model.set_input_tensor(hidden)
+        y = model(ids, pos, attention_mask=causal_mask(ids.shape[1], ids.device))
+        if not lay.last_stage:
+            dist.send(y.contiguous(), dst=rank + lay.tp)
+            return None
+        parts = [torch.empty_like(y) for _ in range(lay.tp)]
+        dist.all_gather(parts, y.contiguous(), group=lay.tp_group)
+        return torch.cat(parts, dim=-1)[..., :vocab_size]
+
+
 def mcore_logits_worker(rank: int, world: int, folders: list[str], out: str, tp: int, pp: int) -> None:
     """Every mcore folder (laid out tp x pp) loaded into ``build_model`` stages; the last stage's first tensor rank
     writes the full (unpadded) logits to ``out``."""
-    import torch.distributed as dist
-
     from gatedpo_mega.convert import load_mcore_weights, read_mcore_meta
     from gatedpo_mega.convert.hf_config import model_config_from_dict
     from gatedpo_mega.megatron.model import StageInfo, build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
-    from gatedpo_mega.megatron.step import causal_mask
 
     lay = initialize_layout(tp, pp)
     results = {}
@@ -82,24 +105,9 @@ def mcore_logits_worker(rank: int, world: int, folders: list[str], out: str, tp:
         load_mcore_weights(
             model, folder, cfg=cfg, vocab_size=meta["vocab_size"], tp_rank=lay.tp_rank, tp=tp, pp_rank=lay.pp_rank, pp=pp
         )  # fmt: skip
-        model.eval()
-        ids = torch.tensor(TOKENS)
-        pos = torch.arange(ids.shape[1])[None].expand_as(ids)
-        mask = causal_mask(ids.shape[1], ids.device)
-        with torch.no_grad():
-            if not lay.first_stage:
-                hidden = torch.empty(ids.shape[1], ids.shape[0], cfg.hidden_size)
-                dist.recv(
-                    hidden, src=rank - tp
-                )  # megatron-core's order: tensor fastest, then data, then pipeline
-                model.set_input_tensor(hidden)
-            y = model(ids, pos, attention_mask=mask)
-            if not lay.last_stage:
-                dist.send(y.contiguous(), dst=rank + tp)
-                continue
-            parts = [torch.empty_like(y) for _ in range(tp)]
-            dist.all_gather(parts, y.contiguous(), group=lay.tp_group)
-            full = torch.cat(parts, dim=-1)[..., : meta["vocab_size"]]
+        full = stage_logits(model, lay, rank, cfg.hidden_size, meta["vocab_size"])
+        if full is None:
+            continue
         results[folder] = full
     if lay.last_stage and lay.tp_rank == 0:
         torch.save(results, out)
@@ -149,3 +157,41 @@ def zero_checkpoint_worker(
             "hf_config": meta["hf_config"],
         }  # fmt: skip
         (ckpt / "meta.json").write_text(json.dumps(record))
+
+
+def train_worker(rank: int, world: int, overrides: list[str]) -> None:
+    from gatedpo_mega.config import load_config
+    from gatedpo_mega.training.data import make_run_data
+    from gatedpo_mega.training.loop import train
+
+    train(load_config(None, overrides), make_run_data)
+
+
+def trained_logits_worker(rank: int, world: int, ckpt: str, out: str) -> None:
+    """The trained model's logits, its weights read by ``load_state_dict`` from DeepSpeed's own model-states files
+    (not through the converter): the reference the exported Hugging Face model must reproduce."""
+    from gatedpo_mega.convert.hf_config import model_config_from_dict
+    from gatedpo_mega.megatron.model import StageInfo, build_model
+    from gatedpo_mega.megatron.parallel import initialize_layout
+
+    meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    cfg = model_config_from_dict({**meta["model"], "fused_logprobs": False, "init_from": ""}, ckpt)
+    tp, pp = meta["layout"]["tensor"], meta["layout"]["pipeline"]
+    lay = initialize_layout(tp, pp)
+    stage = StageInfo(
+        pre_process=lay.first_stage, post_process=lay.last_stage,
+        layer_offset=lay.pp_rank * (cfg.num_layers // pp), tp_rank=lay.tp_rank, tp_size=tp,
+    )  # fmt: skip
+    model = build_model(
+        cfg, vocab_size=meta["vocab_size"], stage=stage, pipeline=pp, seed=7, tp_group=lay.tp_group
+    )
+    mp = lay.pp_rank * tp + lay.tp_rank
+    state = torch.load(
+        Path(ckpt) / "deepspeed" / "state" / f"mp_rank_{mp:02d}_model_states.pt", weights_only=False
+    )
+    result = model.load_state_dict(state["module"], strict=False)
+    assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
+    assert not result.unexpected_keys, result.unexpected_keys
+    full = stage_logits(model, lay, rank, cfg.hidden_size, meta["vocab_size"])
+    if full is not None and lay.tp_rank == 0:
+        torch.save(full, out)
