@@ -7,6 +7,7 @@ complete; every refusal is one line naming the file or tensor.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,6 @@ def _write_hf(
         dst, hf_shapes(cfg, vocab), DTYPES[dtype], view, max_shard_size=max_shard_size, on_shard_done=release
     )
     config = to_hf_config(cfg, vocab, base_config, dtype=dtype)
-    import json
-
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
         copy_tokenizer_files(tokenizer, dst)
