@@ -64,6 +64,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return launch(load_config(args.config, overrides), args.nproc)
 
 
+def _cmd_mass_dynamics(args: argparse.Namespace) -> int:
+    from gatedpo_mega.experiments.mass_dynamics import load_spec, run_experiment
+
+    run_experiment(load_spec(args.config, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gatedpo", description="Gate-DPO on megatron-core and DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated config keys naming each arm (default: objective.name, gate.shape and the keys that differ)",
     )
     p.set_defaults(func=_cmd_analyze)
+    p = sub.add_parser(
+        "mass-dynamics",
+        help="the mass-dynamics experiment: tokenizer, SFT, every arm x seed, gate sweep, report",
+    )
+    p.add_argument("--config", required=True, help="experiment spec (configs/mass_dynamics.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides (e.g. output_dir=...)")
+    p.set_defaults(func=_cmd_mass_dynamics)
     return parser
 
 

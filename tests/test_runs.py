@@ -181,12 +181,10 @@ def test_sft_extended_then_gate_dpo_from_its_checkpoint(cache, tmp_path):
     fresh = run(2, ["train.max_steps=1", "parallel.tensor=2"], cache, tmp_path, "fresh")
     assert dpo[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)  # policy = reference = the SFT model
     assert dpo[0]["logps/chosen"] > fresh[0]["logps/chosen"] + 1.0  # the SFT weights were loaded
-    wrong = _cli("train", *BASE, init, f"data.cache_dir={cache}", f"train.output_dir={tmp_path / 'wrong'}")
-    assert wrong.returncode == 2
-    (line,) = _errors(wrong.stderr)
-    assert "was written at tensor 2 x pipeline 1; this run is tensor 1 x pipeline 1" in line, wrong.stderr[
-        -2000:
-    ]
+    # At another layout the checkpoint is resharded on the way in: the same model, the same first step.
+    other = run(1, ["train.max_steps=1", init], cache, tmp_path, "dpo-tp1")
+    for k in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+        assert other[0][k] == pytest.approx(dpo[0][k], rel=1e-5), k
 
 
 def test_sft_refuses_a_gate():

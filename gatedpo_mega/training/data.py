@@ -29,7 +29,9 @@ def reference_key(cfg: Config, vocab_size: int) -> str:
         {
             "model": model,
             "vocab": vocab_size,
-            "seed": cfg.train.seed,
+            "seed": None
+            if cfg.model.init_from
+            else cfg.train.seed,  # it draws the weights only without init_from
             "init": source_identity(cfg.model.init_from),
         },
         sort_keys=True,

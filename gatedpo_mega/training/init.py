@@ -13,7 +13,13 @@ import torch
 from gatedpo_mega.config import Config
 from gatedpo_mega.errors import UserError
 from gatedpo_mega.megatron.parallel import Layout
-from gatedpo_mega.training.checkpoint import CheckpointError, check_fits, read_meta, resolve_checkpoint
+from gatedpo_mega.training.checkpoint import (
+    CheckpointError,
+    check_fits,
+    layout_record,
+    read_meta,
+    resolve_checkpoint,
+)
 
 MCORE_META = "gatedpo_mcore.json"
 
@@ -65,30 +71,35 @@ def _parameters_only(state: dict[str, Any]) -> dict[str, Any]:
 def load_checkpoint_weights(
     model: torch.nn.Module, src: Path, cfg: Config, layout: Layout, vocab: int
 ) -> None:
-    """This rank's module weights from a training checkpoint written at the same tensor x pipeline layout."""
+    """This rank's weights from a training checkpoint: its module weights when it was written at this tensor x
+    pipeline layout (any data-parallel size, ZeRO 0-2); otherwise (another layout, or ZeRO-3 partitions) resharded
+    on the way in from the fp32 master weights, reading only the tensors this rank keeps."""
     path = resolve_checkpoint(src)
     meta = read_meta(path)
     theirs = meta["layout"]
-    if (theirs["tensor"], theirs["pipeline"]) != (layout.tp, layout.pp):
-        raise CheckpointError(
-            f"model.init_from={path} was written at tensor {theirs['tensor']} x pipeline {theirs['pipeline']}; this "
-            f"run is tensor {layout.tp} x pipeline {layout.pp}: export it (gatedpo convert mcore-to-hf) and start "
-            "from the Hugging Face folder, which is resharded on load"
-        )
-    if theirs["zero_stage"] == 3:
-        raise CheckpointError(
-            f"model.init_from={path} is a ZeRO-3 checkpoint (weights partitioned over data-parallel ranks): "
-            "export it with gatedpo convert zero-to-hf and start from that folder"
-        )
-    # The layout may differ in data-parallel size and ZeRO stage 0-2: only the module weights are read.
-    check_fits({**meta, "layout": {**theirs, "data": layout.dp, "zero_stage": cfg.parallel.zero_stage}}, path,
-               cfg, layout.dp, vocab)  # fmt: skip
-    mp = layout.pp_rank * layout.tp + layout.tp_rank
-    f = path / "deepspeed" / "state" / f"mp_rank_{mp:02d}_model_states.pt"
-    if not f.is_file():
-        raise CheckpointError(f"model.init_from={path}: {f.relative_to(path)} is missing")
-    state = torch.load(f, map_location="cpu", weights_only=False)["module"]
-    copy_weights(model, _parameters_only(state), f"model.init_from={path}")
+    # Only the weights are read: the layout may differ (checked below by shape, through the mapping).
+    check_fits({**meta, "layout": layout_record(cfg, layout.dp)}, path, cfg, layout.dp, vocab)
+    where = f"model.init_from={path}"
+    if (theirs["tensor"], theirs["pipeline"]) == (layout.tp, layout.pp) and theirs["zero_stage"] < 3:
+        mp = layout.pp_rank * layout.tp + layout.tp_rank
+        f = path / "deepspeed" / "state" / f"mp_rank_{mp:02d}_model_states.pt"
+        if not f.is_file():
+            raise CheckpointError(f"{where}: {f.relative_to(path)} is missing")
+        state = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        copy_weights(model, _parameters_only(state), where)
+        return
+    from gatedpo_mega.convert import hf_to_mcore_state
+    from gatedpo_mega.convert.mapping import HFView
+    from gatedpo_mega.convert.train_checkpoint import TrainCheckpoint
+
+    ckpt = TrainCheckpoint(path)
+    view = HFView(ckpt.get, ckpt.cfg, vocab_size=vocab, tensor=ckpt.tensor, pipeline=ckpt.pipeline)
+    local = hf_to_mcore_state(
+        view, cfg.model, vocab_size=vocab, tensor=layout.tp, pipeline=layout.pp, tp_rank=layout.tp_rank,
+        pp_rank=layout.pp_rank,
+    )  # fmt: skip
+    copy_weights(model, local, where)
+    ckpt.release()
 
 
 def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

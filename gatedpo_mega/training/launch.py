@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, cfg: Config, make_data: Any = None
         sys.exit(1)
 
 
-def launch(cfg: Config, nproc: int | None, make_data: Any = None) -> int:
+def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool = False) -> int:
     """Run ``cfg`` to the end; returns the exit code. ``make_data(cfg, layout) -> RunData`` replaces the data
     pipeline (a module-level function: it is pickled into the processes)."""
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -92,10 +92,16 @@ def launch(cfg: Config, nproc: int | None, make_data: Any = None) -> int:
             print(dump_config(cfg), flush=True)
         _run_this_process(cfg, make_data)
         return 0
-    print(dump_config(cfg), flush=True)
+    if not quiet:
+        print(dump_config(cfg), flush=True)
     port = _free_port()
     if world == 1:
-        _worker(0, 1, port, cfg, make_data)
+        saved = dict(os.environ)  # in this process: leave no RANK/WORLD_SIZE behind for a later launch
+        try:
+            _worker(0, 1, port, cfg, make_data)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         return 0
     ctx: Any = mp.get_context("spawn")
     procs = [

@@ -213,7 +213,9 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     t = cfg.train
     evaluating = data.eval_batches is not None and t.eval_every > 0
     try:
-        if evaluating and start == 0:  # step 0: the initial model, the origin of every change the analysis shows
+        if (
+            evaluating and start == 0
+        ):  # step 0: the initial model, where every change the analysis shows starts
             record = {"step": 0, **evaluate(engine.module, layout, ctx, reference, data, device)}
             history.append(record)
             log.log(record)

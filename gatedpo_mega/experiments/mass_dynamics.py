@@ -1,0 +1,205 @@
+"""The mass-dynamics experiment, one command from data to report:
+
+    gatedpo mass-dynamics --config configs/mass_dynamics.yaml
+
+1. a SentencePiece tokenizer trained on the preference data's text;
+2. per model size, extended SFT (chosen and rejected responses) from a seeded initialisation;
+3. from that one checkpoint, every arm (objective x gate) with every seed: the same data order per seed, the same
+   steps, the reference = the SFT model;
+4. a sweep over the gate family on the ``dpo`` arm of the first size;
+5. a tensor-parallel check: the first gated arm's first seed again at TP 2, whose row must equal the TP 1 row;
+6. ``gatedpo analyze`` tables and plots per size, for the sweep and across sizes, and ``report.md``.
+
+Runs that finished are kept (a run is done when its final checkpoint exists); an interrupted run resumes from its
+latest checkpoint, so the command can be run again after a crash and continues where it stopped.
+
+The spec (YAML) holds lists of training-config overrides: ``base`` (every run), ``sft``, ``preference`` (every arm),
+``arms`` and ``sizes`` and ``sweep`` (name -> overrides), ``seeds``, ``tokenizer_vocab_size``, ``output_dir``,
+``tensor_parallel_check``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gatedpo_mega.errors import ConfigError
+
+
+@dataclass(kw_only=True)
+class Spec:
+    output_dir: str = "outputs/mass-dynamics"
+    tokenizer_vocab_size: int = 2000
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    base: list[str] = field(default_factory=list)
+    sft: list[str] = field(default_factory=list)
+    preference: list[str] = field(default_factory=list)
+    arms: dict[str, list[str]] = field(default_factory=dict)
+    sizes: dict[str, list[str]] = field(default_factory=dict)
+    sweep: dict[str, list[str]] = field(default_factory=dict)
+    sweep_arm: str = "dpo"  # the arm whose gate the sweep varies
+    tensor_parallel_check: bool = True
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ignore[assignment]
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"experiment spec {p} does not exist")
+    tree = yaml.safe_load(p.read_text()) or {}
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        if not sep:
+            raise ConfigError(f"override {text!r} is not of the form key=value")
+        tree[key] = yaml.safe_load(raw)
+    known = set(Spec.__dataclass_fields__)
+    for key in tree:
+        if key not in known:
+            raise ConfigError(
+                f"experiment spec {p}: unknown key '{key}'; allowed: {', '.join(sorted(known))}"
+            )
+    spec = Spec(**tree)
+    if not spec.arms or not spec.sizes or not spec.seeds:
+        raise ConfigError(f"experiment spec {p}: arms, sizes and seeds must not be empty")
+    if spec.sweep and spec.sweep_arm not in spec.arms:
+        raise ConfigError(f"experiment spec {p}: sweep_arm={spec.sweep_arm!r} is not one of the arms")
+    return spec
+
+
+def _train(overrides: list[str], out: Path, *, nproc: int | None = None) -> None:
+    """One training run, skipped when its final checkpoint exists, resumed when it was interrupted."""
+    from gatedpo_mega.config import load_config
+    from gatedpo_mega.training.checkpoint import latest_checkpoint
+    from gatedpo_mega.training.launch import launch
+
+    cfg = load_config(
+        None, [*overrides, f"train.output_dir={out}", "train.resume=true", "train.keep_checkpoints=1"]
+    )
+    latest = latest_checkpoint(out)
+    if latest is not None and latest.name == f"step-{cfg.train.max_steps:08d}":
+        print(f"[mass-dynamics] done already: {out}", flush=True)
+        return
+    t0 = time.perf_counter()
+    print(f"[mass-dynamics] train {out}", flush=True)
+    code = launch(cfg, nproc, quiet=True)
+    if code:
+        raise SystemExit(code)
+    print(f"[mass-dynamics]   {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def _tokenizer(spec: Spec, out: Path) -> Path:
+    from gatedpo_mega.config import load_config
+    from gatedpo_mega.data.cli import train_tokenizer
+
+    path = out / "tokenizer" / "tokenizer.model"
+    if not path.exists():
+        cfg = load_config(None, spec.base)
+        train_tokenizer(cfg, vocab_size=spec.tokenizer_vocab_size, output=str(path.parent), seed=0)
+    return path
+
+
+def run_experiment(spec: Spec) -> Path:
+    """Every run of ``spec`` and the report; returns the path of ``report.md``."""
+    from gatedpo_mega.analysis import format_table, group_runs, load_run, summary_rows, write_report
+
+    out = Path(spec.output_dir)
+    t0 = time.perf_counter()
+    tok = _tokenizer(spec, out)
+    base = [*spec.base, f"data.tokenizer={tok}", f"data.cache_dir={out / 'cache'}"]
+    runs: dict[str, list[Path]] = {}
+    first_size = next(iter(spec.sizes))
+    for size, size_args in spec.sizes.items():
+        sft_dir = out / size / "sft"
+        _train([*base, *size_args, *spec.sft], sft_dir)
+        pref = [*base, *size_args, *spec.preference, f"model.init_from={sft_dir}"]
+        for arm, arm_args in spec.arms.items():
+            for seed in spec.seeds:
+                d = out / size / arm / f"seed{seed}"
+                _train([*pref, *arm_args, f"train.seed={seed}"], d)
+                runs.setdefault(f"{size}/{arm}", []).append(d)
+        if size == first_size:
+            for name, gate_args in spec.sweep.items():
+                for seed in spec.seeds:
+                    d = out / "sweep" / name / f"seed{seed}"
+                    _train([*pref, *spec.arms[spec.sweep_arm], *gate_args, f"train.seed={seed}"], d)
+                    runs.setdefault(f"sweep/{name}", []).append(d)
+    tp_rows = None
+    if spec.tensor_parallel_check:
+        size, size_args = first_size, spec.sizes[first_size]
+        arm = next(
+            (a for a, args in spec.arms.items() if "gate.shape=none" not in args), next(iter(spec.arms))
+        )
+        d = out / "tp2" / arm
+        pref = [*base, *size_args, *spec.preference, f"model.init_from={out / size / 'sft'}"]
+        _train([*pref, *spec.arms[arm], f"train.seed={spec.seeds[0]}", "parallel.tensor=2"], d, nproc=2)
+        tp1 = load_run(out / size / arm / f"seed{spec.seeds[0]}")
+        tp2 = load_run(d)
+        tp_rows = summary_rows(group_runs([tp1]) + group_runs([tp2]))
+        tp_rows[0]["label"], tp_rows[1]["label"] = f"{arm} TP 1", f"{arm} TP 2"
+
+    report = out / "report"
+    sections = [
+        "# Mass dynamics: results\n",
+        f"Spec: `{spec.output_dir}`; seeds {spec.seeds}; {time.perf_counter() - t0:.0f} s for the runs this "
+        "invocation made (runs found done are not re-run).\n",
+    ]
+    by_arm = ["objective.name", "gate.shape"]
+    for size in spec.sizes:
+        groups = group_runs([load_run(p) for a in spec.arms for p in runs[f"{size}/{a}"]], label_by=by_arm)
+        write_report(groups, report / size)
+        sections += [f"## Arms, model size `{size}`\n", format_table(summary_rows(groups)), ""]
+    if spec.sweep:
+        sweep_keys = ["gate.shape", "gate.signal", "gate.granularity", "gate.tau"]
+        centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]  # e.g. dpo and dpo+gate
+        members = [load_run(p) for a in centre for p in runs[f"{first_size}/{a}"]]
+        members += [load_run(p) for n in spec.sweep for p in runs[f"sweep/{n}"]]
+        groups = group_runs(members, label_by=sweep_keys)
+        rows = summary_rows(groups)
+        write_report(groups, report / "sweep")
+        sections += [
+            f"## Gate sweep on the `{spec.sweep_arm}` arm, size `{first_size}`\n",
+            format_table(rows),
+            "",
+        ]
+        sections += [pick_default(rows), ""]
+    if len(spec.sizes) > 1:
+        chosen = [load_run(p) for s in spec.sizes for a in spec.arms if a.startswith(spec.sweep_arm)
+                  for p in runs[f"{s}/{a}"]]  # fmt: skip
+        groups = group_runs(chosen, label_by=["model.hidden_size", "model.num_layers", "gate.shape"])
+        write_report(groups, report / "sizes")
+        sections += ["## Sizes: gated smaller model against ungated larger model\n",
+                     format_table(summary_rows(groups)), ""]  # fmt: skip
+    if tp_rows is not None:
+        sections += [
+            "## Tensor parallelism: the same arm and seed at TP 1 and TP 2\n",
+            format_table(tp_rows),
+            "",
+        ]
+        (report / "tp_check.json").parent.mkdir(parents=True, exist_ok=True)
+        (report / "tp_check.json").write_text(json.dumps(tp_rows, indent=1))
+    path = out / "report.md"
+    path.write_text("\n".join(sections) + "\n")
+    print(path.read_text(), flush=True)
+    return path
+
+
+def pick_default(rows: list[dict[str, Any]]) -> str:
+    """The sweep's pick: the largest mean change of the chosen responses' log-likelihood per token among gates
+    whose eval accuracy is within 0.02 of the best; stated with its numbers."""
+
+    def mean(row: dict[str, Any], key: str) -> float:
+        s = row.get(key)
+        return float(s["mean"]) if s else float("nan")
+
+    best_acc = max(mean(r, "accuracy") for r in rows)
+    eligible = [r for r in rows if mean(r, "accuracy") >= best_acc - 0.02]
+    pick = max(eligible, key=lambda r: mean(r, "chosen_delta_per_token"))
+    return (
+        f"Pick (largest chosen log-likelihood change per token among arms within 0.02 of the best eval accuracy "
+        f"{best_acc:.3f}): **{pick['label']}**, chosen change {mean(pick, 'chosen_delta_per_token'):+.4f} per "
+        f"token, eval accuracy {mean(pick, 'accuracy'):.3f}."
+    )
