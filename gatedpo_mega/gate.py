@@ -33,7 +33,7 @@ ATTENUATED_BELOW = 0.5
 class GateConfig:
     """Gate family parameters; see the module docstring for the formulas."""
 
-    shape: str = "sigmoid"  # one of SHAPES; "none" is plain DPO
+    shape: str = "hard"  # one of SHAPES; "none" is plain DPO. Default chosen by the mass-dynamics sweep
     granularity: str = "token"  # one of GRANULARITIES
     signal: str = "absolute"  # one of SIGNALS
     tau: float = 1e-4  # probability threshold: the gate closes as the signal falls below log(tau)

@@ -70,15 +70,38 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ign
     return spec
 
 
+def _resolved(overrides: list[str], out: Path) -> Any:
+    from gatedpo_mega.config import load_config
+
+    return load_config(
+        None, [*overrides, f"train.output_dir={out}", "train.resume=true", "train.keep_checkpoints=1"]
+    )
+
+
+def _same_run(a: Any, b: Any) -> bool:
+    """Two resolved configs that train the same model on the same batches (the output folder aside)."""
+    from dataclasses import replace
+
+    return replace(a, train=replace(a.train, output_dir="")) == replace(
+        b, train=replace(b.train, output_dir="")
+    )
+
+
 def _train(overrides: list[str], out: Path, *, nproc: int | None = None) -> None:
-    """One training run, skipped when its final checkpoint exists, resumed when it was interrupted."""
+    """One training run, skipped when its final checkpoint exists, resumed when it was interrupted. A finished
+    run whose saved config differs from this one is refused (its folder would be reported under a wrong name)."""
     from gatedpo_mega.config import load_config
     from gatedpo_mega.training.checkpoint import latest_checkpoint
     from gatedpo_mega.training.launch import launch
 
-    cfg = load_config(
-        None, [*overrides, f"train.output_dir={out}", "train.resume=true", "train.keep_checkpoints=1"]
-    )
+    cfg = _resolved(overrides, out)
+    saved = out / "config.yaml"
+    if saved.exists():
+        before = load_config(saved, [f"train.output_dir={out}"])
+        if not _same_run(before, cfg):
+            raise ConfigError(
+                f"{out} holds a run with another config ({saved}); delete the folder or use another output_dir"
+            )
     latest = latest_checkpoint(out)
     if latest is not None and latest.name == f"step-{cfg.train.max_steps:08d}":
         print(f"[mass-dynamics] done already: {out}", flush=True)
@@ -122,10 +145,18 @@ def run_experiment(spec: Spec) -> Path:
                 _train([*pref, *arm_args, f"train.seed={seed}"], d)
                 runs.setdefault(f"{size}/{arm}", []).append(d)
         if size == first_size:
+            centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]  # e.g. dpo and dpo+gate
             for name, gate_args in spec.sweep.items():
                 for seed in spec.seeds:
+                    args = [*pref, *spec.arms[spec.sweep_arm], *gate_args, f"train.seed={seed}"]
                     d = out / "sweep" / name / f"seed{seed}"
-                    _train([*pref, *spec.arms[spec.sweep_arm], *gate_args, f"train.seed={seed}"], d)
+                    # A sweep point that is one of the arms (the default gate) is that arm's run, not a second one.
+                    same = [out / size / a / f"seed{seed}" for a in centre
+                            if _same_run(_resolved(args, d), _resolved([*pref, *spec.arms[a], f"train.seed={seed}"], d))]  # fmt: skip
+                    if same:
+                        d = same[0]
+                    else:
+                        _train(args, d)
                     runs.setdefault(f"sweep/{name}", []).append(d)
     tp_rows = None
     if spec.tensor_parallel_check:
@@ -154,9 +185,10 @@ def run_experiment(spec: Spec) -> Path:
         sections += [f"## Arms, model size `{size}`\n", format_table(summary_rows(groups)), ""]
     if spec.sweep:
         sweep_keys = ["gate.shape", "gate.signal", "gate.granularity", "gate.tau"]
-        centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]  # e.g. dpo and dpo+gate
-        members = [load_run(p) for a in centre for p in runs[f"{first_size}/{a}"]]
-        members += [load_run(p) for n in spec.sweep for p in runs[f"sweep/{n}"]]
+        centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]
+        paths = [p for a in centre for p in runs[f"{first_size}/{a}"]]
+        paths += [p for n in spec.sweep for p in runs[f"sweep/{n}"] if p not in paths]
+        members = [load_run(p) for p in paths]
         groups = group_runs(members, label_by=sweep_keys)
         rows = summary_rows(groups)
         write_report(groups, report / "sweep")
@@ -188,18 +220,33 @@ def run_experiment(spec: Spec) -> Path:
 
 
 def pick_default(rows: list[dict[str, Any]]) -> str:
-    """The sweep's pick: the largest mean change of the chosen responses' log-likelihood per token among gates
-    whose eval accuracy is within 0.02 of the best; stated with its numbers."""
+    """The sweep's pick, by a rule fixed before looking: among gates that keep preference learning (eval accuracy
+    at least plain DPO's minus 0.03) and the chosen likelihood (change per token at least plain DPO's minus its
+    std over seeds), the one with the least squeezing: the smallest |change of top-1 probability on rejected
+    tokens| (sharpening is squeezing; flattening the distribution is a distortion too)."""
 
     def mean(row: dict[str, Any], key: str) -> float:
         s = row.get(key)
         return float(s["mean"]) if s else float("nan")
 
-    best_acc = max(mean(r, "accuracy") for r in rows)
-    eligible = [r for r in rows if mean(r, "accuracy") >= best_acc - 0.02]
-    pick = max(eligible, key=lambda r: mean(r, "chosen_delta_per_token"))
+    plain = next((r for r in rows if "gate=none" in r["label"]), None)
+    if plain is None:
+        return "No plain-DPO row (gate=none) in the sweep: no pick."
+    chosen_std = (plain.get("chosen_delta_per_token") or {}).get("std") or 0.0
+    acc_floor = mean(plain, "accuracy") - 0.03
+    chosen_floor = mean(plain, "chosen_delta_per_token") - chosen_std
+    eligible = [
+        r for r in rows if r is not plain and mean(r, "accuracy") >= acc_floor
+        and mean(r, "chosen_delta_per_token") >= chosen_floor
+    ]  # fmt: skip
+    if not eligible:
+        return "No gate keeps both eval accuracy and chosen likelihood within the rule's bounds: no pick."
+    pick = min(eligible, key=lambda r: abs(mean(r, "d_top1_rejected")))
     return (
-        f"Pick (largest chosen log-likelihood change per token among arms within 0.02 of the best eval accuracy "
-        f"{best_acc:.3f}): **{pick['label']}**, chosen change {mean(pick, 'chosen_delta_per_token'):+.4f} per "
-        f"token, eval accuracy {mean(pick, 'accuracy'):.3f}."
+        f"Rule: eval accuracy >= plain DPO's - 0.03 (>= {acc_floor:.3f}), chosen change per token >= plain DPO's - "
+        f"one std (>= {chosen_floor:+.4f}); then the smallest |change of top-1 on rejected tokens| (plain DPO: "
+        f"{mean(plain, 'd_top1_rejected'):+.4f}). {len(eligible)} of {len(rows) - 1} gates are eligible. Pick: "
+        f"**{pick['label']}**: top-1 change {mean(pick, 'd_top1_rejected'):+.4f}, entropy change "
+        f"{mean(pick, 'd_entropy_rejected'):+.3f} on rejected tokens, chosen change "
+        f"{mean(pick, 'chosen_delta_per_token'):+.4f} per token, eval accuracy {mean(pick, 'accuracy'):.3f}."
     )
