@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gatedpo_mega.experiments.mass_dynamics import load_spec, run_experiment
+from gatedpo_mega.experiments.mass_dynamics import load_spec, pick_default, run_experiment
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -58,8 +58,9 @@ def test_scaled_down_experiment_runs_end_to_end_and_tp2_rows_equal_tp1(tmp_path,
     spec = load_spec(_spec(tmp_path, source))
     report = run_experiment(spec)
     text = report.read_text()
-    for section in ("## Arms, model size `tiny`", "## Gate sweep", "Pick (", "## Tensor parallelism"):
+    for section in ("## Arms, model size `tiny`", "## Gate sweep", "## Tensor parallelism"):
         assert section in text, section
+    assert "Pick: **" in text or "no pick" in text
     out = Path(spec.output_dir)
     assert (out / "report" / "tiny" / "summary.md").exists()
     assert (out / "report" / "tiny" / "overview.png").read_bytes()[:4] == b"\x89PNG"
@@ -79,3 +80,24 @@ def test_a_bad_spec_is_refused_with_its_key(tmp_path):
     path.write_text("arms: {dpo: []}\nsizes: {s: []}\nseed: [1]\n")
     with pytest.raises(Exception, match="unknown key 'seed'"):
         load_spec(path)
+
+
+def _row(label, acc, chosen, top1, chosen_std=None):
+    def stat(v, std=None):
+        return {"mean": v, "std": std, "n": 3, "values": [v] * 3}
+
+    return {"label": label, "accuracy": stat(acc), "chosen_delta_per_token": stat(chosen, chosen_std),
+            "d_top1_rejected": stat(top1), "d_entropy_rejected": stat(0.0)}  # fmt: skip
+
+
+def test_the_sweep_rule_keeps_accuracy_and_chosen_likelihood_then_least_squeezing():
+    rows = [
+        _row("gate=none", 0.60, -0.20, +0.03, chosen_std=0.02),
+        _row("gate=a", 0.56, -0.10, 0.000),  # accuracy below 0.60 - 0.03: out
+        _row("gate=b", 0.59, -0.23, 0.001),  # chosen below -0.20 - 0.02: out
+        _row("gate=c", 0.58, -0.21, -0.010),
+        _row("gate=d", 0.62, -0.15, +0.020),
+    ]
+    text = pick_default(rows)
+    assert "Pick: **gate=c**" in text and "2 of 4 gates are eligible" in text
+    assert "no pick" in pick_default([_row("gate=sigmoid", 0.5, 0.0, 0.0)])
