@@ -18,6 +18,8 @@ targets, reshaped to ``[2B, T]`` (B pairs: chosen rows, then rejected rows), fee
     token_logprobs-lmhead   logits = hidden @ weight.T; token_logprobs(..., inplace_backward=True)
     fused-recompute         fused_token_logprobs(hidden, weight, targets)
     fused-objective         fused_pair_loss(hidden [2B, T, H], weight, targets [2B, T], dpo_loss)
+    fused-stream            fused_preference_loss(hidden [2B, T, H], weight, targets, reference 0, dpo, no gate):
+                            three matmuls, token chunks, two [V, H] accumulators
     trl-selective           logits = hidden @ weight.T; trl.trainer.utils.selective_log_softmax (if installed)
     liger-fused-dpo         liger_kernel's LigerFusedLinearDPOLoss (if installed; needs triton)
     megatron-vpce-tp2       TP=2 over gloo: each rank holds weight[V/2]; megatron-core's
@@ -59,6 +61,7 @@ LMHEAD_METHODS = (
     "token_logprobs-lmhead",
     "fused-recompute",
     "fused-objective",
+    "fused-stream",
     "trl-selective",
     "liger-fused-dpo",
     "megatron-vpce-tp2",
@@ -214,6 +217,21 @@ def lmhead_step(method: str, rows: int) -> Callable:
             return loss.item()
 
         return fused_objective
+    if method == "fused-stream":
+        from gatedpo_mega.config import GateConfig, ObjectiveConfig
+        from gatedpo_mega.ops.streaming import fused_preference_loss
+
+        objective, gate = ObjectiveConfig(name="dpo", beta=BETA), GateConfig(shape="none")
+
+        def fused_stream(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> float:
+            ref = torch.zeros(rows // 2, 2, dtype=torch.float64)
+            loss = fused_preference_loss(
+                h.view(rows, -1, h.shape[-1]), w, y.view(rows, -1), ref, objective=objective, gate=gate
+            )[0].mean()
+            loss.backward()
+            return loss.item()
+
+        return fused_stream
     if method == "trl-selective":
         try:
             from trl.trainer.utils import selective_log_softmax

@@ -1,0 +1,174 @@
+"""The whole preference loss through the output layer in three matmuls, token chunk by token chunk.
+
+``fused_pair_loss`` reaches the three-matmul floor by holding a whole pair's logits. This op holds one token chunk
+of logits instead. The gradient of the loss with respect to a token's logits is
+``c_row * a_t * (onehot(y_t) - p_t)``: ``a_t`` is known when the chunk is computed (the response mask, times the
+token's gate on rejected rows) and ``c_row = dL / d(row's summed log-prob)`` only once the pair is complete. So each
+chunk contributes, unscaled, ``a (onehot - p) @ W`` to its rows' hidden gradient (matmul 2) and
+``(a (onehot - p)).T @ h`` to an accumulator ``D_row`` (matmul 3), one ``[V_local, H]`` accumulator per response of
+the pair in flight; when the pair is done, the rows are scaled by ``c_row`` and ``c_c D_c + c_r D_r`` is added to
+the weight gradient. Extra memory: one chunk of logits and two ``[V_local, H]`` float32 accumulators (plus the
+weight gradient every method holds), independent of the pair's length.
+
+The loss is the one ``gatedpo_mega.megatron.step.preference_loss_func`` computes (objective, gate, NLL term,
+``average_logps``); the gate's value never enters the loss, only the gradient, as ``apply_gate`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gatedpo_mega.gate import GateConfig, gate_values
+from gatedpo_mega.objectives import preference_loss
+from gatedpo_mega.ops.collectives import ProcessGroup, copy_to_group, group_size
+from gatedpo_mega.ops.logprobs import (
+    IGNORE_INDEX,
+    acc_dtype,
+    default_chunk_size,
+    resolve_shard,
+    shard_logit_grad,
+)
+from gatedpo_mega.ops.logprobs import shard_stats as _shard_stats
+
+
+def _pair_coefficients(
+    sums: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor, objective: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of one pair and ``dL/d(summed log-prob)`` of its chosen and rejected rows."""
+    with torch.enable_grad():
+        s = sums.detach().clone().requires_grad_(True)
+        seq = s / counts.clamp(min=1) if objective.average_logps else s
+        nll = None
+        if objective.nll_weight:
+            nll = -(s[0] / counts[0].clamp(min=1) if objective.nll_average else s[0])
+        loss = preference_loss(
+            seq[0:1], seq[1:2], ref[0:1], ref[1:2], objective=objective.name, beta=objective.beta,
+            label_smoothing=objective.label_smoothing, chosen_nll=None if nll is None else nll.reshape(1),
+            nll_weight=objective.nll_weight,
+        )[0]  # fmt: skip
+        (c,) = torch.autograd.grad(loss, s)
+    return loss.detach(), c[0], c[1]
+
+
+class _StreamingPairLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: torch.Tensor,  # [R, T, H]: chosen rows, then rejected rows
+        weight: torch.Tensor,
+        targets: torch.Tensor,  # [R, T], checked
+        reference: torch.Tensor,  # [B, 2] in the units of the objective (sums, or means with average_logps)
+        objective: Any,
+        gate: GateConfig,
+        group: ProcessGroup | None,
+        start: int,
+        valid: int,
+        chunk: int,
+    ) -> tuple[torch.Tensor, ...]:
+        rows, t, h_dim = hidden.shape
+        b = rows // 2
+        acc = acc_dtype(hidden.dtype)
+        dev = hidden.device
+        losses = torch.empty(b, dtype=acc, device=dev)
+        stats = [torch.zeros(rows, t, dtype=acc, device=dev) for _ in range(3)]
+        grad_hidden = torch.zeros_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=dev)
+        buffers = [torch.zeros(valid, h_dim, dtype=acc, device=dev) for _ in range(2)]
+        w = weight[:valid]
+        token_gate = gate.enabled and gate.granularity == "token"
+        for i in range(b):
+            sums = torch.zeros(2, dtype=acc, device=dev)
+            counts = (targets[[i, b + i]] != IGNORE_INDEX).sum(-1).to(acc)
+            for side, r in enumerate((i, b + i)):
+                buffers[side].zero_()
+                for s0 in range(0, t, chunk):
+                    sl = slice(s0, min(s0 + chunk, t))
+                    tgt = targets[r, sl]
+                    keep = tgt != IGNORE_INDEX
+                    if not bool(keep.any()):
+                        continue  # padding: no statistics, no gradient
+                    h = hidden[r, sl]
+                    logits = h @ weight.t()  # matmul 1 of 3
+                    logp, logp_max, entropy, lse = _shard_stats(logits, tgt, start, valid, group)
+                    for out, x in zip(stats, (logp, logp_max, entropy), strict=True):
+                        out[r, sl] = x.masked_fill(~keep, 0.0)
+                    sums[side] += logp.masked_fill(~keep, 0.0).sum()
+                    a = keep.to(acc)
+                    if side == 1 and token_gate:
+                        a = a * gate_values(logp[None], logp_max[None], keep[None], gate)[0].to(acc)
+                    if valid == 0:
+                        continue
+                    dz = shard_logit_grad(logits, tgt, lse, a, start, valid).to(hidden.dtype)
+                    grad_hidden[r, sl] = dz @ w  # matmul 2 of 3 (unscaled)
+                    buffers[side].addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3 (unscaled)
+            loss, c_c, c_r = _pair_coefficients(sums, counts, reference[i].to(acc), objective)
+            if gate.enabled and not token_gate:  # one gate per rejected response
+                r = b + i
+                keep = (targets[r] != IGNORE_INDEX)[None]
+                g = gate_values(stats[0][r][None], stats[1][r][None], keep, gate)[0]
+                c_r = c_r * g[keep[0]][0].to(acc) if bool(keep.any()) else c_r
+            losses[i] = loss
+            grad_hidden[i].mul_(c_c.to(hidden.dtype))
+            grad_hidden[b + i].mul_(c_r.to(hidden.dtype))
+            if valid:
+                grad_weight[:valid].add_(buffers[0], alpha=float(c_c)).add_(buffers[1], alpha=float(c_r))
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        ctx.mark_non_differentiable(*stats)
+        return losses, *stats
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.reshape(-1)
+        if not bool(torch.all(scale == scale[0])):
+            raise RuntimeError(
+                "fused_preference_loss: the per-pair losses must be reduced with equal weights (sum or mean)"
+            )
+        c = scale[0]
+        return (grad_hidden * c.to(grad_hidden.dtype), grad_weight * c.to(grad_weight.dtype),
+                None, None, None, None, None, None, None, None)  # fmt: skip
+
+
+def fused_preference_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    objective: Any,
+    gate: GateConfig,
+    tp_group: ProcessGroup | None = None,
+    vocab_start_index: int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference loss of ``B`` pairs through the output layer, three matmuls, one token chunk of logits.
+
+    Args:
+        hidden: ``[2B, T, H]`` final hidden states, chosen rows then rejected rows (identical on every TP rank).
+        weight: ``[V_local, H]`` this rank's vocabulary shard of the output layer.
+        targets: ``[2B, T]`` next-token targets, ``-100`` outside the responses.
+        reference: ``[B, 2]`` reference log-probs (chosen, rejected), summed, or per token with
+            ``objective.average_logps``.
+        objective: an ``ObjectiveConfig`` (name, beta, label_smoothing, average_logps, nll_weight, nll_average).
+        gate: the ``GateConfig`` applied to the rejected rows' gradient.
+
+    Returns ``(loss [B], logp [2B, T], logp_max, entropy)``; only ``loss`` carries a gradient, into ``hidden``
+    (summed over ``tp_group``) and ``weight``; reduce it with equal weights per pair (sum or mean).
+    """
+    if hidden.ndim != 3 or hidden.shape[:2] != targets.shape or hidden.shape[0] % 2:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be [2B, T, H] matching targets {tuple(targets.shape)}"
+        )
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight {tuple(weight.shape)} is not [V_local, H={hidden.shape[-1]}]")
+    if reference.shape != (hidden.shape[0] // 2, 2):
+        raise ValueError(f"reference {tuple(reference.shape)} is not [B={hidden.shape[0] // 2}, 2]")
+    flat, start, valid = resolve_shard(targets, weight.shape[0], tp_group, vocab_start_index, vocab_size)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], group_size(tp_group))
+    h = copy_to_group(hidden, tp_group)
+    return _StreamingPairLoss.apply(
+        h, weight, flat.view(targets.shape), reference, objective, gate, tp_group, start, valid, chunk
+    )
