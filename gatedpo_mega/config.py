@@ -93,6 +93,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "fp32"  # fp32 | bf16 (parameters and compute; the optimizer keeps fp32 master weights)
     fused_logprobs: bool = True  # output layer + log-probs per token chunk, never holding the logits
+    # The output layer computes the whole preference loss in three matmuls (fused_preference_loss) instead of
+    # recomputing logits in backward (four): faster, plus two [V/TP, H] float32 accumulators of memory.
+    fused_objective: bool = False
     # Start from these weights instead of the seeded initialisation: a Hugging Face folder (config.json +
     # safetensors), a folder written by ``gatedpo convert hf-to-mcore``/``reshard``, or a training checkpoint
     # (``OUTPUT/checkpoints/step-N``, or ``OUTPUT`` for its latest). The shape fields above must match it.
@@ -121,6 +124,10 @@ class ModelConfig:
         _positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
         _choice("model.dtype", self.dtype, ("fp32", "bf16"))
         _choice("model.backend", self.backend, ("megatron", "transformers"))
+        if self.fused_objective and (not self.fused_logprobs or self.backend != "megatron"):
+            raise ValueError(
+                "model.fused_objective=true needs model.fused_logprobs=true and model.backend=megatron"
+            )
         if self.backend == "transformers" and not self.init_from:
             raise ValueError("model.backend=transformers needs model.init_from: a Hugging Face model folder")
 
@@ -229,6 +236,16 @@ class Config:
             raise ValueError(
                 "model.backend=transformers runs data-parallel under ZeRO only: parallel.tensor and "
                 "parallel.pipeline must be 1 (for TP/PP use the default backend with model.init_from)"
+            )
+        if self.model.fused_objective and self.parallel.zero_stage == 3:
+            raise ValueError(
+                "model.fused_objective=true with parallel.zero_stage=3: ZeRO-3 gathers the output layer's weight for "
+                "backward through the layer's outputs, which the fused objective's loss does not pass through; use "
+                "parallel.zero_stage <= 2 (or model.fused_objective=false)"
+            )
+        if self.objective.name in SFT_OBJECTIVES and self.model.fused_objective:
+            raise ValueError(
+                f"model.fused_objective=true computes preference objectives, not {self.objective.name}"
             )
         if self.objective.name in SFT_OBJECTIVES and self.train.reference == "live":
             raise ValueError(f"train.reference=live: objective.name={self.objective.name} uses no reference")

@@ -89,6 +89,9 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         (2, ["train.micro_batch_size=4", "parallel.zero_stage=2"]),  # 4 pairs x 1 step x DP 2
         (1, ["model.fused_logprobs=false"]),  # materialised logits + token_logprobs
         (2, ["model.fused_logprobs=false", "parallel.tensor=2"]),
+        (1, ["model.fused_objective=true"]),  # the loss inside the output layer, three matmuls
+        (4, ["model.fused_objective=true", "parallel.tensor=2", "parallel.pipeline=2"]),
+        (2, ["model.fused_objective=true", "parallel.zero_stage=2"]),
     ],
     ids=[
         "tp2",
@@ -101,6 +104,9 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         "mbs4-dp2-zero2",
         "unfused",
         "unfused-tp2",
+        "fused-objective",
+        "fused-objective-tp2pp2",
+        "fused-objective-dp2-zero2",
     ],
 )
 def test_layouts_match_tp1_pp1(world, extra, baseline, cache, tmp_path):

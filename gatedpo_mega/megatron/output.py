@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from gatedpo_mega.ops import fused_token_logprobs
+from gatedpo_mega.ops.streaming import fused_preference_loss
 
 
 class FusedOutputLayer(torch.nn.Module):
@@ -26,6 +27,8 @@ class FusedOutputLayer(torch.nn.Module):
         self.tp_group = tp_group
         self.vocab_size = vocab_size
         self.targets: torch.Tensor | None = None  # [B, S], set before each forward
+        # With the fused objective: (reference [B, 2], objective, gate, sink); the per-pair losses go to the sink.
+        self.pair: tuple[Any, ...] | None = None
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor | None = None, **_: Any
@@ -33,10 +36,19 @@ class FusedOutputLayer(torch.nn.Module):
         if self.targets is None:
             raise RuntimeError("FusedOutputLayer needs set_output_targets(model, labels) before the forward")
         w = weight if weight is not None else self.weight
+        targets, pair = self.targets, self.pair
+        self.targets = self.pair = None
+        if pair is not None and torch.is_grad_enabled():
+            reference, objective, gate, sink = pair
+            losses, *pair_stats = fused_preference_loss(
+                hidden.transpose(0, 1), w, targets, reference, objective=objective, gate=gate,
+                tp_group=self.tp_group, vocab_size=self.vocab_size,
+            )  # fmt: skip
+            sink.append(losses)
+            return torch.stack(pair_stats, dim=-1).transpose(0, 1), None
         stats = fused_token_logprobs(
-            hidden, w, self.targets.t(), tp_group=self.tp_group, vocab_size=self.vocab_size
+            hidden, w, targets.t(), tp_group=self.tp_group, vocab_size=self.vocab_size
         )
-        self.targets = None
         return torch.stack(stats, dim=-1), None  # [S, B, 3]; GPTModel transposes to [B, S, 3]
 
 
@@ -46,11 +58,14 @@ def install_fused_output(model: torch.nn.Module, *, tp_group: Any, vocab_size: i
     model.output_layer = FusedOutputLayer(original, tp_group=tp_group, vocab_size=vocab_size)
 
 
-def set_output_targets(model: torch.nn.Module, labels: torch.Tensor) -> bool:
-    """Give the fused output layer (if this stage has one) the micro-batch's targets; returns whether it exists."""
+def set_output_targets(
+    model: torch.nn.Module, labels: torch.Tensor, pair: tuple[Any, ...] | None = None
+) -> bool:
+    """Give the fused output layer (if this stage has one) the micro-batch's targets, and with ``pair`` =
+    (reference [B, 2], objective, gate, sink) the inputs of the fused objective; returns whether it exists."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     layer = getattr(inner, "output_layer", None)
     if isinstance(layer, FusedOutputLayer):
-        layer.targets = labels
+        layer.targets, layer.pair = labels, pair
         return True
     return False

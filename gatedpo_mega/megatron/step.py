@@ -9,7 +9,7 @@ return their hidden states and the schedule moves them along.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -38,6 +38,10 @@ class LossContext:
     ref_tokens: torch.Tensor | None  # [N, 2] response token counts, for length-normalised objectives
     fused: bool = False  # the model's output layer is FusedOutputLayer (outputs statistics, not logits)
     hf: bool = False  # the model is a Hugging Face causal LM (the transformers backend)
+    fused_objective: bool = (
+        False  # the output layer computes the preference loss itself (fused_preference_loss)
+    )
+    pair_losses: list[torch.Tensor] = field(default_factory=list)  # what it computed, by micro-batch
     step: int = 0
     micro_batch: int = 0
 
@@ -47,13 +51,22 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     return torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)[None, None]
 
 
-def model_forward(model: torch.nn.Module, batch: PreferenceBatch, *, hf: bool = False) -> torch.Tensor:
-    """Logits ``[2B, T, V/TP]`` on the last stage, or ``[2B, T, 3]`` statistics with the fused output layer."""
+def model_forward(
+    model: torch.nn.Module, batch: PreferenceBatch, *, hf: bool = False, ctx: LossContext | None = None
+) -> torch.Tensor:
+    """Logits ``[2B, T, V/TP]`` on the last stage, or ``[2B, T, 3]`` statistics with the fused output layer (which,
+    with ``ctx.fused_objective``, also leaves the micro-batch's per-pair losses in ``ctx.pair_losses``)."""
     if hf:
         from gatedpo_mega.hf.model import hf_forward
 
         return hf_forward(model, batch.input_ids, batch.labels)
-    set_output_targets(model, batch.labels)
+    pair = None
+    if ctx is not None and ctx.fused_objective and ctx.reference is not None and ctx.ref_tokens is not None:
+        ref = ctx.reference[batch.pair_ids]
+        if ctx.objective.average_logps:
+            ref = ref / ctx.ref_tokens[batch.pair_ids].clamp(min=1).to(ref.dtype)
+        pair = (ref, ctx.objective, ctx.gate, ctx.pair_losses)
+    set_output_targets(model, batch.labels, pair)
     ids = batch.input_ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     return model(ids, positions, attention_mask=causal_mask(ids.shape[1], ids.device))
@@ -113,6 +126,7 @@ def preference_loss_func(
     if obj.name in SFT_OBJECTIVES:
         return sft_loss_func(batch, ctx, logits)
     chosen, rejected, rejected_logp = response_stats(logits, batch, ctx)
+    fused_losses = ctx.pair_losses.pop(0) if ctx.pair_losses else None  # computed by the output layer
     g = None
     if gate.enabled:
         g = gate_values(rejected.logp, rejected.logp_max, rejected.mask, gate)
@@ -124,7 +138,7 @@ def preference_loss_func(
     if obj.average_logps:
         ref = ref / ctx.ref_tokens[batch.pair_ids].clamp(min=1).to(ref.dtype)
     nll = -sequence_logps(chosen.logp, chosen.mask, average=obj.nll_average) if obj.nll_weight else None
-    per_pair = preference_loss(
+    per_pair = fused_losses if fused_losses is not None else preference_loss(
         pc, pr, ref[:, 0], ref[:, 1], objective=obj.name, beta=obj.beta,
         label_smoothing=obj.label_smoothing, chosen_nll=nll, nll_weight=obj.nll_weight,
     )  # fmt: skip
@@ -156,4 +170,4 @@ def forward_step(
 ) -> tuple[Any, Any]:
     """Megatron's ``forward_step_func`` (bind ``loss_func`` and ``ctx`` with ``functools.partial``)."""
     batch: PreferenceBatch = next(data_iterator)
-    return model_forward(model, batch, hf=ctx.hf), partial(loss_func, batch, ctx)
+    return model_forward(model, batch, hf=ctx.hf, ctx=ctx), partial(loss_func, batch, ctx)

@@ -183,14 +183,17 @@ class _FusedPairLoss(torch.autograd.Function):
             dz = dz.to(hidden.dtype)
             grad_hidden[idx] = (dz @ w).view(-1, t, h_dim)  # matmul 2 of 3
             grad_weight[:valid].addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        # Kept on ctx, not saved for backward: handed over in backward with no other reference, so autograd
+        # takes them as the gradients instead of copying them (a saved tensor would cost a weight-sized copy).
+        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype)]
         logp_all, logp_max_all, entropy_all = stats
         ctx.mark_non_differentiable(logp_all, logp_max_all, entropy_all)
         return losses, logp_all, logp_max_all, entropy_all
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
         scale = grad_loss.reshape(-1)
         # The weight gradient was summed over pairs in forward, so it can only take one common scale (the mean
         # over pairs and micro-batches gives exactly that).
@@ -199,7 +202,10 @@ class _FusedPairLoss(torch.autograd.Function):
                 "fused_pair_loss: the per-pair losses must be reduced with equal weights (sum or mean)"
             )
         c = scale[0].to(grad_hidden.dtype)
-        return grad_hidden * c, grad_weight * c.to(grad_weight.dtype), None, None, None, None, None, None
+        # In place: a scaled copy would hold a second weight-sized tensor at the peak (the graph runs backward once).
+        grad_hidden.mul_(c)
+        grad_weight.mul_(c.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def fused_pair_loss(

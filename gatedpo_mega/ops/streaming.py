@@ -29,6 +29,7 @@ from gatedpo_mega.ops.logprobs import (
     default_chunk_size,
     resolve_shard,
     shard_logit_grad,
+    workspace,
 )
 from gatedpo_mega.ops.logprobs import shard_stats as _shard_stats
 
@@ -77,6 +78,7 @@ class _StreamingPairLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=dev)
         buffers = [torch.zeros(valid, h_dim, dtype=acc, device=dev) for _ in range(2)]
         w = weight[:valid]
+        work = workspace(min(chunk, t), valid, acc, dev)  # the chunk temporaries, reused by every chunk
         token_gate = gate.enabled and gate.granularity == "token"
         for i in range(b):
             sums = torch.zeros(2, dtype=acc, device=dev)
@@ -91,7 +93,7 @@ class _StreamingPairLoss(torch.autograd.Function):
                         continue  # padding: no statistics, no gradient
                     h = hidden[r, sl]
                     logits = h @ weight.t()  # matmul 1 of 3
-                    logp, logp_max, entropy, lse = _shard_stats(logits, tgt, start, valid, group)
+                    logp, logp_max, entropy, lse = _shard_stats(logits, tgt, start, valid, group, work)
                     for out, x in zip(stats, (logp, logp_max, entropy), strict=True):
                         out[r, sl] = x.masked_fill(~keep, 0.0)
                     sums[side] += logp.masked_fill(~keep, 0.0).sum()
@@ -100,7 +102,9 @@ class _StreamingPairLoss(torch.autograd.Function):
                         a = a * gate_values(logp[None], logp_max[None], keep[None], gate)[0].to(acc)
                     if valid == 0:
                         continue
-                    dz = shard_logit_grad(logits, tgt, lse, a, start, valid).to(hidden.dtype)
+                    n = logits.shape[0]
+                    dz = shard_logit_grad(logits, tgt, lse, a, start, valid, out=work[0][:n, :valid])
+                    dz = dz.to(hidden.dtype)
                     grad_hidden[r, sl] = dz @ w  # matmul 2 of 3 (unscaled)
                     buffers[side].addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3 (unscaled)
             loss, c_c, c_r = _pair_coefficients(sums, counts, reference[i].to(acc), objective)
@@ -114,21 +118,26 @@ class _StreamingPairLoss(torch.autograd.Function):
             grad_hidden[b + i].mul_(c_r.to(hidden.dtype))
             if valid:
                 grad_weight[:valid].add_(buffers[0], alpha=float(c_c)).add_(buffers[1], alpha=float(c_r))
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        # Kept on ctx, not saved for backward: handed over in backward with no other reference, so autograd
+        # takes them as the gradients instead of copying them (a saved tensor would cost a weight-sized copy).
+        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype)]
         ctx.mark_non_differentiable(*stats)
         return losses, *stats
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
         scale = grad_loss.reshape(-1)
         if not bool(torch.all(scale == scale[0])):
             raise RuntimeError(
                 "fused_preference_loss: the per-pair losses must be reduced with equal weights (sum or mean)"
             )
         c = scale[0]
-        return (grad_hidden * c.to(grad_hidden.dtype), grad_weight * c.to(grad_weight.dtype),
-                None, None, None, None, None, None, None, None)  # fmt: skip
+        # In place: a scaled copy would hold a second weight-sized tensor at the peak (the graph runs backward once).
+        grad_hidden.mul_(c.to(grad_hidden.dtype))
+        grad_weight.mul_(c.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def fused_preference_loss(

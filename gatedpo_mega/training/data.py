@@ -24,7 +24,8 @@ def reference_key(cfg: Config, vocab_size: int) -> str:
     """What the initial weights depend on: the model shape, the vocabulary, the seed and the ``init_from``
     source's files (not the layout)."""
     model = asdict(cfg.model)
-    model.pop("fused_logprobs")  # a way of computing, not a property of the weights
+    for how in ("fused_logprobs", "fused_objective"):  # ways of computing, not properties of the weights
+        model.pop(how)
     blob = json.dumps(
         {
             "model": model,

@@ -199,6 +199,7 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     ctx = LossContext(
         objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, vocab_size=data.vocab_size,
         reference=None, ref_tokens=None, fused=cfg.model.fused_logprobs, hf=cfg.model.backend == "transformers",
+        fused_objective=cfg.model.fused_objective,
     )  # fmt: skip
     reference = Reference(cfg, layout, model, data, device)  # from the initial weights, before any update
     engine = build_engine(model, cfg, layout, num_micro_batches=data.steps.num_micro_batches)

@@ -65,7 +65,7 @@ def train_step(
     if engine_driver:
         sums = []
         for batch in batches:
-            loss, aux = preference_loss_func(batch, ctx, model_forward(engine, batch, hf=ctx.hf))
+            loss, aux = preference_loss_func(batch, ctx, model_forward(engine, batch, hf=ctx.hf, ctx=ctx))
             engine.backward(loss)
             engine.step()
             sums.append(aux["sums"])
