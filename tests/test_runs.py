@@ -220,6 +220,9 @@ def test_a_hanging_rank_times_out_and_the_launcher_names_the_failed_rank(cache, 
 
     cfg = load_config(None, [*BASE, f"data.cache_dir={cache}", f"train.output_dir={tmp_path}", "train.max_steps=3",
                              "train.collective_timeout_minutes=0.1", "data.eval_fraction=0"])  # fmt: skip
+    from gatedpo_mega.data import load_preference_data
+
+    load_preference_data(cfg.data, seed=cfg.train.seed)  # tokenized now: the ranks' start-up stays under 6 s
     t0 = time.monotonic()
     code = launch(cfg, 2, make_data=_hanging_data)
     assert code == 4
