@@ -7,8 +7,9 @@ token's gate on rejected rows) and ``c_row = dL / d(row's summed log-prob)`` onl
 chunk contributes, unscaled, ``a (onehot - p) @ W`` to its rows' hidden gradient (matmul 2) and
 ``(a (onehot - p)).T @ h`` to an accumulator ``D_row`` (matmul 3), one ``[V_local, H]`` accumulator per response of
 the pair in flight; when the pair is done, the rows are scaled by ``c_row`` and ``c_c D_c + c_r D_r`` is added to
-the weight gradient. Extra memory: one chunk of logits and two ``[V_local, H]`` float32 accumulators (plus the
-weight gradient every method holds), independent of the pair's length.
+the weight gradient (for objectives of the margin alone the ratio ``c_r / c_c`` is known in advance and one
+accumulator serves both rows). Extra memory: one chunk of logits and one or two ``[V_local, H]`` float32
+accumulators (plus the weight gradient every method holds), independent of the pair's length.
 
 The loss is the one ``gatedpo_mega.megatron.step.preference_loss_func`` computes (objective, gate, NLL term,
 ``average_logps``); the gate's value never enters the loss, only the gradient, as ``apply_gate`` does.
@@ -32,6 +33,9 @@ from gatedpo_mega.ops.logprobs import (
     workspace,
 )
 from gatedpo_mega.ops.logprobs import shard_stats as _shard_stats
+
+# Objectives that depend on the margin (policy - reference, chosen minus rejected) alone.
+MARGIN_OBJECTIVES = ("dpo", "ipo", "hinge")
 
 
 def _pair_coefficients(
@@ -76,15 +80,32 @@ class _StreamingPairLoss(torch.autograd.Function):
         stats = [torch.zeros(rows, t, dtype=acc, device=dev) for _ in range(3)]
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=dev)
-        buffers = [torch.zeros(valid, h_dim, dtype=acc, device=dev) for _ in range(2)]
+        # Objectives of the margin alone (no NLL term) fix c_r / c_c before the pair's loss is known, so the rejected
+        # row (run first) is scaled by that ratio and the chosen row added onto it: one accumulator instead of two.
+        margin_only = objective.name in MARGIN_OBJECTIVES and not objective.nll_weight
+        buffers = [torch.zeros(valid, h_dim, dtype=acc, device=dev) for _ in range(1 if margin_only else 2)]
         w = weight[:valid]
         work = workspace(min(chunk, t), valid, acc, dev)  # the chunk temporaries, reused by every chunk
         token_gate = gate.enabled and gate.granularity == "token"
+
+        def row_gate(r: int) -> torch.Tensor:
+            """The rejected row's one gate (sequence granularity; 1 otherwise)."""
+            keep = (targets[r] != IGNORE_INDEX)[None]
+            if token_gate or not gate.enabled or not bool(keep.any()):
+                return torch.ones((), dtype=acc, device=dev)
+            return gate_values(stats[0][r][None], stats[1][r][None], keep, gate)[0][keep[0]][0].to(acc)
+
         for i in range(b):
             sums = torch.zeros(2, dtype=acc, device=dev)
             counts = (targets[[i, b + i]] != IGNORE_INDEX).sum(-1).to(acc)
-            for side, r in enumerate((i, b + i)):
-                buffers[side].zero_()
+            for side, r in ((1, b + i), (0, i)) if margin_only else ((0, i), (1, b + i)):
+                buf = buffers[0] if margin_only else buffers[side]
+                if margin_only and side == 0:  # the rejected row is in: D = ratio * D_r, then + D_c
+                    n = counts.clamp(min=1)
+                    ratio = -(n[0] / n[1] if objective.average_logps else 1.0) * row_gate(b + i)
+                    buf.mul_(float(ratio))
+                else:
+                    buf.zero_()
                 for s0 in range(0, t, chunk):
                     sl = slice(s0, min(s0 + chunk, t))
                     tgt = targets[r, sl]
@@ -102,21 +123,19 @@ class _StreamingPairLoss(torch.autograd.Function):
                         a = a * gate_values(logp[None], logp_max[None], keep[None], gate)[0].to(acc)
                     if valid == 0:
                         continue
-                    n = logits.shape[0]
-                    dz = shard_logit_grad(logits, tgt, lse, a, start, valid, out=work[0][:n, :valid])
+                    rows_n = logits.shape[0]
+                    dz = shard_logit_grad(logits, tgt, lse, a, start, valid, out=work[0][:rows_n, :valid])
                     dz = dz.to(hidden.dtype)
                     grad_hidden[r, sl] = dz @ w  # matmul 2 of 3 (unscaled)
-                    buffers[side].addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3 (unscaled)
+                    buf.addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3 (unscaled)
             loss, c_c, c_r = _pair_coefficients(sums, counts, reference[i].to(acc), objective)
-            if gate.enabled and not token_gate:  # one gate per rejected response
-                r = b + i
-                keep = (targets[r] != IGNORE_INDEX)[None]
-                g = gate_values(stats[0][r][None], stats[1][r][None], keep, gate)[0]
-                c_r = c_r * g[keep[0]][0].to(acc) if bool(keep.any()) else c_r
+            c_r = c_r * row_gate(b + i)  # one gate per rejected response (sequence granularity)
             losses[i] = loss
             grad_hidden[i].mul_(c_c.to(hidden.dtype))
             grad_hidden[b + i].mul_(c_r.to(hidden.dtype))
-            if valid:
+            if valid and margin_only:
+                grad_weight[:valid].add_(buffers[0], alpha=float(c_c))
+            elif valid:
                 grad_weight[:valid].add_(buffers[0], alpha=float(c_c)).add_(buffers[1], alpha=float(c_r))
         # Kept on ctx, not saved for backward: handed over in backward with no other reference, so autograd
         # takes them as the gradients instead of copying them (a saved tensor would cost a weight-sized copy).
