@@ -183,29 +183,31 @@ class _FusedPairLoss(torch.autograd.Function):
             dz = dz.to(hidden.dtype)
             grad_hidden[idx] = (dz @ w).view(-1, t, h_dim)  # matmul 2 of 3
             grad_weight[:valid].addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3
-        # Kept on ctx, not saved for backward: handed over in backward with no other reference, so autograd
-        # takes them as the gradients instead of copying them (a saved tensor would cost a weight-sized copy).
-        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype)]
+        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype)]  # see scaled_stored_grads
         logp_all, logp_max_all, entropy_all = stats
         ctx.mark_non_differentiable(logp_all, logp_max_all, entropy_all)
         return losses, logp_all, logp_max_all, entropy_all
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
-        scale = grad_loss.reshape(-1)
-        # The weight gradient was summed over pairs in forward, so it can only take one common scale (the mean
-        # over pairs and micro-batches gives exactly that).
-        if not bool(torch.all(scale == scale[0])):
-            raise RuntimeError(
-                "fused_pair_loss: the per-pair losses must be reduced with equal weights (sum or mean)"
-            )
-        c = scale[0].to(grad_hidden.dtype)
-        # In place: a scaled copy would hold a second weight-sized tensor at the peak (the graph runs backward once).
-        grad_hidden.mul_(c)
-        grad_weight.mul_(c.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return *scaled_stored_grads(ctx, grad_loss, "fused_pair_loss"), None, None, None, None, None, None
+
+
+def scaled_stored_grads(ctx: Any, grad_loss: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward of an op that computed its gradients in forward (``ctx.grads``): scale them by the incoming
+    gradient of the per-pair losses, which must be the same for every pair, since the weight gradient was summed
+    over pairs in forward (the mean over pairs and micro-batches gives exactly that).
+
+    The gradients are kept on ``ctx``, not saved for backward, and scaled in place: handed over with no other
+    reference, autograd takes them as the gradients instead of copying them (a weight-sized copy at the peak)."""
+    grad_hidden, grad_weight = ctx.grads
+    ctx.grads = None
+    scale = grad_loss.reshape(-1)
+    if not bool(torch.all(scale == scale[0])):
+        raise RuntimeError(f"{op}: the per-pair losses must be reduced with equal weights (sum or mean)")
+    grad_hidden.mul_(scale[0].to(grad_hidden.dtype))
+    grad_weight.mul_(scale[0].to(grad_weight.dtype))
+    return grad_hidden, grad_weight
 
 
 def fused_pair_loss(

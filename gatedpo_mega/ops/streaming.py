@@ -24,6 +24,7 @@ import torch
 from gatedpo_mega.gate import GateConfig, gate_values
 from gatedpo_mega.objectives import preference_loss
 from gatedpo_mega.ops.collectives import ProcessGroup, copy_to_group, group_size
+from gatedpo_mega.ops.fused import scaled_stored_grads
 from gatedpo_mega.ops.logprobs import (
     IGNORE_INDEX,
     acc_dtype,
@@ -137,26 +138,14 @@ class _StreamingPairLoss(torch.autograd.Function):
                 grad_weight[:valid].add_(buffers[0], alpha=float(c_c))
             elif valid:
                 grad_weight[:valid].add_(buffers[0], alpha=float(c_c)).add_(buffers[1], alpha=float(c_r))
-        # Kept on ctx, not saved for backward: handed over in backward with no other reference, so autograd
-        # takes them as the gradients instead of copying them (a saved tensor would cost a weight-sized copy).
-        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype)]
+        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype)]  # see scaled_stored_grads
         ctx.mark_non_differentiable(*stats)
         return losses, *stats
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
-        grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None
-        scale = grad_loss.reshape(-1)
-        if not bool(torch.all(scale == scale[0])):
-            raise RuntimeError(
-                "fused_preference_loss: the per-pair losses must be reduced with equal weights (sum or mean)"
-            )
-        c = scale[0]
-        # In place: a scaled copy would hold a second weight-sized tensor at the peak (the graph runs backward once).
-        grad_hidden.mul_(c.to(grad_hidden.dtype))
-        grad_weight.mul_(c.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        grads = scaled_stored_grads(ctx, grad_loss, "fused_preference_loss")
+        return *grads, None, None, None, None, None, None, None, None
 
 
 def fused_preference_loss(
