@@ -137,6 +137,8 @@ def test_transformers_backend_trains_under_zero_like_megatron_core_and_saves_a_l
         for k in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
             assert c[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    meta = json.loads((tmp_path / "mcore-tp2" / "checkpoints" / "step-00000003" / "meta.json").read_text())
+    assert meta["hf_config"] == json.loads((folder / "config.json").read_text())  # kept for the export
     for name in ("hf-zero1", "hf-zero3"):
         saved, info = AutoModelForCausalLM.from_pretrained(tmp_path / name / "hf", output_loading_info=True)
         assert not any(info.values()), info  # no missing, unexpected or mismatched weights

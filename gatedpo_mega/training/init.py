@@ -64,6 +64,22 @@ def source_vocab_size(path_text: str) -> int:
     return int(read_meta(resolve_checkpoint(path))["vocab_size"])
 
 
+def source_hf_config(path_text: str) -> dict[str, Any] | None:
+    """The Hugging Face ``config.json`` behind ``model.init_from``, when there is one (None otherwise)."""
+    if not path_text:
+        return None
+    path = Path(path_text)
+    kind = source_kind(path)
+    if kind == "hf":
+        return dict(json.loads((path / "config.json").read_text()))
+    meta = (
+        json.loads((path / MCORE_META).read_text())
+        if kind == "mcore"
+        else read_meta(resolve_checkpoint(path))
+    )
+    return meta.get("hf_config")
+
+
 def _parameters_only(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if not k.endswith("_extra_state")}
 

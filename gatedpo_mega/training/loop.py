@@ -28,7 +28,7 @@ from gatedpo_mega.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from gatedpo_mega.training.init import load_initial_weights
+from gatedpo_mega.training.init import load_initial_weights, source_hf_config
 from gatedpo_mega.training.step import reference_pass, run_forward, train_step
 
 
@@ -213,10 +213,10 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     history = []
     t = cfg.train
     evaluating = data.eval_batches is not None and t.eval_every > 0
+    hf_config = source_hf_config(cfg.model.init_from)  # kept in checkpoints, so an export writes it back
     try:
-        if (
-            evaluating and start == 0
-        ):  # step 0: the initial model, where every change the analysis shows starts
+        # Step 0: the initial model, where every change the analysis shows starts.
+        if evaluating and start == 0:
             record = {"step": 0, **evaluate(engine.module, layout, ctx, reference, data, device)}
             history.append(record)
             log.log(record)
@@ -236,6 +236,7 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
                 save_checkpoint(
                     engine, cfg, layout, step, trainer_state={"loader": data.steps.state_dict()},
                     vocab_size=data.vocab_size, padded_vocab_size=padded_vocab(cfg, data.vocab_size),
+                    hf_config=hf_config,
                 )  # fmt: skip
         if cfg.model.backend == "transformers":
             from gatedpo_mega.hf.model import save_hf_folder
