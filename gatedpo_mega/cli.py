@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gatedpo_mega.convert.commands import add_convert_commands
 from gatedpo_mega.data.cli import add_data_commands
-from gatedpo_mega.errors import UserError
+from gatedpo_mega.errors import UserError, run_command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -117,14 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    try:
-        return int(args.func(args))
-    except UserError as e:
-        print(f"gatedpo: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("gatedpo: interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -16,45 +16,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from gatedpo_mega.backend import BACKENDS
 from gatedpo_mega.data.config import DataConfig
 from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.gate import GateConfig
-from gatedpo_mega.objectives import OBJECTIVES, SFT_OBJECTIVES
+from gatedpo_mega.objectives import SFT_OBJECTIVES, ObjectiveConfig
+from gatedpo_mega.squeeze import SqueezeConfig
+from gatedpo_mega.validate import choice, positive
 
 T = TypeVar("T")
-
-
-def _choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{key}={value} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-@dataclass(kw_only=True, slots=True)
-class ObjectiveConfig:
-    name: str = "dpo"  # dpo | ipo | cal_dpo | hinge | sft (chosen) | sft_extended (chosen and rejected)
-    beta: float = 0.1  # inverse temperature of the implicit reward
-    label_smoothing: float = 0.0  # conservative DPO (dpo only)
-    average_logps: bool = False  # length-normalised sequence log-probs instead of sums
-    nll_weight: float = 0.0  # weight of the NLL term on chosen tokens
-    nll_average: bool = True  # NLL term per token (True) or per sequence (False)
-
-    def __post_init__(self) -> None:
-        _choice("objective.name", self.name, (*OBJECTIVES, *SFT_OBJECTIVES))
-        _positive("objective.beta", self.beta)
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
-        if self.label_smoothing and self.name != "dpo":
-            raise ValueError("objective.label_smoothing applies to objective.name=dpo only")
-        _positive("objective.nll_weight", self.nll_weight, allow_zero=True)
-        if self.name in SFT_OBJECTIVES and self.nll_weight:
-            raise ValueError(
-                f"objective.nll_weight applies to preference objectives, not objective.name={self.name}"
-            )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,9 +34,9 @@ class ParallelConfig:
     zero_stage: int = 1
 
     def __post_init__(self) -> None:
-        _choice("parallel.tensor", self.tensor, (1, 2, 4, 8))
-        _choice("parallel.pipeline", self.pipeline, (1, 2, 4))
-        _choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        choice("parallel.tensor", self.tensor, (1, 2, 4, 8))
+        choice("parallel.pipeline", self.pipeline, (1, 2, 4))
+        choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.pipeline > 1 and self.zero_stage > 1:
             raise ValueError(
                 f"parallel.zero_stage={self.zero_stage} with parallel.pipeline={self.pipeline}: DeepSpeed shards "
@@ -110,7 +80,7 @@ class ModelConfig:
             "num_query_groups",
             "ffn_hidden_size",
         ):
-            _positive(f"model.{name}", getattr(self, name))
+            positive(f"model.{name}", getattr(self, name))
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads={self.num_attention_heads}"
@@ -120,10 +90,10 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
                 f"model.num_query_groups={self.num_query_groups}"
             )
-        _positive("model.vocab_size", self.vocab_size, allow_zero=True)
-        _positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
-        _choice("model.dtype", self.dtype, ("fp32", "bf16"))
-        _choice("model.backend", self.backend, ("megatron", "transformers"))
+        positive("model.vocab_size", self.vocab_size, allow_zero=True)
+        positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
+        choice("model.dtype", self.dtype, ("fp32", "bf16"))
+        choice("model.backend", self.backend, tuple(BACKENDS))
         if self.fused_objective and (not self.fused_logprobs or self.backend != "megatron"):
             raise ValueError(
                 "model.fused_objective=true needs model.fused_logprobs=true and model.backend=megatron"
@@ -162,15 +132,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "reference_batch_size"):
-            _positive(f"train.{name}", getattr(self, name))
+            positive(f"train.{name}", getattr(self, name))
         for name in ("save_every", "keep_checkpoints", "eval_every", "eval_max_pairs"):
-            _positive(f"train.{name}", getattr(self, name), allow_zero=True)
-        _choice("train.reference", self.reference, ("precomputed", "live"))
-        _positive("train.collective_timeout_minutes", self.collective_timeout_minutes)
-        _positive("train.lr", self.lr)
-        _positive("train.min_lr", self.min_lr, allow_zero=True)
-        _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
-        _positive("train.grad_clip", self.grad_clip, allow_zero=True)
+            positive(f"train.{name}", getattr(self, name), allow_zero=True)
+        choice("train.reference", self.reference, ("precomputed", "live"))
+        positive("train.collective_timeout_minutes", self.collective_timeout_minutes)
+        positive("train.lr", self.lr)
+        positive("train.min_lr", self.min_lr, allow_zero=True)
+        positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
+        positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
             raise ValueError(f"train.adam_betas={self.adam_betas} must be two numbers in [0, 1)")
         if self.global_batch_size % self.micro_batch_size:
@@ -178,42 +148,6 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
-
-
-@dataclass(kw_only=True, slots=True)
-class SqueezeConfig:
-    """The squeeze demonstration: a free-logit softmax model trained on one preference pair."""
-
-    labels: int = 64  # size of the label set
-    feature_dim: int = 16  # dimension of the fixed context features
-    correlation: float = 0.5  # cosine between the chosen and the rejected context (0: independent logits)
-    init_scale: float = 2.0  # std of the initial logits
-    rejected_probs: list[float] = field(default_factory=lambda: [0.2, 1e-2, 1e-4, 1e-6, 1e-8])
-    seeds: int = 64
-    steps: int = 200
-    lr: float = 0.5
-    beta: float = 1.0
-    shapes: list[str] = field(default_factory=lambda: ["none", "sigmoid", "hard", "power"])
-    output_dir: str = "outputs/squeeze"
-
-    def __post_init__(self) -> None:
-        if self.labels < 3:
-            raise ValueError(
-                f"squeeze.labels={self.labels} must be >= 3 (chosen, rejected and at least one other)"
-            )
-        if self.feature_dim < 2:
-            raise ValueError(f"squeeze.feature_dim={self.feature_dim} must be >= 2")
-        if not -1.0 < self.correlation < 1.0:
-            raise ValueError(f"squeeze.correlation={self.correlation} must be in (-1, 1)")
-        for p in self.rejected_probs:
-            if not 0.0 < p < 1.0:
-                raise ValueError(f"squeeze.rejected_probs contains {p}; each must be in (0, 1)")
-        for name in ("seeds", "steps"):
-            _positive(f"squeeze.{name}", getattr(self, name))
-        _positive("squeeze.lr", self.lr)
-        _positive("squeeze.beta", self.beta)
-        for s in self.shapes:
-            _choice("squeeze.shapes[]", s, ("none", "sigmoid", "hard", "power"))
 
 
 @dataclass(kw_only=True, slots=True)

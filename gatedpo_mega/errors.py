@@ -1,5 +1,11 @@
 """Errors that reach the user as one line and a non-zero exit, never as a traceback."""
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
 
 class UserError(Exception):
     """Bad input from the user (config, data, checkpoint, arguments); the message names what and where."""
@@ -9,3 +15,15 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A configuration key or value is wrong."""
+
+
+def run_command(func: Callable[[Any], int], args: Any) -> int:
+    """Run a command-line subcommand: a ``UserError`` becomes ``gatedpo: error: ...`` and its exit code."""
+    try:
+        return int(func(args))
+    except UserError as e:
+        print(f"gatedpo: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("gatedpo: interrupted", file=sys.stderr)
+        return 130

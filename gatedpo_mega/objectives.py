@@ -7,9 +7,12 @@ Notation: ``dw = log pi(y_w) - log pi_ref(y_w)`` and ``dl = log pi(y_l) - log pi
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from gatedpo_mega.validate import choice, positive
 
 
 def dpo(dw: torch.Tensor, dl: torch.Tensor, *, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -45,6 +48,36 @@ OBJECTIVES: dict[str, Objective] = {"dpo": dpo, "ipo": ipo, "cal_dpo": cal_dpo, 
 # chosen and rejected responses (Ren & Sutherland 2024, "Learning dynamics of LLM finetuning", sec. 4.3: SFT on
 # both responses first, so DPO does not start by pushing down responses the model finds extremely unlikely).
 SFT_OBJECTIVES = ("sft", "sft_extended")
+# Objectives that depend on the margin ``h`` alone: ``dL/d log pi(y_l) = -dL/d log pi(y_w)`` whatever the loss is.
+MARGIN_OBJECTIVES = ("dpo", "ipo", "hinge")
+
+
+@dataclass(kw_only=True, slots=True)
+class ObjectiveConfig:
+    name: str = "dpo"  # dpo | ipo | cal_dpo | hinge | sft (chosen) | sft_extended (chosen and rejected)
+    beta: float = 0.1  # inverse temperature of the implicit reward
+    label_smoothing: float = 0.0  # conservative DPO (dpo only)
+    average_logps: bool = False  # length-normalised sequence log-probs instead of sums
+    nll_weight: float = 0.0  # weight of the NLL term on chosen tokens
+    nll_average: bool = True  # NLL term per token (True) or per sequence (False)
+
+    def __post_init__(self) -> None:
+        choice("objective.name", self.name, (*OBJECTIVES, *SFT_OBJECTIVES))
+        positive("objective.beta", self.beta)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.name != "dpo":
+            raise ValueError("objective.label_smoothing applies to objective.name=dpo only")
+        positive("objective.nll_weight", self.nll_weight, allow_zero=True)
+        if self.name in SFT_OBJECTIVES and self.nll_weight:
+            raise ValueError(
+                f"objective.nll_weight applies to preference objectives, not objective.name={self.name}"
+            )
+
+    @property
+    def margin_only(self) -> bool:
+        """The loss depends on the margin alone (no calibration, no NLL term)."""
+        return self.name in MARGIN_OBJECTIVES and not self.nll_weight
 
 
 def sft_loss(chosen_nll: torch.Tensor, rejected_nll: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,15 +21,53 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gatedpo_mega.config import SqueezeConfig
-from gatedpo_mega.gate import GateConfig, apply_gate, gate_values
+from gatedpo_mega.gate import SHAPES, GateConfig, apply_gate, gate_values
 from gatedpo_mega.objectives import preference_loss
 from gatedpo_mega.ops import token_logprobs
+from gatedpo_mega.validate import choice, positive
+
+
+@dataclass(kw_only=True, slots=True)
+class SqueezeConfig:
+    """The squeeze demonstration: a free-logit softmax model trained on one preference pair."""
+
+    labels: int = 64  # size of the label set
+    feature_dim: int = 16  # dimension of the fixed context features
+    correlation: float = 0.5  # cosine between the chosen and the rejected context (0: independent logits)
+    init_scale: float = 2.0  # std of the initial logits
+    rejected_probs: list[float] = field(default_factory=lambda: [0.2, 1e-2, 1e-4, 1e-6, 1e-8])
+    seeds: int = 64
+    steps: int = 200
+    lr: float = 0.5
+    beta: float = 1.0
+    shapes: list[str] = field(default_factory=lambda: ["none", "sigmoid", "hard", "power"])
+    output_dir: str = "outputs/squeeze"
+
+    def __post_init__(self) -> None:
+        if self.labels < 3:
+            raise ValueError(
+                f"squeeze.labels={self.labels} must be >= 3 (chosen, rejected and at least one other)"
+            )
+        if self.feature_dim < 2:
+            raise ValueError(f"squeeze.feature_dim={self.feature_dim} must be >= 2")
+        if not -1.0 < self.correlation < 1.0:
+            raise ValueError(f"squeeze.correlation={self.correlation} must be in (-1, 1)")
+        for p in self.rejected_probs:
+            if not 0.0 < p < 1.0:
+                raise ValueError(f"squeeze.rejected_probs contains {p}; each must be in (0, 1)")
+        for name in ("seeds", "steps"):
+            positive(f"squeeze.{name}", getattr(self, name))
+        positive("squeeze.lr", self.lr)
+        positive("squeeze.beta", self.beta)
+        for s in self.shapes:
+            choice("squeeze.shapes[]", s, SHAPES)
+
 
 METRICS = (
     "top1_rejected_ctx",

@@ -60,7 +60,7 @@ def stage_logits(model: Any, lay: Any, rank: int, hidden_size: int, vocab_size: 
     the last stage, None elsewhere."""
     import torch.distributed as dist
 
-    from gatedpo_mega.megatron.step import causal_mask
+    from gatedpo_mega.megatron.backend import causal_mask
 
     model.eval()
     ids = torch.tensor(TOKENS)
@@ -121,6 +121,7 @@ def zero_checkpoint_worker(
     fp32 master weights are exactly the loaded ones."""
     from dataclasses import asdict
 
+    from gatedpo_mega.backend import make_backend
     from gatedpo_mega.config import load_config
     from gatedpo_mega.convert import load_mcore_weights, read_mcore_meta
     from gatedpo_mega.deepspeed.engine import build_engine
@@ -146,7 +147,7 @@ def zero_checkpoint_worker(
     load_mcore_weights(
         model, mcore_dir, cfg=cfg.model, vocab_size=vocab, tp_rank=lay.tp_rank, tp=tp, pp_rank=lay.pp_rank, pp=pp
     )  # fmt: skip
-    engine = build_engine(model, cfg, lay, num_micro_batches=1)
+    engine = build_engine(model, cfg, lay, num_micro_batches=1, engine_driver=make_backend(cfg).engine_driver)
     ckpt = Path(out)
     engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False)
     if rank == 0:

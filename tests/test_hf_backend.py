@@ -25,13 +25,13 @@ def _batch(vocab: int):
     return PreferenceBatch(ids, labels, torch.tensor([0, 1]))
 
 
-def _ctx(cfg, vocab, tp_group, *, hf: bool):
-    from gatedpo_mega.megatron.step import LossContext
+def _ctx(cfg, vocab, tp_group):
+    from gatedpo_mega.loss import LossContext
 
     ref = torch.tensor([[-30.0, -31.0], [-28.0, -35.0]], dtype=torch.float64)
     return LossContext(
         objective=cfg.objective, gate=cfg.gate, tp_group=tp_group, vocab_size=vocab, reference=ref,
-        ref_tokens=torch.full((2, 2), 7), fused=cfg.model.fused_logprobs, hf=hf,
+        ref_tokens=torch.full((2, 2), 7), fused=cfg.model.fused_logprobs,
     )  # fmt: skip
 
 
@@ -41,9 +41,10 @@ def _equivalence_worker(rank, world, folder, fused, out):
     from gatedpo_mega.convert import hf_model_config, hf_to_mcore_state, mcore_to_hf_state
     from gatedpo_mega.convert.folders import HFFolder
     from gatedpo_mega.hf.model import hf_forward, load_hf_model
+    from gatedpo_mega.loss import preference_loss_func
+    from gatedpo_mega.megatron.backend import model_forward
     from gatedpo_mega.megatron.model import StageInfo, build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
-    from gatedpo_mega.megatron.step import model_forward, preference_loss_func
 
     cfg = load_config(None, [f"model.fused_logprobs={fused}", "gate.tau=0.01"])  # a gate that does close here
     hf_cfg = json.loads((Path(folder) / "config.json").read_text())
@@ -52,7 +53,7 @@ def _equivalence_worker(rank, world, folder, fused, out):
     batch = _batch(vocab)
 
     hf = load_hf_model(folder, dtype="fp32", fused=fused)
-    hf_loss, hf_aux = preference_loss_func(batch, _ctx(cfg, vocab, None, hf=True), hf_forward(hf, batch.input_ids,
+    hf_loss, hf_aux = preference_loss_func(batch, _ctx(cfg, vocab, None), hf_forward(hf, batch.input_ids,
                                                                                              batch.labels))  # fmt: skip
     hf_loss.backward()
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
@@ -64,9 +65,7 @@ def _equivalence_worker(rank, world, folder, fused, out):
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.copy_(local[n])
-    loss, aux = preference_loss_func(
-        batch, _ctx(cfg, vocab, lay.tp_group, hf=False), model_forward(model, batch)
-    )
+    loss, aux = preference_loss_func(batch, _ctx(cfg, vocab, lay.tp_group), model_forward(model, batch))
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     every = [None] * world

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from gatedpo_mega.cli import main
-from gatedpo_mega.config import SqueezeConfig
 from gatedpo_mega.gate import GateConfig
-from gatedpo_mega.squeeze import run_squeeze
+from gatedpo_mega.squeeze import SqueezeConfig, run_squeeze
 
 GATES = ("sigmoid", "hard", "power")
 

@@ -7,7 +7,7 @@ from distributed import run_distributed
 
 from gatedpo_mega.config import load_config
 from gatedpo_mega.data.batch import PreferenceBatch
-from gatedpo_mega.megatron.step import LossContext, preference_loss_func
+from gatedpo_mega.loss import LossContext, pair_objective, preference_loss_func
 from gatedpo_mega.ops.streaming import fused_preference_loss
 
 B, T, H, V = 3, 11, 16, 37
@@ -68,7 +68,7 @@ def test_matches_the_loss_hook_on_materialised_logits_in_float64(case, chunk):
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     losses, logp, _, _ = fused_preference_loss(
-        h, w, targets, _streaming_reference(ref, targets, cfg), objective=cfg.objective, gate=cfg.gate,
+        h, w, targets, pair_objective(_streaming_reference(ref, targets, cfg), cfg.objective, cfg.gate),
         chunk_size=chunk,
     )  # fmt: skip
     loss = losses.mean()
@@ -88,7 +88,7 @@ def test_the_gate_changes_gradients_not_the_loss():
     for extra in (["gate.shape=none"], ["gate.shape=hard", "gate.tau=0.05"]):
         cfg = load_config(None, extra)
         w = weight.clone().requires_grad_(True)
-        losses, *_ = fused_preference_loss(hidden, w, targets, ref, objective=cfg.objective, gate=cfg.gate)
+        losses, *_ = fused_preference_loss(hidden, w, targets, pair_objective(ref, cfg.objective, cfg.gate))
         losses.sum().backward()
         outs.append((losses.detach(), w.grad))
     assert torch.equal(outs[0][0], outs[1][0])
@@ -102,13 +102,12 @@ def test_float32_matches_float64_and_unequal_pair_weights_are_refused():
     h = hidden.float().requires_grad_(True)
     w = weight.float().requires_grad_(True)
     losses, *_ = fused_preference_loss(
-        h, w, targets, ref, objective=cfg.objective, gate=cfg.gate, chunk_size=3
+        h, w, targets, pair_objective(ref, cfg.objective, cfg.gate), chunk_size=3
     )
     losses.mean().backward()
     torch.testing.assert_close(h.grad.double(), want_h, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), want_w, rtol=1e-4, atol=1e-6)
-    losses, *_ = fused_preference_loss(hidden, weight.requires_grad_(True), targets, ref, objective=cfg.objective,
-                                       gate=cfg.gate)  # fmt: skip
+    losses, *_ = fused_preference_loss(hidden, weight.requires_grad_(True), targets, pair_objective(ref, cfg.objective, cfg.gate))  # fmt: skip
     with pytest.raises(RuntimeError, match="equal weights"):
         (losses * torch.tensor([1.0, 2.0, 1.0], dtype=losses.dtype)).sum().backward()
 
@@ -122,7 +121,7 @@ def _tp_worker(rank, world, out):
     padded = torch.cat([weight, torch.zeros(shard * world - V, H, dtype=weight.dtype)])
     w = padded[rank * shard : (rank + 1) * shard].clone().requires_grad_(True)
     h = hidden.clone().requires_grad_(True)
-    losses, *_ = fused_preference_loss(h, w, targets, ref, objective=cfg.objective, gate=cfg.gate,
+    losses, *_ = fused_preference_loss(h, w, targets, pair_objective(ref, cfg.objective, cfg.gate),
                                        tp_group=dist.group.WORLD, vocab_size=V, chunk_size=4)  # fmt: skip
     losses.mean().backward()
     parts = [torch.zeros_like(w.grad) for _ in range(world)]

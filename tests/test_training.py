@@ -16,7 +16,7 @@ from distributed import run_distributed
 
 from gatedpo_mega.config import load_config
 from gatedpo_mega.data.batch import PreferenceBatch
-from gatedpo_mega.megatron.step import LossContext, NonFiniteLossError, preference_loss_func
+from gatedpo_mega.loss import LossContext, NonFiniteLossError, preference_loss_func
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

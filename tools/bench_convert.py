@@ -43,6 +43,7 @@ def _generate(ckpt: Path, preset: str, dtype: str) -> None:
 
     import torch.distributed as dist
 
+    from gatedpo_mega.backend import make_backend
     from gatedpo_mega.config import load_config
     from gatedpo_mega.deepspeed.engine import build_engine
     from gatedpo_mega.megatron.model import StageInfo, build_model, padded_vocab_size
@@ -57,7 +58,7 @@ def _generate(ckpt: Path, preset: str, dtype: str) -> None:
     stage = StageInfo(pre_process=True, post_process=True, layer_offset=0, tp_rank=0, tp_size=1)
     model = build_model(cfg.model, vocab_size=VOCAB, stage=stage, pipeline=1, seed=0, tp_group=lay.tp_group)
     n = sum(p.numel() for p in model.parameters())
-    engine = build_engine(model, cfg, lay, num_micro_batches=1)
+    engine = build_engine(model, cfg, lay, num_micro_batches=1, engine_driver=make_backend(cfg).engine_driver)
     engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False)
     padded = padded_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, 1)
     meta = {

@@ -218,16 +218,18 @@ def lmhead_step(method: str, rows: int) -> Callable:
 
         return fused_objective
     if method == "fused-stream":
-        from gatedpo_mega.config import GateConfig, ObjectiveConfig
+        from gatedpo_mega.gate import GateConfig
+        from gatedpo_mega.loss import pair_objective
+        from gatedpo_mega.objectives import ObjectiveConfig
         from gatedpo_mega.ops.streaming import fused_preference_loss
 
-        objective, gate = ObjectiveConfig(name="dpo", beta=BETA), GateConfig(shape="none")
+        ref = torch.zeros(rows // 2, 2, dtype=torch.float64)
+        objective = pair_objective(ref, ObjectiveConfig(name="dpo", beta=BETA), GateConfig(shape="none"))
 
         def fused_stream(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> float:
-            ref = torch.zeros(rows // 2, 2, dtype=torch.float64)
-            loss = fused_preference_loss(
-                h.view(rows, -1, h.shape[-1]), w, y.view(rows, -1), ref, objective=objective, gate=gate
-            )[0].mean()
+            loss = fused_preference_loss(h.view(rows, -1, h.shape[-1]), w, y.view(rows, -1), objective)[
+                0
+            ].mean()
             loss.backward()
             return loss.item()
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gatedpo_mega.errors import UserError
+from gatedpo_mega.errors import UserError, run_command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -151,11 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gatedpo")
     add_data_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UserError as e:
-        print(f"gatedpo: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO around a megatron-core model.
 
-Two drivers share one loss hook (``gatedpo_mega.megatron.step``):
+Two drivers share one loss hook (``gatedpo_mega.loss``); the backend says which it uses (``Backend.engine_driver``):
 
 - ``schedule`` (ZeRO 0/1, any pipeline size): megatron-core's ``get_forward_backward_func()`` runs the
   micro-batches and their backward passes (gradient accumulation in ``.grad``); DeepSpeed then reduces the
@@ -68,14 +68,10 @@ class LayoutMPU:
         return self.layout.dp
 
 
-def uses_engine_driver(cfg: Config) -> bool:
-    """ZeRO 2/3 reduce gradients in backward hooks; a Hugging Face model has no megatron-core schedule."""
-    return cfg.parallel.zero_stage >= 2 or cfg.model.backend == "transformers"
-
-
-def deepspeed_config(cfg: Config, *, dp: int, num_micro_batches: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, *, dp: int, num_micro_batches: int, engine_driver: bool) -> dict[str, Any]:
+    """``engine_driver``: DeepSpeed's engine runs each micro-batch (``Backend.engine_driver``), so it accumulates
+    gradients itself; otherwise a step is one "micro-batch" of all of them, accumulated by the schedule."""
     t = cfg.train
-    engine_driver = uses_engine_driver(cfg)
     gas = num_micro_batches if engine_driver else 1
     micro = t.micro_batch_size if engine_driver else t.micro_batch_size * num_micro_batches
     return {
@@ -106,7 +102,9 @@ def lr_lambda(step: int, *, warmup: int, total: int, ratio: float) -> float:
     return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, *, num_micro_batches: int) -> Any:
+def build_engine(
+    model: torch.nn.Module, cfg: Config, layout: Layout, *, num_micro_batches: int, engine_driver: bool
+) -> Any:
     import deepspeed
 
     t = cfg.train
@@ -129,7 +127,9 @@ def build_engine(model: torch.nn.Module, cfg: Config, layout: Layout, *, num_mic
         optimizer=optimizer,
         lr_scheduler=scheduler,
         mpu=LayoutMPU(layout),
-        config=deepspeed_config(cfg, dp=layout.dp, num_micro_batches=num_micro_batches),
+        config=deepspeed_config(
+            cfg, dp=layout.dp, num_micro_batches=num_micro_batches, engine_driver=engine_driver
+        ),
         dist_init_required=False,
     )
     return engine

@@ -1,0 +1,1 @@
+"""Experiments from data to report (``gatedpo mass-dynamics``)."""

@@ -81,12 +81,6 @@ def hf_forward(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Te
     return model(input_ids=input_ids, use_cache=False).logits
 
 
-def hf_vocab_size(path: str | Path) -> int:
-    import json
-
-    return int(json.loads((Path(path) / "config.json").read_text())["vocab_size"])
-
-
 def save_hf_folder(engine: Any, src: str | Path, dst: Path, *, rank: int, zero_stage: int) -> None:
     """Write the trained model as a Hugging Face folder (safetensors, config, tokenizer files of ``src``) into
     ``dst``, atomically. Collective under ZeRO-3 (the parameters are gathered)."""

@@ -2,8 +2,10 @@
 
 ``FusedOutputLayer`` takes the place of ``GPTModel.output_layer`` (keeping its weight, so parameter names, the
 initialisation and DeepSpeed see the same tensor) and runs ``fused_token_logprobs`` inside the module's forward,
-where DeepSpeed ZeRO-3 has the weight gathered. The targets are handed to it just before each forward
-(``set_output_targets``). GPTModel then returns ``[B, S, 3]``: target log-prob, top-1 log-prob, entropy.
+where DeepSpeed ZeRO-3 has the weight gathered. Each forward is preceded by ``set_output_request``: the micro-batch's
+targets, and with the fused objective a ``PairObjective``, in which case the layer runs ``fused_preference_loss``
+and hands the per-pair losses back on the request. GPTModel then returns ``[B, S, 3]``: target log-prob, top-1
+log-prob, entropy.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gatedpo_mega.loss import OutputRequest
 from gatedpo_mega.ops import fused_token_logprobs
 from gatedpo_mega.ops.streaming import fused_preference_loss
 
@@ -26,28 +29,24 @@ class FusedOutputLayer(torch.nn.Module):
             self.weight = weight
         self.tp_group = tp_group
         self.vocab_size = vocab_size
-        self.targets: torch.Tensor | None = None  # [B, S], set before each forward
-        # With the fused objective: (reference [B, 2], objective, gate, sink); the per-pair losses go to the sink.
-        self.pair: tuple[Any, ...] | None = None
+        self.request: OutputRequest | None = None  # set before each forward, consumed by it
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor | None = None, **_: Any
     ) -> tuple[torch.Tensor, None]:
-        if self.targets is None:
-            raise RuntimeError("FusedOutputLayer needs set_output_targets(model, labels) before the forward")
+        request, self.request = self.request, None
+        if request is None:
+            raise RuntimeError("FusedOutputLayer needs set_output_request(model, request) before the forward")
         w = weight if weight is not None else self.weight
-        targets, pair = self.targets, self.pair
-        self.targets = self.pair = None
-        if pair is not None and torch.is_grad_enabled():
-            reference, objective, gate, sink = pair
+        if request.objective is not None and torch.is_grad_enabled():
             losses, *pair_stats = fused_preference_loss(
-                hidden.transpose(0, 1), w, targets, reference, objective=objective, gate=gate,
-                tp_group=self.tp_group, vocab_size=self.vocab_size,
+                hidden.transpose(0, 1), w, request.targets, request.objective, tp_group=self.tp_group,
+                vocab_size=self.vocab_size,
             )  # fmt: skip
-            sink.append(losses)
+            request.pair_losses = losses
             return torch.stack(pair_stats, dim=-1).transpose(0, 1), None
         stats = fused_token_logprobs(
-            hidden, w, targets.t(), tp_group=self.tp_group, vocab_size=self.vocab_size
+            hidden, w, request.targets.t(), tp_group=self.tp_group, vocab_size=self.vocab_size
         )
         return torch.stack(stats, dim=-1), None  # [S, B, 3]; GPTModel transposes to [B, S, 3]
 
@@ -58,14 +57,11 @@ def install_fused_output(model: torch.nn.Module, *, tp_group: Any, vocab_size: i
     model.output_layer = FusedOutputLayer(original, tp_group=tp_group, vocab_size=vocab_size)
 
 
-def set_output_targets(
-    model: torch.nn.Module, labels: torch.Tensor, pair: tuple[Any, ...] | None = None
-) -> bool:
-    """Give the fused output layer (if this stage has one) the micro-batch's targets, and with ``pair`` =
-    (reference [B, 2], objective, gate, sink) the inputs of the fused objective; returns whether it exists."""
+def set_output_request(model: torch.nn.Module, request: OutputRequest) -> bool:
+    """Hand the micro-batch's request to the fused output layer, if this stage has one; returns whether it does."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
     layer = getattr(inner, "output_layer", None)
     if isinstance(layer, FusedOutputLayer):
-        layer.targets, layer.pair = labels, pair
+        layer.request = request
         return True
     return False

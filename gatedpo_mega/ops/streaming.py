@@ -11,18 +11,19 @@ the weight gradient (for objectives of the margin alone the ratio ``c_r / c_c`` 
 accumulator serves both rows). Extra memory: one chunk of logits and one or two ``[V_local, H]`` float32
 accumulators (plus the weight gradient every method holds), independent of the pair's length.
 
-The loss is the one ``gatedpo_mega.megatron.step.preference_loss_func`` computes (objective, gate, NLL term,
-``average_logps``); the gate's value never enters the loss, only the gradient, as ``apply_gate`` does.
+What the objective and the gate are comes in as a ``PairObjective`` of functions over tensors (the loss module
+builds it from the run's objective and gate, ``gatedpo_mega.loss.pair_objective``), so this op knows neither; the
+gate's value never enters the loss, only the gradient, as ``apply_gate`` does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from gatedpo_mega.gate import GateConfig, gate_values
-from gatedpo_mega.objectives import preference_loss
 from gatedpo_mega.ops.collectives import ProcessGroup, copy_to_group, group_size
 from gatedpo_mega.ops.fused import scaled_stored_grads
 from gatedpo_mega.ops.logprobs import (
@@ -35,25 +36,32 @@ from gatedpo_mega.ops.logprobs import (
 )
 from gatedpo_mega.ops.logprobs import shard_stats as _shard_stats
 
-# Objectives that depend on the margin (policy - reference, chosen minus rejected) alone.
-MARGIN_OBJECTIVES = ("dpo", "ipo", "hinge")
+Gate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class PairObjective:
+    """The per-pair loss and the rejected rows' gate, as functions the op calls."""
+
+    # (pair index, summed target log-probs [2] (chosen, rejected; differentiable), response token counts [2])
+    # -> that pair's loss (a scalar).
+    loss: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+    # For objectives of the margin alone: ``dL/ds_rejected / dL/ds_chosen`` from the token counts, known before
+    # the loss, so one weight-gradient accumulator serves both rows. None: two accumulators.
+    rejected_ratio: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (logp [n], logp_max [n], keep [n]) of rejected tokens -> the gate of each (token granularity).
+    token_gate: Gate | None = None
+    # (logp [T], logp_max [T], keep [T]) of a whole rejected row -> its one gate (sequence granularity).
+    row_gate: Gate | None = None
 
 
 def _pair_coefficients(
-    sums: torch.Tensor, counts: torch.Tensor, ref: torch.Tensor, objective: Any
+    i: int, sums: torch.Tensor, counts: torch.Tensor, objective: PairObjective
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Loss of one pair and ``dL/d(summed log-prob)`` of its chosen and rejected rows."""
+    """Loss of pair ``i`` and ``dL/d(summed log-prob)`` of its chosen and rejected rows."""
     with torch.enable_grad():
         s = sums.detach().clone().requires_grad_(True)
-        seq = s / counts.clamp(min=1) if objective.average_logps else s
-        nll = None
-        if objective.nll_weight:
-            nll = -(s[0] / counts[0].clamp(min=1) if objective.nll_average else s[0])
-        loss = preference_loss(
-            seq[0:1], seq[1:2], ref[0:1], ref[1:2], objective=objective.name, beta=objective.beta,
-            label_smoothing=objective.label_smoothing, chosen_nll=None if nll is None else nll.reshape(1),
-            nll_weight=objective.nll_weight,
-        )[0]  # fmt: skip
+        loss = objective.loss(i, s, counts)
         (c,) = torch.autograd.grad(loss, s)
     return loss.detach(), c[0], c[1]
 
@@ -65,9 +73,7 @@ class _StreamingPairLoss(torch.autograd.Function):
         hidden: torch.Tensor,  # [R, T, H]: chosen rows, then rejected rows
         weight: torch.Tensor,
         targets: torch.Tensor,  # [R, T], checked
-        reference: torch.Tensor,  # [B, 2] in the units of the objective (sums, or means with average_logps)
-        objective: Any,
-        gate: GateConfig,
+        objective: PairObjective,
         group: ProcessGroup | None,
         start: int,
         valid: int,
@@ -83,27 +89,26 @@ class _StreamingPairLoss(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=dev)
         # Objectives of the margin alone (no NLL term) fix c_r / c_c before the pair's loss is known, so the rejected
         # row (run first) is scaled by that ratio and the chosen row added onto it: one accumulator instead of two.
-        margin_only = objective.name in MARGIN_OBJECTIVES and not objective.nll_weight
+        margin_only = objective.rejected_ratio is not None
         buffers = [torch.zeros(valid, h_dim, dtype=acc, device=dev) for _ in range(1 if margin_only else 2)]
         w = weight[:valid]
         work = workspace(min(chunk, t), valid, acc, dev)  # the chunk temporaries, reused by every chunk
-        token_gate = gate.enabled and gate.granularity == "token"
+        token_gate, seq_gate = objective.token_gate, objective.row_gate
 
         def row_gate(r: int) -> torch.Tensor:
             """The rejected row's one gate (sequence granularity; 1 otherwise)."""
-            keep = (targets[r] != IGNORE_INDEX)[None]
-            if token_gate or not gate.enabled or not bool(keep.any()):
+            keep = targets[r] != IGNORE_INDEX
+            if seq_gate is None or not bool(keep.any()):
                 return torch.ones((), dtype=acc, device=dev)
-            return gate_values(stats[0][r][None], stats[1][r][None], keep, gate)[0][keep[0]][0].to(acc)
+            return seq_gate(stats[0][r], stats[1][r], keep).to(acc)
 
         for i in range(b):
             sums = torch.zeros(2, dtype=acc, device=dev)
             counts = (targets[[i, b + i]] != IGNORE_INDEX).sum(-1).to(acc)
             for side, r in ((1, b + i), (0, i)) if margin_only else ((0, i), (1, b + i)):
                 buf = buffers[0] if margin_only else buffers[side]
-                if margin_only and side == 0:  # the rejected row is in: D = ratio * D_r, then + D_c
-                    n = counts.clamp(min=1)
-                    ratio = -(n[0] / n[1] if objective.average_logps else 1.0) * row_gate(b + i)
+                if objective.rejected_ratio is not None and side == 0:  # D = ratio * D_r, then + D_c
+                    ratio = objective.rejected_ratio(counts) * row_gate(b + i)
                     buf.mul_(float(ratio))
                 else:
                     buf.zero_()
@@ -120,8 +125,8 @@ class _StreamingPairLoss(torch.autograd.Function):
                         out[r, sl] = x.masked_fill(~keep, 0.0)
                     sums[side] += logp.masked_fill(~keep, 0.0).sum()
                     a = keep.to(acc)
-                    if side == 1 and token_gate:
-                        a = a * gate_values(logp[None], logp_max[None], keep[None], gate)[0].to(acc)
+                    if side == 1 and token_gate is not None:
+                        a = a * token_gate(logp, logp_max, keep).to(acc)
                     if valid == 0:
                         continue
                     rows_n = logits.shape[0]
@@ -129,7 +134,7 @@ class _StreamingPairLoss(torch.autograd.Function):
                     dz = dz.to(hidden.dtype)
                     grad_hidden[r, sl] = dz @ w  # matmul 2 of 3 (unscaled)
                     buf.addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3 (unscaled)
-            loss, c_c, c_r = _pair_coefficients(sums, counts, reference[i].to(acc), objective)
+            loss, c_c, c_r = _pair_coefficients(i, sums, counts, objective)
             c_r = c_r * row_gate(b + i)  # one gate per rejected response (sequence granularity)
             losses[i] = loss
             grad_hidden[i].mul_(c_c.to(hidden.dtype))
@@ -145,17 +150,15 @@ class _StreamingPairLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
         grads = scaled_stored_grads(ctx, grad_loss, "fused_preference_loss")
-        return *grads, None, None, None, None, None, None, None, None
+        return *grads, None, None, None, None, None, None
 
 
 def fused_preference_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    reference: torch.Tensor,
+    objective: PairObjective,
     *,
-    objective: Any,
-    gate: GateConfig,
     tp_group: ProcessGroup | None = None,
     vocab_start_index: int | None = None,
     vocab_size: int | None = None,
@@ -167,10 +170,7 @@ def fused_preference_loss(
         hidden: ``[2B, T, H]`` final hidden states, chosen rows then rejected rows (identical on every TP rank).
         weight: ``[V_local, H]`` this rank's vocabulary shard of the output layer.
         targets: ``[2B, T]`` next-token targets, ``-100`` outside the responses.
-        reference: ``[B, 2]`` reference log-probs (chosen, rejected), summed, or per token with
-            ``objective.average_logps``.
-        objective: an ``ObjectiveConfig`` (name, beta, label_smoothing, average_logps, nll_weight, nll_average).
-        gate: the ``GateConfig`` applied to the rejected rows' gradient.
+        objective: the per-pair loss (it holds the reference log-probs) and the rejected rows' gate.
 
     Returns ``(loss [B], logp [2B, T], logp_max, entropy)``; only ``loss`` carries a gradient, into ``hidden``
     (summed over ``tp_group``) and ``weight``; reduce it with equal weights per pair (sum or mean).
@@ -181,11 +181,9 @@ def fused_preference_loss(
         )
     if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight {tuple(weight.shape)} is not [V_local, H={hidden.shape[-1]}]")
-    if reference.shape != (hidden.shape[0] // 2, 2):
-        raise ValueError(f"reference {tuple(reference.shape)} is not [B={hidden.shape[0] // 2}, 2]")
     flat, start, valid = resolve_shard(targets, weight.shape[0], tp_group, vocab_start_index, vocab_size)
     chunk = chunk_size or default_chunk_size(weight.shape[0], group_size(tp_group))
     h = copy_to_group(hidden, tp_group)
     return _StreamingPairLoss.apply(
-        h, weight, flat.view(targets.shape), reference, objective, gate, tp_group, start, valid, chunk
+        h, weight, flat.view(targets.shape), objective, tp_group, start, valid, chunk
     )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch.distributed as dist
@@ -17,7 +19,34 @@ from gatedpo_mega.data.tokenized import TokenizedPairs
 from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.training.init import source_identity, source_vocab_size
-from gatedpo_mega.training.loop import RunData
+
+
+class StepSource(Protocol):
+    """Where a run's batches come from (``gatedpo_mega.data.PreferenceLoader`` in production)."""
+
+    num_micro_batches: int
+
+    def __next__(self) -> list[PreferenceBatch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(slots=True)
+class RunData:
+    steps: StepSource  # this DP rank's micro-batches, one list per optimizer step
+    reference_batches: list[PreferenceBatch]  # this DP rank's share of every pair, for the reference pass
+    num_pairs: int
+    vocab_size: int
+    reference_file: Path | None  # cached reference log-probs (None: always compute)
+    report: str = ""
+    # Held-out pairs: this DP rank's micro-batches (the same number on every rank; ``eval_counted`` False marks
+    # the fillers that even them out, which are run but not counted).
+    eval_batches: list[PreferenceBatch] | None = None
+    eval_counted: list[bool] | None = None
+    num_eval_pairs: int = 0
+    eval_reference_file: Path | None = None
 
 
 def reference_key(cfg: Config, vocab_size: int) -> str:

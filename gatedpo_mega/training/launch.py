@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, cfg: Config, make_data: Any = None
         print(f"gatedpo: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except Exception as e:
-        from gatedpo_mega.megatron.step import NonFiniteLossError
+        from gatedpo_mega.loss import NonFiniteLossError
 
         if isinstance(e, NonFiniteLossError):
             print(f"gatedpo: error: rank {rank}: {e}", file=sys.stderr, flush=True)

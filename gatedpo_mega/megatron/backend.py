@@ -1,0 +1,116 @@
+"""The megatron-core backend: ``GPTModel`` at any tensor x pipeline layout, driven by megatron-core's schedules.
+
+The loss hook sits at Megatron's seam ``forward_step(data_iterator, model) -> (output, partial(loss_func, ...))``:
+on the last pipeline stage the output is this rank's vocabulary shard of the logits (or the fused output layer's
+statistics) and the loss function (``gatedpo_mega.loss``) turns it into ``(loss, aux)``; earlier stages return
+their hidden states and the schedule moves them along.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from gatedpo_mega.data.batch import PreferenceBatch
+from gatedpo_mega.loss import LossContext, OutputRequest, output_request
+from gatedpo_mega.megatron.model import StageInfo, build_model
+from gatedpo_mega.megatron.output import set_output_request
+from gatedpo_mega.megatron.parallel import Layout
+
+if TYPE_CHECKING:
+    from gatedpo_mega.backend import LossFunc
+    from gatedpo_mega.config import Config
+
+
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    """megatron-core's boolean attention mask: True where attention is *not* allowed."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)[None, None]
+
+
+def model_forward(
+    model: torch.nn.Module, batch: PreferenceBatch, request: OutputRequest | None = None
+) -> torch.Tensor:
+    """Logits ``[2B, T, V/TP]`` on the last stage, or ``[2B, T, 3]`` statistics with the fused output layer (which
+    answers ``request``; by default it is asked for the statistics of ``batch.labels``)."""
+    set_output_request(model, request if request is not None else OutputRequest(batch.labels))
+    ids = batch.input_ids
+    positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+    return model(ids, positions, attention_mask=causal_mask(ids.shape[1], ids.device))
+
+
+def forward_step(
+    loss_func: LossFunc, ctx: LossContext, data_iterator: Any, model: torch.nn.Module
+) -> tuple[torch.Tensor, Any]:
+    """Megatron's ``forward_step_func`` (bind ``loss_func`` and ``ctx`` with ``functools.partial``)."""
+    batch: PreferenceBatch = next(data_iterator)
+    request = output_request(ctx, batch)
+    return model_forward(model, batch, request), partial(loss_func, batch, ctx, request=request)
+
+
+def stage_info(cfg: Config, layout: Layout) -> StageInfo:
+    per_stage = cfg.model.num_layers // layout.pp
+    return StageInfo(
+        pre_process=layout.first_stage, post_process=layout.last_stage, layer_offset=layout.pp_rank * per_stage,
+        tp_rank=layout.tp_rank, tp_size=layout.tp,
+    )  # fmt: skip
+
+
+class MegatronBackend:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        # ZeRO 2 and 3 reduce and partition gradients in hooks during every backward pass: DeepSpeed's engine must
+        # run the micro-batches (pipeline 1 only, as DeepSpeed requires; the config refuses the rest).
+        self.engine_driver = cfg.parallel.zero_stage >= 2
+
+    def build(self, layout: Layout, vocab_size: int, device: torch.device) -> torch.nn.Module:
+        cfg = self.cfg
+        model = build_model(
+            cfg.model, vocab_size=vocab_size, stage=stage_info(cfg, layout), pipeline=layout.pp,
+            seed=cfg.train.seed, tp_group=layout.tp_group,
+        )  # fmt: skip
+        if cfg.model.init_from:
+            from gatedpo_mega.training.init import load_initial_weights
+
+            load_initial_weights(model, cfg, layout, vocab_size)
+        return model.to(device)
+
+    def forward(self, model: torch.nn.Module, batch: PreferenceBatch, request: OutputRequest) -> torch.Tensor:
+        return model_forward(model, batch, request)
+
+    def schedule(
+        self,
+        model: torch.nn.Module,
+        batches: list[PreferenceBatch],
+        loss_func: LossFunc,
+        ctx: LossContext,
+        *,
+        forward_only: bool,
+    ) -> list[dict[str, Any]]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        out: list[dict[str, Any]] = get_forward_backward_func()(
+            forward_step_func=partial(forward_step, loss_func, ctx),
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=max(b.input_ids.shape[1] for b in batches),
+            micro_batch_size=batches[0].input_ids.shape[0],
+            forward_only=forward_only,
+        )
+        return out
+
+    def after_backward(self, model: torch.nn.Module, layout: Layout) -> None:
+        """With pipeline parallelism a tied embedding lives on the first and the last stage: sum their gradients."""
+        if layout.embedding_group is None or not getattr(model, "share_embeddings_and_output_weights", False):
+            return
+        if not (layout.first_stage or layout.last_stage):
+            return
+        weight = model.shared_embedding_or_output_weight()  # type: ignore[operator]
+        if weight.grad is not None:
+            dist.all_reduce(weight.grad, group=layout.embedding_group)
+
+    def save_final(self, engine: Any, layout: Layout) -> None:
+        """Nothing beyond the training checkpoints (``gatedpo convert zero-to-hf`` exports them)."""

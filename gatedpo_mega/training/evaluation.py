@@ -1,0 +1,36 @@
+"""Evaluation on the held-out pairs: the training metrics, every pair exactly once at any data-parallel size."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from gatedpo_mega.backend import Backend
+from gatedpo_mega.loss import LossContext, preference_loss_func
+from gatedpo_mega.megatron.parallel import Layout
+from gatedpo_mega.metrics import reduce_metric_sums
+from gatedpo_mega.training.data import RunData
+from gatedpo_mega.training.reference import Reference
+from gatedpo_mega.training.step import run_forward
+
+
+@torch.no_grad()
+def evaluate(
+    backend: Backend, model: torch.nn.Module, layout: Layout, ctx: LossContext, reference: Reference,
+    data: RunData, device: torch.device,
+) -> dict[str, float]:  # fmt: skip
+    """The preference metrics on the held-out pairs (every pair once), as ``eval/<name>`` on every rank."""
+    assert data.eval_batches is not None and data.eval_counted is not None
+    batches = [b.to(device) for b in data.eval_batches]
+    saved = ctx.reference, ctx.ref_tokens, ctx.micro_batch
+    reference.prepare(ctx, batches, split="eval")
+    ctx.micro_batch = 0
+    out = run_forward(backend, model, batches, preference_loss_func, ctx)
+    ctx.reference, ctx.ref_tokens, ctx.micro_batch = saved
+    # Fillers (ranks with fewer micro-batches repeat one so ZeRO-3's gathers stay in step) are run, not counted.
+    sums = [o["sums"] for o, counted in zip(out, data.eval_counted, strict=True) if counted] if out else []
+    metrics = reduce_metric_sums(sums, layout.dp_group) if layout.last_stage else {}
+    payload = [metrics]
+    if layout.pp > 1:
+        dist.broadcast_object_list(payload, src=layout.logger_rank)
+    return {f"eval/{k}": v for k, v in payload[0].items()}

@@ -1,0 +1,104 @@
+"""What a run leaves behind each step: ``metrics.jsonl`` (one object per optimizer step), TensorBoard scalars and
+the progress bar (on one rank), and the step record they hold (metrics reduced over data-parallel ranks, gradient
+norm, learning rate, throughput, peak memory)."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gatedpo_mega.config import Config, dump_config
+from gatedpo_mega.data.batch import PreferenceBatch
+from gatedpo_mega.megatron.parallel import Layout
+from gatedpo_mega.metrics import reduce_metric_sums
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one object per optimizer step), TensorBoard scalars and the progress bar, on one rank."""
+
+    def __init__(self, cfg: Config, *, active: bool, start_step: int = 0) -> None:
+        """A run that starts at ``start_step`` > 0 (resumed) keeps the first ``start_step`` records and appends."""
+        self.active = active
+        self.out = Path(cfg.train.output_dir)
+        self.bar: Any = None
+        self.tb: Any = None
+        if not active:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(dump_config(cfg))
+        path = self.out / "metrics.jsonl"
+        kept = []
+        if start_step and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self.file = path.open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        except ImportError:  # tensorboard is optional for the loop itself
+            self.tb = None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="gate-dpo", dynamic_ncols=True)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+        shown = {
+            "loss": record.get("loss"),
+            "acc": record.get("rewards/accuracies"),
+            "eval": record.get("eval/loss"),
+        }
+        self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items() if v is not None}, refresh=False)
+        if record["step"] > 0:  # the step-0 row is the evaluation before training
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.active:
+            self.file.close()
+            self.bar.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def step_record(
+    step: int, sums: list[Any], batches: list[PreferenceBatch], engine: Any, layout: Layout, seconds: float
+) -> dict[str, Any]:
+    """Reduce the metrics over the data-parallel group and bring them to every rank."""
+    metrics = reduce_metric_sums(sums, layout.dp_group) if layout.last_stage else {}
+    device = batches[0].input_ids.device  # collectives on the backend's device (NCCL needs CUDA tensors)
+    tokens = torch.tensor([sum(b.input_ids.numel() for b in batches)], dtype=torch.float64, device=device)
+    dist.all_reduce(tokens, group=layout.dp_group)
+    payload = [metrics]
+    if layout.pp > 1:
+        dist.broadcast_object_list(payload, src=layout.logger_rank)
+    # Peak memory of the busiest rank: device memory on GPU, resident set size on CPU.
+    if torch.cuda.is_available():
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], dtype=torch.float64, device="cuda")
+    else:
+        peak = torch.tensor(
+            [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=device
+        )
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    norm = engine.get_global_grad_norm()
+    record = {"step": step, **payload[0]}
+    record["grad_norm"] = float(norm) if norm is not None else float("nan")
+    record["lr"] = float(engine.get_lr()[0])
+    record["tokens_per_second"] = float(tokens) / max(seconds, 1e-9)
+    record["step_seconds"] = seconds
+    record["memory/peak_mib_max_rank"] = float(peak)
+    return record
