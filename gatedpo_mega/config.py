@@ -62,6 +62,9 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on the query/key/value projection (Qwen2)
     init_std: float = 0.02
     dtype: str = "fp32"  # fp32 | bf16 (parameters and compute; the optimizer keeps fp32 master weights)
+    # Core attention: sdpa (torch's scaled_dot_product_attention: causal without a mask tensor, memory linear in
+    # the sequence length, documents of a packed row kept apart) or local (megatron-core's, [T, T] scores).
+    attention: str = "sdpa"
     fused_logprobs: bool = True  # output layer + log-probs per token chunk, never holding the logits
     # The output layer computes the whole preference loss in three matmuls (fused_preference_loss) instead of
     # recomputing logits in backward (four): faster, plus two [V/TP, H] float32 accumulators of memory.
@@ -94,6 +97,7 @@ class ModelConfig:
         positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
         choice("model.dtype", self.dtype, ("fp32", "bf16"))
         choice("model.backend", self.backend, tuple(BACKENDS))
+        choice("model.attention", self.attention, ("sdpa", "local"))
         if self.fused_objective and (not self.fused_logprobs or self.backend != "megatron"):
             raise ValueError(
                 "model.fused_objective=true needs model.fused_logprobs=true and model.backend=megatron"
@@ -180,6 +184,17 @@ class Config:
         if self.objective.name in SFT_OBJECTIVES and self.model.fused_objective:
             raise ValueError(
                 f"model.fused_objective=true computes preference objectives, not {self.objective.name}"
+            )
+        if self.data.packing and self.model.backend == "transformers":
+            raise ValueError(
+                "data.packing=true with model.backend=transformers: a Hugging Face model keeps packed documents apart "
+                "only through a dense [T, T] block mask, which packing exists to avoid; use model.backend=megatron "
+                "with model.init_from (the same weights) to pack"
+            )
+        if self.data.packing and self.model.attention != "sdpa":
+            raise ValueError(
+                f"data.packing=true with model.attention={self.model.attention}: that attention core cannot keep the "
+                "documents of a packed row apart; use model.attention=sdpa"
             )
         if self.objective.name in SFT_OBJECTIVES and self.train.reference == "live":
             raise ValueError(f"train.reference=live: objective.name={self.objective.name} uses no reference")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gatedpo_mega.data.batch import PreferenceBatch
+from gatedpo_mega.data.batch import Packing, PreferenceBatch
 from gatedpo_mega.gate import GateConfig, apply_gate, gate_values
 from gatedpo_mega.metrics import ResponseStats, metric_sums
 from gatedpo_mega.objectives import (
@@ -55,9 +55,14 @@ class LossContext:
 
 @dataclass(slots=True)
 class OutputRequest:
-    """What a fused output layer is asked to compute for one micro-batch, and what it hands back."""
+    """What a fused output layer is asked to compute for one micro-batch, and what it hands back. It returns the
+    statistics in the padded row layout ``[2B, W, 3]`` whatever layout the model ran in."""
 
-    targets: torch.Tensor  # [2B, T] next-token targets, -100 outside the responses
+    targets: (
+        torch.Tensor
+    )  # next-token targets in the model's layout ([2B, W], or [1, T] packed), -100 ignored
+    packing: Packing | None = None  # the micro-batch ran packed: how to bring its tokens back to rows
+    row_targets: torch.Tensor | None = None  # [2B, W] the targets in the padded layout (with packing)
     objective: PairObjective | None = None  # also compute the per-pair loss (training with fused_objective)
     pair_losses: torch.Tensor | None = None  # [B], filled by the layer when it computed them
 
@@ -108,21 +113,30 @@ def pair_objective(reference: torch.Tensor, objective: ObjectiveConfig, gate: Ga
     )
 
 
-def output_request(ctx: LossContext, batch: PreferenceBatch) -> OutputRequest:
+def output_request(ctx: LossContext | None, batch: PreferenceBatch) -> OutputRequest:
     """The request for the output layer: the targets, and with ``ctx.fused_objective`` (training) the objective."""
     objective = None
-    if ctx.fused_objective and ctx.reference is not None and torch.is_grad_enabled():
+    if ctx is not None and ctx.fused_objective and ctx.reference is not None and torch.is_grad_enabled():
         objective = pair_objective(pair_reference(ctx, batch), ctx.objective, ctx.gate)
-    return OutputRequest(batch.labels, objective)
+    p = batch.packing
+    if p is None:
+        return OutputRequest(batch.labels, objective=objective)
+    return OutputRequest(p.targets, packing=p, row_targets=batch.labels, objective=objective)
 
 
 def response_stats(
     output: torch.Tensor, batch: PreferenceBatch, ctx: LossContext
 ) -> tuple[ResponseStats, ResponseStats, torch.Tensor]:
     """Per-token statistics of the chosen rows and the rejected rows, and the ungated rejected log-probs.
-    ``output`` is this shard's logits, or a fused output layer's ``[2B, T, 3]`` statistics."""
+    ``output`` is this shard's logits in the model's layout, or a fused output layer's ``[2B, W, 3]`` statistics
+    (in the padded layout)."""
     if ctx.fused:
         logp, logp_max, entropy = output.unbind(-1)
+    elif batch.packing is not None:  # [1, T, V/TP] logits of the packed row; statistics back to rows
+        stats = token_logprobs(
+            output, batch.packing.targets, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size
+        )
+        logp, logp_max, entropy = (batch.packing.rows(x[0]) for x in stats)
     else:
         logp, logp_max, entropy = token_logprobs(
             output, batch.labels, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size

@@ -1,4 +1,4 @@
-"""The micro-batch that flows from the data pipeline into the model: whole preference pairs."""
+"""The micro-batch that flows from the data pipeline into the model: whole preference pairs, padded or packed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,36 @@ from gatedpo_mega.ops import IGNORE_INDEX
 
 
 @dataclass(frozen=True, slots=True)
+class Packing:
+    """The same micro-batch with its rows back to back in one row of ``T`` tokens (megatron-core's ``thd`` layout):
+    what the model runs on when ``data.packing`` is set. Document ``j`` is row ``j`` of the padded layout without
+    its padding, so chosen documents come first, then rejected ones, as the rows do."""
+
+    input_ids: torch.Tensor  # [1, T]
+    targets: torch.Tensor  # [1, T] next-token targets, -100 outside the responses
+    cu_seqlens: (
+        torch.Tensor
+    )  # [D + 1] int32: where each document starts (the last one may be the padding tail)
+    max_seqlen: int  # the longest document
+    unpack: (
+        torch.Tensor
+    )  # [2B, W] position in the packed row of each token of the padded layout (-1: padding)
+
+    def rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token ``values`` of the packed row, ``[T, ...]``, in the padded layout ``[2B, W, ...]`` (zero on
+        padding, as the padded computation gives there)."""
+        out = values[self.unpack.clamp(min=0)]
+        pad = (self.unpack < 0).reshape(*self.unpack.shape, *([1] * (values.ndim - 1)))
+        return out.masked_fill(pad, 0)
+
+    def to(self, device: torch.device | str) -> Packing:
+        return Packing(
+            self.input_ids.to(device), self.targets.to(device), self.cu_seqlens.to(device), self.max_seqlen,
+            self.unpack.to(device),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class PreferenceBatch:
     """``B`` pairs as ``2B`` right-padded rows: rows ``0..B-1`` are prompt + chosen, rows ``B..2B-1`` prompt +
     rejected of the same pairs, in the same order.
@@ -17,11 +47,13 @@ class PreferenceBatch:
     ``labels[:, t]`` is the next token ``input_ids[:, t + 1]`` where that token belongs to the response (its EOS
     included) and ``-100`` elsewhere (prompt, padding), so ``labels != -100`` is the response loss mask.
     ``pair_ids`` are the pairs' indices in their tokenized dataset: the key for stored reference log-probs.
+    With ``packing`` the model runs on the packed row instead; the loss reads its statistics back in this layout.
     """
 
-    input_ids: torch.Tensor  # [2B, T] long
-    labels: torch.Tensor  # [2B, T] long
+    input_ids: torch.Tensor  # [2B, W] long
+    labels: torch.Tensor  # [2B, W] long
     pair_ids: torch.Tensor  # [B] long
+    packing: Packing | None = None
 
     @property
     def pairs(self) -> int:
@@ -31,5 +63,35 @@ class PreferenceBatch:
     def loss_mask(self) -> torch.Tensor:
         return self.labels != IGNORE_INDEX
 
+    @property
+    def model_input_ids(self) -> torch.Tensor:
+        """What the model runs on: ``[2B, W]`` padded rows, or ``[1, T]`` packed."""
+        return self.input_ids if self.packing is None else self.packing.input_ids
+
     def to(self, device: torch.device | str) -> PreferenceBatch:
-        return PreferenceBatch(self.input_ids.to(device), self.labels.to(device), self.pair_ids.to(device))
+        packing = self.packing.to(device) if self.packing is not None else None
+        return PreferenceBatch(
+            self.input_ids.to(device), self.labels.to(device), self.pair_ids.to(device), packing
+        )
+
+
+def pack(batch: PreferenceBatch, lengths: list[int], *, pad_to_multiple: int, pad_id: int) -> PreferenceBatch:
+    """``batch`` with its ``Packing``: the rows' first ``lengths[j]`` tokens back to back, in row order, the row
+    padded to a multiple of ``pad_to_multiple`` by a tail that forms its own (ignored) document."""
+    real = sum(lengths)
+    total = -(-real // pad_to_multiple) * pad_to_multiple
+    input_ids = torch.full((1, total), pad_id, dtype=torch.long)
+    targets = torch.full((1, total), IGNORE_INDEX, dtype=torch.long)
+    unpack = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
+    starts = [0]
+    for j, n in enumerate(lengths):
+        a = starts[-1]
+        input_ids[0, a : a + n] = batch.input_ids[j, :n]
+        targets[0, a : a + n] = batch.labels[j, :n]
+        unpack[j, :n] = torch.arange(a, a + n)
+        starts.append(a + n)
+    if total > real:
+        starts.append(total)
+    cu = torch.tensor(starts, dtype=torch.int32)
+    packing = Packing(input_ids, targets, cu, int((cu[1:] - cu[:-1]).max()), unpack)
+    return PreferenceBatch(batch.input_ids, batch.labels, batch.pair_ids, packing)

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gatedpo_mega.validate import choice
+
 FORMATS = ("auto", "hh", "plain", "chat")
 CHAT_TEMPLATES = ("auto", "tokenizer", "hh", "chatml")
 ON_BAD_RECORD = ("error", "skip")
-
-
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -33,7 +30,9 @@ class DataConfig:
     max_length: int = 128  # prompt + response tokens per row
     max_prompt_length: int = 64  # prompts longer than this keep their end
     pad_to_multiple: int = 8  # row length is padded to a multiple of this (tensor parallelism, kernels)
-    packing: bool = False  # several pairs per row; refused: the model path cannot honour packed boundaries
+    # Each micro-batch's rows back to back in one row, no padding between them; every document attends only to
+    # itself (model.attention=sdpa) and its positions restart at 0. The same pairs per micro-batch as unpacked.
+    packing: bool = False
     on_bad_record: str = "error"  # error: stop at the first bad record | skip: count, report and go on
     eval_fraction: float = 0.05  # held-out share, chosen by a hash of the prompt text (0: no eval split)
     num_proc: int = 1  # tokenizer processes
@@ -47,9 +46,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.source:
             raise ValueError("data.source must not be empty (use 'builtin' for the generated dataset)")
-        _choice("data.format", self.format, FORMATS)
-        _choice("data.chat_template", self.chat_template, CHAT_TEMPLATES)
-        _choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
+        choice("data.format", self.format, FORMATS)
+        choice("data.chat_template", self.chat_template, CHAT_TEMPLATES)
+        choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
         for key in ("prompt_field", "chosen_field", "rejected_field"):
             if not getattr(self, key):
                 raise ValueError(f"data.{key} must not be empty")
@@ -63,12 +62,6 @@ class DataConfig:
             )
         if self.pad_to_multiple < 1:
             raise ValueError(f"data.pad_to_multiple={self.pad_to_multiple} must be >= 1")
-        if self.packing:
-            raise ValueError(
-                "data.packing=true is not supported: the megatron-core GPTModel path builds one causal mask per "
-                "row and cannot honour per-sequence attention boundaries, so packed pairs would attend to each "
-                "other; set data.packing=false (rows are length-bucketed and padded instead)"
-            )
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         if self.num_proc < 1:

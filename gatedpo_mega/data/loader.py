@@ -13,13 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from gatedpo_mega.data.batch import PreferenceBatch
+from gatedpo_mega.data.batch import PreferenceBatch, pack
 from gatedpo_mega.data.tokenized import TokenizedPairs
 from gatedpo_mega.ops import IGNORE_INDEX
 
 
-def collate(pairs: TokenizedPairs, ids: list[int], *, pad_to_multiple: int, pad_id: int) -> PreferenceBatch:
-    """``B`` pairs as ``2B`` right-padded rows (chosen rows first); labels on response tokens, EOS included."""
+def collate(
+    pairs: TokenizedPairs, ids: list[int], *, pad_to_multiple: int, pad_id: int, packing: bool = False
+) -> PreferenceBatch:
+    """``B`` pairs as ``2B`` right-padded rows (chosen rows first); labels on response tokens, EOS included. With
+    ``packing``, also the rows back to back in one row (``PreferenceBatch.packing``)."""
     rows = []
     starts = []
     for i in ids:
@@ -40,7 +43,10 @@ def collate(pairs: TokenizedPairs, ids: list[int], *, pad_to_multiple: int, pad_
         # labels[t] = input_ids[t + 1] where position t + 1 is a response token
         first = max(start - 1, 0)
         labels[j, first : len(row) - 1] = t[first + 1 :]
-    return PreferenceBatch(input_ids, labels, torch.tensor(ids, dtype=torch.long))
+    batch = PreferenceBatch(input_ids, labels, torch.tensor(ids, dtype=torch.long))
+    if packing:
+        return pack(batch, [len(r) for r in rows], pad_to_multiple=pad_to_multiple, pad_id=pad_id)
+    return batch
 
 
 class PreferenceLoader:
@@ -58,6 +64,7 @@ class PreferenceLoader:
         pad_to_multiple: int,
         pad_id: int,
         shuffle: bool = True,
+        packing: bool = False,
     ) -> None:
         if micro_batch_size < 1 or global_batch_size < 1 or dp_size < 1:
             raise ValueError(
@@ -84,6 +91,7 @@ class PreferenceLoader:
         self.seed = seed
         self.pad_to_multiple, self.pad_id = pad_to_multiple, pad_id
         self.shuffle = shuffle
+        self.packing = packing
         self.num_micro_batches = global_batch_size // (micro_batch_size * dp_size)
         self.steps_per_epoch = len(pairs) // global_batch_size
         # The last incomplete global batch of each epoch is left out (a different set each epoch when shuffled).
@@ -134,7 +142,13 @@ class PreferenceLoader:
             self.epoch += 1
             self.step_in_epoch = 0
         batches = [
-            collate(self.pairs, ids, pad_to_multiple=self.pad_to_multiple, pad_id=self.pad_id)
+            collate(
+                self.pairs,
+                ids,
+                pad_to_multiple=self.pad_to_multiple,
+                pad_id=self.pad_id,
+                packing=self.packing,
+            )
             for ids in self.rank_micro_batches(self.epoch, self.step_in_epoch)
         ]
         self.step_in_epoch += 1

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.loss import LossContext, OutputRequest, output_request
+from gatedpo_mega.megatron.attention import SDPAttention
 from gatedpo_mega.megatron.model import StageInfo, build_model
 from gatedpo_mega.megatron.output import set_output_request
 from gatedpo_mega.megatron.parallel import Layout
@@ -30,15 +31,41 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     return torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)[None, None]
 
 
+def uses_mask(model: torch.nn.Module) -> bool:
+    """Whether the model's core attention needs the dense causal mask (megatron-core's local attention does;
+    ``SDPAttention`` is causal without one)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    found = getattr(inner, "_gatedpo_uses_mask", None)
+    if found is None:
+        found = not any(isinstance(m, SDPAttention) for m in inner.modules())
+        inner._gatedpo_uses_mask = found
+    return bool(found)
+
+
 def model_forward(
     model: torch.nn.Module, batch: PreferenceBatch, request: OutputRequest | None = None
 ) -> torch.Tensor:
-    """Logits ``[2B, T, V/TP]`` on the last stage, or ``[2B, T, 3]`` statistics with the fused output layer (which
-    answers ``request``; by default it is asked for the statistics of ``batch.labels``)."""
-    set_output_request(model, request if request is not None else OutputRequest(batch.labels))
-    ids = batch.input_ids
+    """Logits ``[2B, W, V/TP]`` (``[1, T, V/TP]`` packed) on the last stage, or ``[2B, W, 3]`` statistics with the
+    fused output layer, which answers ``request`` (by default: the statistics of the batch's targets)."""
+    set_output_request(model, request if request is not None else output_request(None, batch))
+    ids = batch.model_input_ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
-    return model(ids, positions, attention_mask=causal_mask(ids.shape[1], ids.device))
+    p = batch.packing
+    if p is not None:  # thd: megatron-core restarts the rotary positions at each document; SDPAttention keeps
+        # the documents apart
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = p.cu_seqlens
+        packed = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=p.max_seqlen,
+            max_seqlen_kv=p.max_seqlen,
+        )
+        return model(ids, positions, attention_mask=None, packed_seq_params=packed)
+    mask = causal_mask(ids.shape[1], ids.device) if uses_mask(model) else None
+    return model(ids, positions, attention_mask=mask)
 
 
 def forward_step(

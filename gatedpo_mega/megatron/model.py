@@ -80,6 +80,18 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
     )
 
 
+def layer_spec(cfg: ModelConfig):  # -> ModuleSpec
+    """megatron-core's local layer spec, with ``SDPAttention`` as its core attention for ``model.attention=sdpa``."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if cfg.attention == "sdpa":
+        from gatedpo_mega.megatron.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
 def build_model(
     cfg: ModelConfig, *, vocab_size: int, stage: StageInfo, pipeline: int, seed: int, tp_group: Any = None
 ):  # -> GPTModel
@@ -87,14 +99,13 @@ def build_model(
     stage's output layer is ``FusedOutputLayer`` over ``tp_group``."""
     apply_cpu_shim()
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(seed)  # named RNG states for dropout regions (CPU generators on CPU)
     tconf = transformer_config(cfg, tensor=stage.tp_size, pipeline=pipeline)
     model = GPTModel(
         config=tconf,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=layer_spec(cfg),
         vocab_size=padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, stage.tp_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=stage.pre_process,

@@ -38,17 +38,26 @@ class FusedOutputLayer(torch.nn.Module):
         if request is None:
             raise RuntimeError("FusedOutputLayer needs set_output_request(model, request) before the forward")
         w = weight if weight is not None else self.weight
+        packing = request.packing
         if request.objective is not None and torch.is_grad_enabled():
+            # The pair loss needs whole rows: a packed row's hidden states go back to the padded layout.
+            rows = hidden.transpose(0, 1) if packing is None else packing.rows(hidden[:, 0])
+            targets = request.targets if packing is None else request.row_targets
+            assert targets is not None
             losses, *pair_stats = fused_preference_loss(
-                hidden.transpose(0, 1), w, request.targets, request.objective, tp_group=self.tp_group,
-                vocab_size=self.vocab_size,
-            )  # fmt: skip
+                rows, w, targets, request.objective, tp_group=self.tp_group, vocab_size=self.vocab_size
+            )
             request.pair_losses = losses
             return torch.stack(pair_stats, dim=-1).transpose(0, 1), None
-        stats = fused_token_logprobs(
-            hidden, w, request.targets.t(), tp_group=self.tp_group, vocab_size=self.vocab_size
-        )
-        return torch.stack(stats, dim=-1), None  # [S, B, 3]; GPTModel transposes to [B, S, 3]
+        stats = torch.stack(
+            fused_token_logprobs(
+                hidden, w, request.targets.t(), tp_group=self.tp_group, vocab_size=self.vocab_size
+            ),
+            dim=-1,
+        )  # [S, B, 3]
+        if packing is not None:  # [T, 1, 3] -> [W, 2B, 3]
+            stats = packing.rows(stats[:, 0]).transpose(0, 1)
+        return stats, None  # GPTModel transposes to [B, S, 3]
 
 
 def install_fused_output(model: torch.nn.Module, *, tp_group: Any, vocab_size: int) -> None:

@@ -53,7 +53,7 @@ def reference_key(cfg: Config, vocab_size: int) -> str:
     """What the initial weights depend on: the model shape, the vocabulary, the seed and the ``init_from``
     source's files (not the layout)."""
     model = asdict(cfg.model)
-    for how in ("fused_logprobs", "fused_objective"):  # ways of computing, not properties of the weights
+    for how in ("fused_logprobs", "fused_objective", "attention"):  # ways of computing, not the weights
         model.pop(how)
     blob = json.dumps(
         {
@@ -86,7 +86,8 @@ def eval_micro_batches(
         mine.append(chunks[0])
         counted.append(False)
     pad = cfg.data.pad_to_multiple
-    return [collate(pairs, c, pad_to_multiple=pad, pad_id=pad_id) for c in mine], counted
+    batches = [collate(pairs, c, pad_to_multiple=pad, pad_id=pad_id, packing=cfg.data.packing) for c in mine]
+    return batches, counted
 
 
 def make_run_data(cfg: Config, layout: Layout) -> RunData:
@@ -109,7 +110,7 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
         steps = PreferenceLoader(
             data.train, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
             dp_rank=layout.dp_rank, dp_size=layout.dp, seed=t.seed, pad_to_multiple=cfg.data.pad_to_multiple,
-            pad_id=tok.pad_id,
+            pad_id=tok.pad_id, packing=cfg.data.packing,
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -120,8 +121,10 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
     chunks = [mine[i : i + size] for i in range(0, len(mine), size)]
     if chunks and len(chunks[-1]) < size:
         chunks[-1] = chunks[-1] + [chunks[-1][0]] * (size - len(chunks[-1]))
+    d = cfg.data
     ref = [
-        collate(data.train, c, pad_to_multiple=cfg.data.pad_to_multiple, pad_id=tok.pad_id) for c in chunks
+        collate(data.train, c, pad_to_multiple=d.pad_to_multiple, pad_id=tok.pad_id, packing=d.packing)
+        for c in chunks
     ]
     report = data.report.format() + "\n" + steps.describe()
     key = reference_key(cfg, vocab)
