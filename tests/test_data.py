@@ -161,9 +161,16 @@ def test_loader_refuses_bad_sizes(builtin_data) -> None:
         loader(builtin_data.train, gbs=1 << 20, mbs=4, dp=2)
 
 
-def test_packing_is_refused_with_reason() -> None:
-    with pytest.raises(ConfigError, match=r"data\.packing=true is not supported.*attention boundaries"):
-        load_config(None, ["data.packing=true"])
+def test_packing_is_refused_with_an_attention_core_that_cannot_keep_documents_apart() -> None:
+    with pytest.raises(
+        ConfigError, match=r"data\.packing=true with model\.attention=local: .* use model\.attention=sdpa"
+    ):
+        load_config(None, ["data.packing=true", "model.attention=local"])
+    with pytest.raises(
+        ConfigError, match=r"data\.packing=true with model\.backend=transformers: .*dense \[T, T\]"
+    ):
+        load_config(None, ["data.packing=true", "model.backend=transformers", "model.init_from=x"])
+    assert load_config(None, ["data.packing=true"]).data.packing
     with pytest.raises(ConfigError, match=r"data\.on_bad_record=.maybe. is not one of error, skip"):
         load_config(None, ["data.on_bad_record=maybe"])
 
