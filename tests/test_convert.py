@@ -37,7 +37,7 @@ from gatedpo_mega.convert import (
 )
 from gatedpo_mega.convert.folders import parse_size, plan_shards
 from gatedpo_mega.convert.safetensors_io import SafetensorsReader, SafetensorsWriter
-from gatedpo_mega.megatron.model import DTYPES
+from gatedpo_mega.formats import DTYPES
 
 
 @pytest.fixture(scope="module")
