@@ -8,33 +8,39 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 TOKENS = [[5, 17, 93, 2, 44, 61, 8, 99, 31, 0, 12, 77]]  # ids < 100: valid in every family's vocabulary
 
 
-def hf_config(kind: str) -> Any:
-    """hidden 64, 4 heads in 2 key/value groups: vocabularies of 100-300 are not multiples of 64 x TP 2 = 128."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+def hf_config(kind: str, **overrides: Any) -> Any:
+    """hidden 64, 4 heads in 2 key/value groups: vocabularies of 100-300 are not multiples of 64 x TP 2 = 128.
+    Qwen3's heads are 32 wide (not hidden / heads = 16), with q/k norms. ``overrides`` replace any argument."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    if kind == "llama":
-        return LlamaConfig(vocab_size=100, num_hidden_layers=2, rope_theta=500000.0, **common)
-    if kind == "mistral":
-        return MistralConfig(vocab_size=200, num_hidden_layers=4, sliding_window=None, **common)
-    if kind == "qwen2":
-        return Qwen2Config(vocab_size=300, num_hidden_layers=2, tie_word_embeddings=True, **common)
-    raise ValueError(kind)
+    families = {
+        "llama": (LlamaConfig, dict(vocab_size=100, num_hidden_layers=2, rope_theta=500000.0)),
+        "mistral": (MistralConfig, dict(vocab_size=200, num_hidden_layers=4, sliding_window=None)),
+        "qwen2": (Qwen2Config, dict(vocab_size=300, num_hidden_layers=2, tie_word_embeddings=True)),
+        "qwen3": (
+            Qwen3Config,
+            dict(vocab_size=150, num_hidden_layers=2, head_dim=32, tie_word_embeddings=True),
+        ),
+    }
+    cls, own = families[kind]
+    return cls(**{**common, **own, **overrides})
 
 
-def make_hf_folder(kind: str, root: Path, *, seed: int = 0) -> Path:
-    """A random model saved with ``save_pretrained`` (fp32), biases non-zero, and a stand-in tokenizer file."""
+def make_hf_folder(kind: str, root: Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """A random model saved with ``save_pretrained`` (fp32), biases and norms not their initial values, and a
+    stand-in tokenizer file; ``overrides`` are config arguments."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(kind))
+    model = AutoModelForCausalLM.from_config(hf_config(kind, **overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("bias", "norm.weight", "layernorm.weight")):
