@@ -2,8 +2,8 @@
 
 A training checkpoint is ``OUTPUT/checkpoints/step-00000040/``, complete once ``meta.json`` is in it and the
 folder has its final name (``training/checkpoint.py`` writes it as ``.tmp-step-00000040`` and renames it); an mcore
-folder is marked by ``gatedpo_mcore.json`` (``convert/mcore.py``). Discovery here returns None where there is no
-checkpoint; each caller raises its own error with its own message.
+folder is marked by ``gatedpo_mcore.json`` (``convert/mcore.py``). Discovery raises the caller's error type
+(training and conversion each have their own).
 """
 
 from __future__ import annotations
@@ -79,16 +79,21 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def find_checkpoint(path: str | Path) -> Path | None:
+def find_checkpoint(path: str | Path, error: type[Exception]) -> Path:
     """``path`` itself when it is a checkpoint; the latest complete one when it is a run's output folder or its
-    ``checkpoints/`` folder; None otherwise (an incomplete ``.tmp-*`` folder included)."""
+    ``checkpoints/`` folder. Otherwise ``error`` (the caller's type) saying which: an incomplete ``.tmp-*`` folder
+    (never read), no folder, or a folder without checkpoints."""
     p = Path(path)
     if is_incomplete(p):
-        return None
+        raise error(f"{p}: an incomplete checkpoint (the run stopped while writing it)")
+    if not p.is_dir():
+        raise error(f"{p}: no such checkpoint folder")
     if (p / TRAIN_META).is_file():
         return p
     found = _complete_in(checkpoints_root(p)) or _complete_in(p)
-    return found[-1] if found else None
+    if not found:
+        raise error(f"{p}: not a training checkpoint (no meta.json) nor a run with checkpoints")
+    return found[-1]
 
 
 def module_states_file(checkpoint: Path, mp_rank: int, zero_stage: int) -> Path:

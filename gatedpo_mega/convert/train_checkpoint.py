@@ -41,25 +41,8 @@ from gatedpo_mega.formats import (
     TRAIN_VERSION,
     find_checkpoint,
     format_mismatch,
-    is_incomplete,
     module_states_file,
 )
-
-
-def resolve_train_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint folder; a run's output folder or its ``checkpoints/`` gives the latest complete one.
-    Incomplete ``.tmp-*`` folders are refused."""
-    p = Path(path)
-    if is_incomplete(p):
-        raise CheckpointFormatError(f"{p}: an incomplete checkpoint (the run stopped while writing it)")
-    if not p.is_dir():
-        raise CheckpointFormatError(f"{p}: no such checkpoint folder")
-    found = find_checkpoint(p)
-    if found is None:
-        raise CheckpointFormatError(
-            f"{p}: not a training checkpoint (no meta.json) nor a run with checkpoints"
-        )
-    return found
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -78,7 +61,7 @@ class TrainCheckpoint:
     """A training checkpoint opened for reading one rank's tensors at a time: ``get(tp_rank, pp_rank, name)``."""
 
     def __init__(self, path: str | Path, *, source: str = "fp32") -> None:
-        self.path = resolve_train_checkpoint(path)
+        self.path = find_checkpoint(path, CheckpointFormatError)
         where = str(self.path / TRAIN_META)
         self.meta = read_json(self.path / TRAIN_META)
         problem = format_mismatch(self.meta, TRAIN_FORMAT, TRAIN_VERSION)

@@ -76,12 +76,7 @@ def check_resume(cfg: Config, world_size: int) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """``path`` is a checkpoint folder, or a run's output folder or its ``checkpoints/`` (the latest checkpoint)."""
-    found = find_checkpoint(path)
-    if found is None:
-        raise CheckpointError(
-            f"{path} is neither a checkpoint (no meta.json) nor a run folder with checkpoints"
-        )
-    return found
+    return find_checkpoint(path, CheckpointError)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
