@@ -130,13 +130,14 @@ def zero_checkpoint_worker(
     from gatedpo_mega.config import load_config
     from gatedpo_mega.convert import load_mcore_weights, read_mcore_meta
     from gatedpo_mega.deepspeed.engine import build_engine
+    from gatedpo_mega.families import SHAPE_FIELDS
+    from gatedpo_mega.formats import DEEPSPEED_DIR, DEEPSPEED_TAG, TRAIN_FORMAT, TRAIN_VERSION
     from gatedpo_mega.megatron.model import StageInfo, build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
 
     meta = read_mcore_meta(mcore_dir)
     m = meta["model"]
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-            "tie_embeddings", "qkv_bias", "rotary_base", "norm_epsilon", "max_position_embeddings", "dtype")  # fmt: skip
+    keys = (*SHAPE_FIELDS, "rotary_base", "norm_epsilon", "max_position_embeddings", "dtype")
     overrides = [f"model.{k}={str(m[k]).lower() if isinstance(m[k], bool) else m[k]}" for k in keys]
     overrides += [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}"]
     overrides += ["train.micro_batch_size=1", f"train.global_batch_size={world // (tp * pp)}"]
@@ -154,10 +155,10 @@ def zero_checkpoint_worker(
     )  # fmt: skip
     engine = build_engine(model, cfg, lay, num_micro_batches=1)
     ckpt = Path(out)
-    engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False)
+    engine.save_checkpoint(str(ckpt / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     if rank == 0:
         record = {
-            "format": "gatedpo-train-checkpoint", "version": 1, "step": 0,
+            "format": TRAIN_FORMAT, "version": TRAIN_VERSION, "step": 0,
             "layout": {"tensor": tp, "pipeline": pp, "data": lay.dp, "zero_stage": zero},
             "model": asdict(cfg.model), "vocab_size": vocab, "padded_vocab_size": meta["padded_vocab_size"],
             "hf_config": meta["hf_config"],
@@ -177,6 +178,7 @@ def trained_logits_worker(rank: int, world: int, ckpt: str, out: str) -> None:
     """The trained model's logits, its weights read by ``load_state_dict`` from DeepSpeed's own model-states files
     (not through the converter): the reference the exported Hugging Face model must reproduce."""
     from gatedpo_mega.convert.hf_config import model_config_from_dict
+    from gatedpo_mega.formats import module_states_file
     from gatedpo_mega.megatron.model import StageInfo, build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
 
@@ -192,9 +194,7 @@ def trained_logits_worker(rank: int, world: int, ckpt: str, out: str) -> None:
         cfg, vocab_size=meta["vocab_size"], stage=stage, pipeline=pp, seed=7, tp_group=lay.tp_group
     )
     mp = lay.pp_rank * tp + lay.tp_rank
-    state = torch.load(
-        Path(ckpt) / "deepspeed" / "state" / f"mp_rank_{mp:02d}_model_states.pt", weights_only=False
-    )
+    state = torch.load(module_states_file(Path(ckpt), mp, meta["layout"]["zero_stage"]), weights_only=False)
     result = model.load_state_dict(state["module"], strict=False)
     assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
     assert not result.unexpected_keys, result.unexpected_keys

@@ -138,7 +138,7 @@ def to_hf_config(
     cfg: ModelConfig, vocab_size: int, base: dict[str, Any] | None, *, dtype: str
 ) -> dict[str, Any]:
     """``config.json`` for the converted model: the original one (``base``) with the dtype updated, or, for a
-    model trained from scratch, one of the first family with the model's features (Llama, Qwen2 for a q/k/v bias,
+    model trained from scratch, a config of the first family with its features (Llama; Qwen2 for a q/k/v bias,
     Qwen3 for q/k norms)."""
     if base is not None:
         out = dict(base)
