@@ -28,7 +28,7 @@ from gatedpo_mega.convert.hf_config import hf_model_config, to_hf_config
 from gatedpo_mega.convert.mapping import HFView, LocalGetter, check_hf_names, check_layout, hf_shapes
 from gatedpo_mega.convert.mcore import TOKENIZER_DIR, McoreFolder, write_mcore_folder
 from gatedpo_mega.convert.train_checkpoint import TrainCheckpoint
-from gatedpo_mega.formats import DTYPES, MCORE_META, TOKENIZER_FILES
+from gatedpo_mega.formats import DTYPES, MCORE_META, TOKENIZER_FILES, TRAIN_META
 from gatedpo_mega.megatron.model import padded_vocab_size
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -218,7 +218,7 @@ def _train_to_hf(
     dtype: str | None,
     tokenizer: str | Path | None,
 ) -> Path:
-    if not (src / "meta.json").exists() and not src.is_dir():
+    if not (src / TRAIN_META).exists() and not src.is_dir():
         raise ConvertError(f"{src}: no such checkpoint folder")
     ckpt = TrainCheckpoint(src, source=source)
     dtype = dtype or ckpt.cfg.dtype
