@@ -83,9 +83,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int = 2  # key/value heads (grouped-query attention); = heads for multi-head attention
     ffn_hidden_size: int = 176
-    head_dim: int = (
-        0  # channels per attention head; 0: hidden_size / num_attention_heads (Qwen3 sets its own)
-    )
+    head_dim: int = 0  # channels per attention head; 0: hidden_size / num_attention_heads (Qwen3: its own)
     vocab_size: int = 0  # 0: the tokenizer's vocabulary size
     make_vocab_size_divisible_by: int = 64  # the padded vocabulary is a multiple of this x parallel.tensor
     max_position_embeddings: int = 512
