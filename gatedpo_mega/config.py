@@ -53,6 +53,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int = 2  # key/value heads (grouped-query attention); = heads for multi-head attention
     ffn_hidden_size: int = 176
+    head_dim: int = 0  # channels per attention head; 0: hidden_size / num_attention_heads (Qwen3: its own)
     vocab_size: int = 0  # 0: the tokenizer's vocabulary size
     make_vocab_size_divisible_by: int = 64  # the padded vocabulary is a multiple of this x parallel.tensor
     max_position_embeddings: int = 512
@@ -60,6 +61,7 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False  # share the input embedding and the output layer
     qkv_bias: bool = False  # bias on the query/key/value projection (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's query and key, before the rotary embedding (Qwen3)
     init_std: float = 0.02
     dtype: str = "fp32"  # fp32 | bf16 (parameters and compute; the optimizer keeps fp32 master weights)
     # Core attention: sdpa (torch's scaled_dot_product_attention: causal without a mask tensor, memory linear in
@@ -84,9 +86,15 @@ class ModelConfig:
             "ffn_hidden_size",
         ):
             positive(f"model.{name}", getattr(self, name))
-        if self.hidden_size % self.num_attention_heads:
+        positive("model.head_dim", self.head_dim, allow_zero=True)
+        if not self.head_dim and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"model.hidden_size={self.hidden_size} must be divisible by model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.head_dim and self.head_dim * self.num_attention_heads == self.hidden_size:
+            # One spelling per model, so that shape comparisons between configs are exact.
+            raise ValueError(
+                f"model.head_dim={self.head_dim} is hidden_size / num_attention_heads: leave it 0"
             )
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
@@ -104,6 +112,11 @@ class ModelConfig:
             )
         if self.backend == "transformers" and not self.init_from:
             raise ValueError("model.backend=transformers needs model.init_from: a Hugging Face model folder")
+
+    @property
+    def kv_channels(self) -> int:
+        """Channels per attention head (megatron-core's name)."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass(kw_only=True, slots=True)

@@ -8,33 +8,39 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 TOKENS = [[5, 17, 93, 2, 44, 61, 8, 99, 31, 0, 12, 77]]  # ids < 100: valid in every family's vocabulary
 
 
-def hf_config(kind: str) -> Any:
-    """hidden 64, 4 heads in 2 key/value groups: vocabularies of 100-300 are not multiples of 64 x TP 2 = 128."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+def hf_config(kind: str, **overrides: Any) -> Any:
+    """hidden 64, 4 heads in 2 key/value groups: vocabularies of 100-300 are not multiples of 64 x TP 2 = 128.
+    Qwen3's heads are 32 wide (not hidden / heads = 16), with q/k norms. ``overrides`` replace any argument."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
-    if kind == "llama":
-        return LlamaConfig(vocab_size=100, num_hidden_layers=2, rope_theta=500000.0, **common)
-    if kind == "mistral":
-        return MistralConfig(vocab_size=200, num_hidden_layers=4, sliding_window=None, **common)
-    if kind == "qwen2":
-        return Qwen2Config(vocab_size=300, num_hidden_layers=2, tie_word_embeddings=True, **common)
-    raise ValueError(kind)
+    families = {
+        "llama": (LlamaConfig, dict(vocab_size=100, num_hidden_layers=2, rope_theta=500000.0)),
+        "mistral": (MistralConfig, dict(vocab_size=200, num_hidden_layers=4, sliding_window=None)),
+        "qwen2": (Qwen2Config, dict(vocab_size=300, num_hidden_layers=2, tie_word_embeddings=True)),
+        "qwen3": (
+            Qwen3Config,
+            dict(vocab_size=150, num_hidden_layers=2, head_dim=32, tie_word_embeddings=True),
+        ),
+    }
+    cls, own = families[kind]
+    return cls(**{**common, **own, **overrides})
 
 
-def make_hf_folder(kind: str, root: Path, *, seed: int = 0) -> Path:
-    """A random model saved with ``save_pretrained`` (fp32), biases non-zero, and a stand-in tokenizer file."""
+def make_hf_folder(kind: str, root: Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """A random model saved with ``save_pretrained`` (fp32), biases and norms not their initial values, and a
+    stand-in tokenizer file; ``overrides`` are config arguments."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(kind))
+    model = AutoModelForCausalLM.from_config(hf_config(kind, **overrides))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("bias", "norm.weight", "layernorm.weight")):
@@ -125,13 +131,14 @@ def zero_checkpoint_worker(
     from gatedpo_mega.config import load_config
     from gatedpo_mega.convert import load_mcore_weights, read_mcore_meta
     from gatedpo_mega.deepspeed.engine import build_engine
+    from gatedpo_mega.families import SHAPE_FIELDS
+    from gatedpo_mega.formats import DEEPSPEED_DIR, DEEPSPEED_TAG, TRAIN_FORMAT, TRAIN_VERSION
     from gatedpo_mega.megatron.model import StageInfo, build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
 
     meta = read_mcore_meta(mcore_dir)
     m = meta["model"]
-    keys = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-            "tie_embeddings", "qkv_bias", "rotary_base", "norm_epsilon", "max_position_embeddings", "dtype")  # fmt: skip
+    keys = (*SHAPE_FIELDS, "rotary_base", "norm_epsilon", "max_position_embeddings", "dtype")
     overrides = [f"model.{k}={str(m[k]).lower() if isinstance(m[k], bool) else m[k]}" for k in keys]
     overrides += [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}"]
     overrides += ["train.micro_batch_size=1", f"train.global_batch_size={world // (tp * pp)}"]
@@ -149,10 +156,10 @@ def zero_checkpoint_worker(
     )  # fmt: skip
     engine = build_engine(model, cfg, lay, num_micro_batches=1, engine_driver=make_backend(cfg).engine_driver)
     ckpt = Path(out)
-    engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False)
+    engine.save_checkpoint(str(ckpt / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     if rank == 0:
         record = {
-            "format": "gatedpo-train-checkpoint", "version": 1, "step": 0,
+            "format": TRAIN_FORMAT, "version": TRAIN_VERSION, "step": 0,
             "layout": {"tensor": tp, "pipeline": pp, "data": lay.dp, "zero_stage": zero},
             "model": asdict(cfg.model), "vocab_size": vocab, "padded_vocab_size": meta["padded_vocab_size"],
             "hf_config": meta["hf_config"],
@@ -172,6 +179,7 @@ def trained_logits_worker(rank: int, world: int, ckpt: str, out: str) -> None:
     """The trained model's logits, its weights read by ``load_state_dict`` from DeepSpeed's own model-states files
     (not through the converter): the reference the exported Hugging Face model must reproduce."""
     from gatedpo_mega.convert.hf_config import model_config_from_dict
+    from gatedpo_mega.formats import module_states_file
     from gatedpo_mega.megatron.model import StageInfo, build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
 
@@ -187,9 +195,7 @@ def trained_logits_worker(rank: int, world: int, ckpt: str, out: str) -> None:
         cfg, vocab_size=meta["vocab_size"], stage=stage, pipeline=pp, seed=7, tp_group=lay.tp_group
     )
     mp = lay.pp_rank * tp + lay.tp_rank
-    state = torch.load(
-        Path(ckpt) / "deepspeed" / "state" / f"mp_rank_{mp:02d}_model_states.pt", weights_only=False
-    )
+    state = torch.load(module_states_file(Path(ckpt), mp, meta["layout"]["zero_stage"]), weights_only=False)
     result = model.load_state_dict(state["module"], strict=False)
     assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
     assert not result.unexpected_keys, result.unexpected_keys

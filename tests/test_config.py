@@ -32,6 +32,8 @@ def test_yaml_then_overrides(tmp_path):
         ("squeeze.seeds=2.5", "squeeze.seeds must be an integer"),
         ("gate=3", "gate must be a mapping"),
         ("gatetau", "is not of the form key.sub=value"),
+        ("model.head_dim=-8", "model.head_dim=-8 must be >= 0"),
+        ("model.head_dim=16", "model.head_dim=16 is hidden_size / num_attention_heads: leave it 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

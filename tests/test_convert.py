@@ -1,11 +1,12 @@
 """Checkpoint conversion: Hugging Face <-> megatron-core at any layout, ZeRO training checkpoints -> Hugging Face.
 
-Tiny random models of each supported family (Llama with GQA, Mistral, Qwen2 with q/k/v bias and tied embeddings;
-vocabularies that TP 2 pads): round trips are bit-identical, the megatron-core model reproduces transformers'
+Tiny random models of each supported family (Llama with GQA, Mistral, Qwen2 with q/k/v bias and tied embeddings,
+Qwen3 with q/k norms and heads wider than hidden / heads; vocabularies that TP 2 pads): round trips are bit-identical, the megatron-core model reproduces transformers'
 logits, and every refusal is one line naming the tensor or file and leaves the destination clean.
 """
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from gatedpo_mega.convert import (
 )
 from gatedpo_mega.convert.folders import parse_size, plan_shards
 from gatedpo_mega.convert.safetensors_io import SafetensorsReader, SafetensorsWriter
-from gatedpo_mega.megatron.model import DTYPES
+from gatedpo_mega.formats import DTYPES
 
 
 @pytest.fixture(scope="module")
@@ -401,9 +402,10 @@ def test_zero_checkpoint_to_hf_gives_the_weights_back(
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_model_without_an_hf_config_gets_a_llama_or_qwen2_config(kind, hf_dirs, mcore_dirs, tmp_path):
-    """A model trained from scratch has no config.json to restore: Llama, or Qwen2 for a q/k/v bias."""
+    """A model trained from scratch has no config.json to restore: Llama, or Qwen2 for a q/k/v bias, or Qwen3 for
+    q/k norms."""
     src = tmp_path / "m"
     shutil.copytree(mcore_dirs[kind], src)
     meta = json.loads((src / "gatedpo_mcore.json").read_text())
@@ -441,3 +443,29 @@ def test_a_trained_model_exported_by_zero_to_hf_reproduces_its_logits_in_transfo
     torch.testing.assert_close(hf_logits(out), torch.load(logits), rtol=0, atol=1e-5)
     module = mcore_to_hf(ckpt, tmp_path / "module")  # fp32 training: the module weights are the masters
     assert_bit_identical(hf_weights(module), hf_weights(out))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_gate_dpo_trains_from_a_qwen3_folder_at_tp2(tmp_path):
+    """``model.init_from`` a Qwen3 folder at TP 2: the run's shape fields (head_dim, qk_norm) are accepted, step one
+    is ln 2 (the policy is the reference) and every loss is finite; the checkpoint keeps the Qwen3 config."""
+    folder = make_hf_folder("qwen3", tmp_path, vocab_size=512)  # covers the built-in tokenizer's vocabulary
+    run = tmp_path / "run"
+    overrides = [
+        f"model.init_from={folder}", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.head_dim=32", "model.qk_norm=true",
+        "model.tie_embeddings=true", "model.norm_epsilon=1e-6", "parallel.tensor=2", "train.max_steps=3",
+        "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-2", "train.warmup_steps=0",
+        "data.builtin_pairs=32", "data.max_length=48", "data.max_prompt_length=32", "data.eval_fraction=0",
+        f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={run}",
+    ]  # fmt: skip
+    run_distributed(train_worker, 2, overrides)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+    assert rows[-1]["loss"] != rows[0]["loss"]  # the weights moved
+    meta = json.loads((run / "checkpoints" / "step-00000003" / "meta.json").read_text())
+    assert (meta["model"]["head_dim"], meta["model"]["qk_norm"]) == (32, True)
+    assert meta["hf_config"]["model_type"] == "qwen3"

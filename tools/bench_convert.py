@@ -46,6 +46,7 @@ def _generate(ckpt: Path, preset: str, dtype: str) -> None:
     from gatedpo_mega.backend import make_backend
     from gatedpo_mega.config import load_config
     from gatedpo_mega.deepspeed.engine import build_engine
+    from gatedpo_mega.formats import DEEPSPEED_DIR, DEEPSPEED_TAG, TRAIN_FORMAT, TRAIN_META, TRAIN_VERSION
     from gatedpo_mega.megatron.model import StageInfo, build_model, padded_vocab_size
     from gatedpo_mega.megatron.parallel import initialize_layout
 
@@ -59,14 +60,14 @@ def _generate(ckpt: Path, preset: str, dtype: str) -> None:
     model = build_model(cfg.model, vocab_size=VOCAB, stage=stage, pipeline=1, seed=0, tp_group=lay.tp_group)
     n = sum(p.numel() for p in model.parameters())
     engine = build_engine(model, cfg, lay, num_micro_batches=1, engine_driver=make_backend(cfg).engine_driver)
-    engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False)
+    engine.save_checkpoint(str(ckpt / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     padded = padded_vocab_size(VOCAB, cfg.model.make_vocab_size_divisible_by, 1)
     meta = {
-        "format": "gatedpo-train-checkpoint", "version": 1, "step": 0,
+        "format": TRAIN_FORMAT, "version": TRAIN_VERSION, "step": 0,
         "layout": {"tensor": 1, "pipeline": 1, "data": 1, "zero_stage": 1}, "model": asdict(cfg.model),
         "vocab_size": VOCAB, "padded_vocab_size": padded, "hf_config": None,
     }  # fmt: skip
-    (ckpt / "meta.json").write_text(json.dumps(meta))
+    (ckpt / TRAIN_META).write_text(json.dumps(meta))
     print(f"parameters: {n:,}")
     dist.destroy_process_group()
 
@@ -95,13 +96,15 @@ def main() -> int:
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    from gatedpo_mega.formats import DEEPSPEED_DIR, DEEPSPEED_TAG, TRAIN_META, step_dir
+
     out = Path(a.out)
-    ckpt = out / "run" / "checkpoints" / "step-00000000"
+    ckpt = step_dir(out / "run", 0)
     if a._child:
         _generate(Path(a._child), a.preset, a.dtype)
         return 0
     rows = []
-    if not (ckpt / "meta.json").exists():
+    if not (ckpt / TRAIN_META).exists():
         shutil.rmtree(ckpt, ignore_errors=True)
         ckpt.mkdir(parents=True)
         gen = [sys.executable, __file__, "--out", str(out), "--preset", a.preset, "--dtype", a.dtype]
@@ -111,7 +114,7 @@ def main() -> int:
         rows.append(("generate the checkpoint (build_model + build_engine + save)", rss, wall, _size(ckpt)))
     if a.generate_only:
         return 0
-    ds_state = ckpt / "deepspeed" / "state"
+    ds_state = ckpt / DEEPSPEED_DIR / DEEPSPEED_TAG
     print(
         f"checkpoint {ckpt}: {_size(ckpt):.2f} GiB; files: {', '.join(sorted(p.name for p in ds_state.iterdir()))}"
     )

@@ -342,9 +342,11 @@ def lmhead_worker(method: str, vocab: int, dtype, args: argparse.Namespace) -> d
 def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
+    from gatedpo_mega.formats import DTYPES as TORCH_DTYPES
+
     method, vocab, dtype_name = args.worker[0], int(args.worker[1]), args.worker[2]
     torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    dtype = TORCH_DTYPES[dtype_name]
     meta = {
         "method": method,
         "vocab": vocab,

@@ -26,9 +26,10 @@ from gatedpo_mega.convert.folders import (
 )
 from gatedpo_mega.convert.hf_config import hf_model_config, to_hf_config
 from gatedpo_mega.convert.mapping import HFView, LocalGetter, check_hf_names, check_layout, hf_shapes
-from gatedpo_mega.convert.mcore import META, TOKENIZER_DIR, McoreFolder, write_mcore_folder
+from gatedpo_mega.convert.mcore import TOKENIZER_DIR, McoreFolder, write_mcore_folder
 from gatedpo_mega.convert.train_checkpoint import TrainCheckpoint
-from gatedpo_mega.megatron.model import DTYPES, padded_vocab_size
+from gatedpo_mega.formats import DTYPES, MCORE_META, TOKENIZER_FILES, TRAIN_META
+from gatedpo_mega.megatron.model import padded_vocab_size
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 DEFAULT_SHARD = "2GB"
@@ -120,8 +121,6 @@ def _report(dst: Path, files: list[str], dtype: str, tokenizer: Path | None) -> 
 
 
 def _tokenizer_dir(candidates: list[Path]) -> Path | None:
-    from gatedpo_mega.convert.folders import TOKENIZER_FILES
-
     for c in candidates:
         if c.is_dir() and any((c / n).is_file() for n in TOKENIZER_FILES if n != "generation_config.json"):
             return c
@@ -159,7 +158,7 @@ def mcore_to_hf(
     """An mcore folder, or a training checkpoint's module weights, to a Hugging Face folder."""
     src, dst = Path(src), Path(dst)
     limit = parse_size(max_shard_size)
-    if (src / META).exists():
+    if (src / MCORE_META).exists():
         folder = McoreFolder(src)
         try:
             dtype = dtype or folder.cfg.dtype
@@ -219,7 +218,7 @@ def _train_to_hf(
     dtype: str | None,
     tokenizer: str | Path | None,
 ) -> Path:
-    if not (src / "meta.json").exists() and not src.is_dir():
+    if not (src / TRAIN_META).exists() and not src.is_dir():
         raise ConvertError(f"{src}: no such checkpoint folder")
     ckpt = TrainCheckpoint(src, source=source)
     dtype = dtype or ckpt.cfg.dtype
@@ -328,7 +327,7 @@ def add_convert_commands(sub: Any) -> None:
         )
 
     p = cs.add_parser(
-        "hf-to-mcore", help="Hugging Face Llama/Mistral/Qwen2 folder -> mcore folder at TP x PP"
+        "hf-to-mcore", help="Hugging Face Llama/Mistral/Qwen2/Qwen3 folder -> mcore folder at TP x PP"
     )
     common(p, "Hugging Face model folder (config.json + safetensors)")
     layout(p)

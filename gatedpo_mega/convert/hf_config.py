@@ -1,8 +1,9 @@
-"""Hugging Face ``config.json`` <-> ``ModelConfig`` for the Llama family (Llama 2/3, Mistral, Qwen2).
+"""Hugging Face ``config.json`` <-> ``ModelConfig`` for the families of ``gatedpo_mega.families`` (Llama 2/3,
+Mistral, Qwen2, Qwen3).
 
 Everything the megatron-core model built by ``gatedpo_mega.megatron.model`` cannot represent is refused by name:
-other model types, rope scaling, sliding-window attention, biases other than Qwen2's q/k/v bias, a head size other
-than hidden / heads, activations other than SiLU.
+other model types, rope scaling, sliding-window attention, biases other than Qwen2's q/k/v bias, activations other
+than SiLU.
 """
 
 from __future__ import annotations
@@ -12,19 +13,7 @@ from typing import Any
 
 from gatedpo_mega.config import ModelConfig
 from gatedpo_mega.convert.errors import UnsupportedModelError
-
-SUPPORTED = ("llama", "mistral", "qwen2")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-# ModelConfig fields that fix the weights' names and shapes (and the function they compute).
-SHAPE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "ffn_hidden_size",
-    "tie_embeddings",
-    "qkv_bias",
-)
+from gatedpo_mega.families import FAMILIES, FEATURES, family_of
 
 
 def _rope_theta(hf: dict[str, Any], where: str) -> float:
@@ -59,14 +48,15 @@ def hf_model_config(
     make_vocab_size_divisible_by: int | None = None,
     where: str = "config.json",
 ) -> tuple[ModelConfig, int]:
-    """The ``ModelConfig`` and true vocabulary size of a Hugging Face Llama-family config, or
+    """The ``ModelConfig`` and true vocabulary size of a Hugging Face config of a supported family, or
     ``UnsupportedModelError`` naming the option that cannot be represented."""
     hf = hf_config
     kind = hf.get("model_type")
-    if kind not in SUPPORTED:
+    if kind not in FAMILIES:
         raise UnsupportedModelError(
-            f"{where}: model_type '{kind}' is not supported (supported: {', '.join(SUPPORTED)})"
+            f"{where}: model_type '{kind}' is not supported (supported: {', '.join(FAMILIES)})"
         )
+    family = FAMILIES[kind]
     required = (
         "hidden_size",
         "num_hidden_layers",
@@ -82,10 +72,8 @@ def hf_model_config(
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"{where}: hidden_act '{hf['hidden_act']}' is not supported (only silu)")
     head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != hidden // heads:
-        raise UnsupportedModelError(
-            f"{where}: head_dim={head_dim} differs from hidden_size / num_attention_heads = {hidden // heads}"
-        )
+    if head_dim is not None and not isinstance(head_dim, int):
+        raise UnsupportedModelError(f"{where}: head_dim is not an integer")
     if hf.get("attention_bias"):
         raise UnsupportedModelError(
             f"{where}: attention_bias=true puts a bias on o_proj, which the megatron-core model does not have"
@@ -94,7 +82,7 @@ def hf_model_config(
         raise UnsupportedModelError(f"{where}: mlp_bias=true is not supported")
     window = hf.get("sliding_window")
     sliding = (
-        hf.get("use_sliding_window", kind == "mistral")
+        hf.get("use_sliding_window", family.sliding_window_default)
         and window is not None
         and window < hf.get("max_position_embeddings", 0)
     )
@@ -112,12 +100,13 @@ def hf_model_config(
         num_attention_heads=heads,
         num_query_groups=groups,
         ffn_hidden_size=hf["intermediate_size"],
+        head_dim=0 if head_dim is None or head_dim * heads == hidden else head_dim,  # 0: hidden / heads
         vocab_size=hf["vocab_size"],
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         rotary_base=theta,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=kind == "qwen2",
+        **family.features,
         init_std=float(hf.get("initializer_range", 0.02)),
         dtype=dtype,
     )
@@ -149,24 +138,28 @@ def to_hf_config(
     cfg: ModelConfig, vocab_size: int, base: dict[str, Any] | None, *, dtype: str
 ) -> dict[str, Any]:
     """``config.json`` for the converted model: the original one (``base``) with the dtype updated, or, for a
-    model trained from scratch, a Llama config (Qwen2 when the model has a q/k/v bias, which Llama cannot express)."""
+    model trained from scratch, a config of the first family with its features (Llama; Qwen2 for a q/k/v bias,
+    Qwen3 for q/k norms)."""
     if base is not None:
         out = dict(base)
         out.pop("torch_dtype", None)
         out["dtype"] = HF_DTYPES[dtype]
-        out.setdefault("architectures", [ARCHITECTURES[out["model_type"]]])
+        out.setdefault("architectures", [FAMILIES[out["model_type"]].architecture])
         return out
-    kind = "qwen2" if cfg.qkv_bias else "llama"
+    family = family_of(cfg)
+    if family is None:
+        features = ", ".join(f"{k}={getattr(cfg, k)}" for k in FEATURES)
+        raise UnsupportedModelError(f"no Hugging Face family has a model with {features}")
     out = {
-        "architectures": [ARCHITECTURES[kind]],
-        "model_type": kind,
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "vocab_size": vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_query_groups,
-        "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+        "head_dim": cfg.kv_channels,
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": cfg.init_std,
@@ -174,9 +167,6 @@ def to_hf_config(
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
         "dtype": HF_DTYPES[dtype],
+        **family.scratch_config,
     }
-    if kind == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
-    else:
-        out.update(use_sliding_window=False, sliding_window=None)
     return out

@@ -1,5 +1,8 @@
 """Hugging Face Llama-family tensors <-> megatron-core ``GPTModel`` tensors at any tensor x pipeline layout.
 
+Which tensors a layer has, their names on both sides and how TP cuts each are ``families.layer_tensors``; this
+module lays them out per rank and fuses or splits the parts megatron-core keeps as one tensor.
+
 Pure functions over tensors; the sources are callables or mappings, so a lazy mapping (a safetensors folder, a
 DeepSpeed checkpoint) streams one tensor at a time.
 
@@ -17,7 +20,6 @@ Layer names are local to a pipeline stage: stage p holds global layers ``p * L /
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -30,16 +32,9 @@ from gatedpo_mega.convert.errors import (
     ShapeMismatchError,
     UnexpectedTensorError,
 )
+from gatedpo_mega.families import LAYER, Shape, layer_tensors
 from gatedpo_mega.megatron.model import padded_vocab_size
-
-Shape = tuple[int, ...]
-
-_HF_LAYER = {
-    "input_layernorm.weight": "input_layernorm.weight",
-    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-}
+from gatedpo_mega.megatron.parallel import indivisible, shard, unshard
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,44 +45,27 @@ class Param:
     shape: Shape
     dim: int | None  # the dimension TP cuts, or None (replicated)
     stride: int = 1
+    hf: tuple[str, ...] = ()  # the Hugging Face tensors it is made of (fused in this order)
 
 
 def check_layout(cfg: ModelConfig, tensor: int, pipeline: int) -> None:
     """The layout constraints of ``megatron.parallel.validate_layout``, for a conversion."""
     if tensor < 1 or pipeline < 1:
         raise LayoutMismatchError(f"--tensor and --pipeline must be >= 1, got {tensor} and {pipeline}")
-    checks = [
-        (cfg.num_layers, pipeline, "num_layers", "pipeline"),
-        (cfg.num_attention_heads, tensor, "num_attention_heads", "tensor"),
-        (cfg.num_query_groups, tensor, "num_query_groups", "tensor"),
-        (cfg.ffn_hidden_size, tensor, "ffn_hidden_size", "tensor"),
-    ]
-    for value, size, field, axis in checks:
-        if value % size:
-            raise LayoutMismatchError(f"model {field}={value} is not divisible by --{axis} {size}")
+    bad = indivisible(cfg, tensor, pipeline)
+    if bad:
+        field, value, axis, size = bad
+        raise LayoutMismatchError(f"model {field}={value} is not divisible by --{axis} {size}")
 
 
 def hf_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, Shape]:
     """The Hugging Face state dict's names and shapes, in the order they are written."""
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    hn = h // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * hn, cfg.num_query_groups * hn
+    h = cfg.hidden_size
     out: dict[str, Shape] = {"model.embed_tokens.weight": (vocab_size, h)}
+    layer = layer_tensors(cfg)
     for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        out[p + "self_attn.q_proj.weight"] = (q, h)
-        out[p + "self_attn.k_proj.weight"] = (kv, h)
-        out[p + "self_attn.v_proj.weight"] = (kv, h)
-        if cfg.qkv_bias:
-            out[p + "self_attn.q_proj.bias"] = (q,)
-            out[p + "self_attn.k_proj.bias"] = (kv,)
-            out[p + "self_attn.v_proj.bias"] = (kv,)
-        out[p + "self_attn.o_proj.weight"] = (h, q)
-        out[p + "mlp.gate_proj.weight"] = (f, h)
-        out[p + "mlp.up_proj.weight"] = (f, h)
-        out[p + "mlp.down_proj.weight"] = (h, f)
-        out[p + "input_layernorm.weight"] = (h,)
-        out[p + "post_attention_layernorm.weight"] = (h,)
+        for t in layer:
+            out.update((f"model.layers.{i}.{n}", s) for n, s in zip(t.hf, t.hf_shapes, strict=True))
     out["model.norm.weight"] = (h,)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = (vocab_size, h)
@@ -98,37 +76,32 @@ def stage_params(
     cfg: ModelConfig, vocab_size: int, *, tensor: int, pipeline: int, pp_rank: int
 ) -> list[Param]:
     """The megatron-core parameters of pipeline stage ``pp_rank`` (global names, full shapes), in order."""
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    hn = h // cfg.num_attention_heads
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * hn
+    h = cfg.hidden_size
     vp = padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tensor)
     per = cfg.num_layers // pipeline
     first, last = pp_rank == 0, pp_rank == pipeline - 1
+    embed = ("model.embed_tokens.weight",)
     out: list[Param] = []
     if first:
-        out.append(Param("embedding.word_embeddings.weight", (vp, h), 0))
+        out.append(Param("embedding.word_embeddings.weight", (vp, h), 0, hf=embed))
+    layer = layer_tensors(cfg)
     for g in range(pp_rank * per, (pp_rank + 1) * per):
-        p = f"decoder.layers.{g}."
-        out.append(Param(p + "input_layernorm.weight", (h,), None))
-        out.append(Param(p + "self_attention.linear_proj.weight", (h, cfg.num_attention_heads * hn), 1))
-        out.append(Param(p + "self_attention.linear_qkv.weight", (qkv, h), 0))
-        if cfg.qkv_bias:
-            out.append(Param(p + "self_attention.linear_qkv.bias", (qkv,), 0))
-        out.append(Param(p + "pre_mlp_layernorm.weight", (h,), None))
-        out.append(Param(p + "mlp.linear_fc1.weight", (2 * f, h), 0, stride=2))
-        out.append(Param(p + "mlp.linear_fc2.weight", (h, f), 1))
+        for t in layer:
+            hf = tuple(f"model.layers.{g}.{n}" for n in t.hf)
+            out.append(Param(f"decoder.layers.{g}.{t.mcore}", t.shape, t.dim, t.stride, hf))
     if last:
-        out.append(Param("decoder.final_layernorm.weight", (h,), None))
+        out.append(Param("decoder.final_layernorm.weight", (h,), None, hf=("model.norm.weight",)))
         if not cfg.tie_embeddings or pipeline > 1:  # tied at PP 1: the embedding itself is the output layer
-            out.append(Param("output_layer.weight", (vp, h), 0))
+            out.append(
+                Param(
+                    "output_layer.weight", (vp, h), 0, hf=embed if cfg.tie_embeddings else ("lm_head.weight",)
+                )
+            )
     return out
 
 
-_GLOBAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-
-
 def local_name(global_name: str, layer_offset: int) -> str:
-    m = _GLOBAL_LAYER.match(global_name)
+    m = LAYER.match(global_name)
     return f"decoder.layers.{int(m.group(1)) - layer_offset}.{m.group(2)}" if m else global_name
 
 
@@ -150,43 +123,6 @@ def local_shapes(
         local_name(p.name, offset): local_shape(p, tensor)
         for p in stage_params(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp_rank)
     }
-
-
-def shard(full: torch.Tensor, dim: int | None, stride: int, tp_rank: int, tensor: int) -> torch.Tensor:
-    """Rank ``tp_rank``'s slice, as megatron-core cuts it: ``tensor * stride`` chunks, every ``tensor``-th."""
-    if dim is None or tensor == 1:
-        return full
-    pieces = torch.chunk(full, tensor * stride, dim=dim)
-    return torch.cat(pieces[tp_rank::tensor], dim=dim)
-
-
-def unshard(shards: list[torch.Tensor], dim: int | None, stride: int) -> torch.Tensor:
-    """The inverse of ``shard`` over all TP ranks' slices."""
-    if dim is None or len(shards) == 1:
-        return shards[0]
-    parts = [torch.chunk(s, stride, dim=dim) for s in shards]
-    return torch.cat([parts[r][k] for k in range(stride) for r in range(len(shards))], dim=dim)
-
-
-def _sources(p: Param, cfg: ModelConfig) -> list[str]:
-    """The Hugging Face tensors one megatron-core parameter is made of."""
-    if p.name == "embedding.word_embeddings.weight":
-        return ["model.embed_tokens.weight"]
-    if p.name == "output_layer.weight":
-        return ["model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"]
-    if p.name == "decoder.final_layernorm.weight":
-        return ["model.norm.weight"]
-    m = _GLOBAL_LAYER.match(p.name)
-    assert m, p.name
-    pre, rest = f"model.layers.{m.group(1)}.", m.group(2)
-    if rest in _HF_LAYER:
-        return [pre + _HF_LAYER[rest]]
-    if rest.startswith("self_attention.linear_qkv."):
-        kind = rest.rsplit(".", 1)[1]
-        return [pre + f"self_attn.{x}_proj.{kind}" for x in "qkv"]
-    if rest == "mlp.linear_fc1.weight":
-        return [pre + "mlp.gate_proj.weight", pre + "mlp.up_proj.weight"]
-    raise AssertionError(p.name)
 
 
 def _fuse(p: Param, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
@@ -213,7 +149,7 @@ def _split(p: Param, full: torch.Tensor, cfg: ModelConfig, vocab_size: int) -> l
     if p.name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         return [full[:vocab_size]]
     if "linear_qkv" in p.name:
-        ng, hn = cfg.num_query_groups, cfg.hidden_size // cfg.num_attention_heads
+        ng, hn = cfg.num_query_groups, cfg.kv_channels
         qpg = cfg.num_attention_heads // ng * hn
         rest = full.shape[1:]
         g = full.reshape(ng, qpg + 2 * hn, *rest)
@@ -267,10 +203,10 @@ def iter_mcore_rank(
     check_layout(cfg, tensor, pipeline)
     offset = pp_rank * (cfg.num_layers // pipeline)
     for p in stage_params(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp_rank):
-        full = _fuse(p, [hf_get(n) for n in _sources(p, cfg)], cfg)
+        full = _fuse(p, [hf_get(n) for n in p.hf], cfg)
         if tuple(full.shape) != p.shape:
             raise ShapeMismatchError(
-                f"tensor {p.name} built from {', '.join(_sources(p, cfg))} has shape {list(full.shape)}, "
+                f"tensor {p.name} built from {', '.join(p.hf)} has shape {list(full.shape)}, "
                 f"expected {list(p.shape)}"
             )
         yield local_name(p.name, offset), shard(full, p.dim, p.stride, tp_rank, tensor)
@@ -322,7 +258,7 @@ class HFView(Mapping[str, torch.Tensor]):
             for p in stage_params(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp):
                 if p.name == "output_layer.weight" and cfg.tie_embeddings:
                     continue  # the first stage's embedding is the one Hugging Face keeps
-                for i, n in enumerate(_sources(p, cfg)):
+                for i, n in enumerate(p.hf):
                     self._where[n] = (p, pp, i)
         self._offsets = [pp * per for pp in range(pipeline)]
         self._cache: tuple[str, list[torch.Tensor]] | None = None

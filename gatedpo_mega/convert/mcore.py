@@ -9,7 +9,6 @@ Hugging Face source, so the way back can restore them.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,14 @@ from gatedpo_mega.convert.errors import (
     UnexpectedTensorError,
 )
 from gatedpo_mega.convert.folders import read_json
-from gatedpo_mega.convert.hf_config import SHAPE_FIELDS, model_config_dict, model_config_from_dict
+from gatedpo_mega.convert.hf_config import model_config_dict, model_config_from_dict
 from gatedpo_mega.convert.mapping import check_layout, iter_mcore_rank, local_shapes
 from gatedpo_mega.convert.safetensors_io import SafetensorsReader, write_safetensors
-from gatedpo_mega.megatron.model import DTYPES, padded_vocab_size
+from gatedpo_mega.families import SHAPE_FIELDS, first_difference
+from gatedpo_mega.formats import DTYPES, MCORE_FORMAT, MCORE_META, MCORE_VERSION
+from gatedpo_mega.megatron.model import padded_vocab_size
 
-META = "gatedpo_mcore.json"
-FORMAT = "gatedpo-mcore"
 TOKENIZER_DIR = "tokenizer"
-_RANK_FILE = re.compile(r"^tp(\d+)_pp(\d+)\.safetensors$")
 
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
@@ -42,16 +40,18 @@ def rank_file(tp_rank: int, pp_rank: int) -> str:
 
 def read_mcore_meta(src: str | Path) -> dict[str, Any]:
     """``gatedpo_mcore.json`` of an mcore folder, checked for format and version."""
-    path = Path(src) / META
+    path = Path(src) / MCORE_META
     if not path.exists():
         raise CheckpointFormatError(
-            f"{src}: not an mcore folder (no {META}; convert one with gatedpo convert hf-to-mcore)"
+            f"{src}: not an mcore folder (no {MCORE_META}; convert one with gatedpo convert hf-to-mcore)"
         )
     meta = read_json(path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointFormatError(f"{path}: format is not {FORMAT!r}")
-    if meta.get("version") != 1:
-        raise CheckpointFormatError(f"{path}: version {meta.get('version')} is not supported (1)")
+    if not isinstance(meta, dict) or meta.get("format") != MCORE_FORMAT:
+        raise CheckpointFormatError(f"{path}: format is not {MCORE_FORMAT!r}")
+    if meta.get("version") != MCORE_VERSION:
+        raise CheckpointFormatError(
+            f"{path}: version {meta.get('version')} is not supported ({MCORE_VERSION})"
+        )
     for key in ("model", "vocab_size", "padded_vocab_size", "tensor", "pipeline", "dtype"):
         if key not in meta:
             raise CheckpointFormatError(f"{path}: key {key!r} is missing")
@@ -62,8 +62,8 @@ def mcore_meta(
     cfg: ModelConfig, vocab_size: int, *, tensor: int, pipeline: int, hf_config: dict[str, Any] | None
 ) -> dict[str, Any]:
     return {
-        "format": FORMAT,
-        "version": 1,
+        "format": MCORE_FORMAT,
+        "version": MCORE_VERSION,
         "model": model_config_dict(cfg),
         "vocab_size": vocab_size,
         "padded_vocab_size": padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, tensor),
@@ -99,7 +99,7 @@ def write_mcore_folder(
             if after_rank is not None:
                 after_rank()
     meta = mcore_meta(cfg, vocab_size, tensor=tensor, pipeline=pipeline, hf_config=hf_config)
-    (dst / META).write_text(json.dumps(meta, indent=2) + "\n")
+    (dst / MCORE_META).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 class McoreFolder:
@@ -109,7 +109,7 @@ class McoreFolder:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.meta = read_mcore_meta(self.root)
-        self.cfg = model_config_from_dict(self.meta["model"], str(self.root / META))
+        self.cfg = model_config_from_dict(self.meta["model"], str(self.root / MCORE_META))
         self.vocab_size = int(self.meta["vocab_size"])
         self.tensor, self.pipeline = int(self.meta["tensor"]), int(self.meta["pipeline"])
         self.hf_config: dict[str, Any] | None = self.meta.get("hf_config")
@@ -117,7 +117,7 @@ class McoreFolder:
         padded = padded_vocab_size(self.vocab_size, self.cfg.make_vocab_size_divisible_by, self.tensor)
         if padded != self.meta["padded_vocab_size"]:
             raise CheckpointFormatError(
-                f"{self.root / META}: padded_vocab_size {self.meta['padded_vocab_size']} != {padded} "
+                f"{self.root / MCORE_META}: padded_vocab_size {self.meta['padded_vocab_size']} != {padded} "
                 f"(vocab_size {self.vocab_size}, make_vocab_size_divisible_by "
                 f"{self.cfg.make_vocab_size_divisible_by}, tensor {self.tensor})"
             )
@@ -187,11 +187,10 @@ def load_mcore_weights(
             f"pipeline {pp}: gatedpo convert reshard --src {src} --dst DIR --tensor {tp} --pipeline {pp}"
         )
     saved = meta["model"]
-    for field in SHAPE_FIELDS:
-        if saved.get(field) != getattr(cfg, field):
-            raise LayoutMismatchError(
-                f"{src}: model.{field} is {saved.get(field)} in the checkpoint, {getattr(cfg, field)} in this run"
-            )
+    differs = first_difference(saved, model_config_dict(cfg), SHAPE_FIELDS)
+    if differs:
+        field, theirs, mine = differs
+        raise LayoutMismatchError(f"{src}: model.{field} is {theirs} in the checkpoint, {mine} in this run")
     if meta["vocab_size"] != vocab_size:
         raise LayoutMismatchError(
             f"{src}: vocabulary size is {meta['vocab_size']} in the checkpoint, {vocab_size} in this run"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -34,32 +33,16 @@ from gatedpo_mega.convert.errors import (
 from gatedpo_mega.convert.folders import read_json
 from gatedpo_mega.convert.hf_config import model_config_from_dict
 from gatedpo_mega.convert.mapping import check_layout, local_shapes
-
-FORMAT = "gatedpo-train-checkpoint"
-_STEP = re.compile(r"^step-(\d+)$")
-
-
-def resolve_train_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint folder; a run's output folder or its ``checkpoints/`` gives the latest complete one.
-    Incomplete ``.tmp-*`` folders are refused."""
-    p = Path(path)
-    if p.name.startswith(".tmp-") or ".tmp-" in p.name:
-        raise CheckpointFormatError(f"{p}: an incomplete checkpoint (the run stopped while writing it)")
-    if not p.is_dir():
-        raise CheckpointFormatError(f"{p}: no such checkpoint folder")
-    if (p / "meta.json").is_file():
-        return p
-    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    steps = sorted(
-        (int(m.group(1)), c)
-        for c in root.iterdir()
-        if (m := _STEP.match(c.name)) and (c / "meta.json").is_file()
-    )
-    if not steps:
-        raise CheckpointFormatError(
-            f"{p}: not a training checkpoint (no meta.json) nor a run with checkpoints"
-        )
-    return steps[-1][1]
+from gatedpo_mega.formats import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    TRAIN_FORMAT,
+    TRAIN_META,
+    TRAIN_VERSION,
+    find_checkpoint,
+    format_mismatch,
+    module_states_file,
+)
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -78,14 +61,12 @@ class TrainCheckpoint:
     """A training checkpoint opened for reading one rank's tensors at a time: ``get(tp_rank, pp_rank, name)``."""
 
     def __init__(self, path: str | Path, *, source: str = "fp32") -> None:
-        self.path = resolve_train_checkpoint(path)
-        self.meta = read_json(self.path / "meta.json")
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != 1:
-            raise CheckpointFormatError(
-                f"{self.path / 'meta.json'}: format {self.meta.get('format')!r} version {self.meta.get('version')!r}, "
-                f"expected {FORMAT!r} version 1"
-            )
-        where = str(self.path / "meta.json")
+        self.path = find_checkpoint(path, CheckpointFormatError)
+        where = str(self.path / TRAIN_META)
+        self.meta = read_json(self.path / TRAIN_META)
+        problem = format_mismatch(self.meta, TRAIN_FORMAT, TRAIN_VERSION)
+        if problem:
+            raise CheckpointFormatError(f"{where}: {problem}")
         self.cfg = model_config_from_dict(self.meta["model"], where)
         self.vocab_size = int(self.meta["vocab_size"])
         layout = self.meta["layout"]
@@ -93,7 +74,7 @@ class TrainCheckpoint:
         self.data, self.zero_stage = int(layout["data"]), int(layout["zero_stage"])
         self.hf_config: dict[str, Any] | None = self.meta.get("hf_config")
         check_layout(self.cfg, self.tensor, self.pipeline)
-        self.ds = self.path / "deepspeed" / "state"
+        self.ds = self.path / DEEPSPEED_DIR / DEEPSPEED_TAG
         if not self.ds.is_dir():
             raise MissingTensorError(f"{self.ds}: DeepSpeed state folder is missing")
         if source not in ("fp32", "module"):
@@ -137,9 +118,7 @@ class TrainCheckpoint:
                 raise MissingTensorError(f"{self.ds / name}: file is missing")
 
     def _model_file(self, mp: int) -> Path:
-        if self.zero_stage == 3:
-            return self.ds / f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
-        return self.ds / f"mp_rank_{mp:02d}_model_states.pt"
+        return module_states_file(self.path, mp, self.zero_stage)
 
     def _optim_file(self, dp: int, mp: int) -> Path:
         return self.ds / f"{self._optim_prefix}{dp}_mp_rank_{mp:02d}_optim_states.pt"

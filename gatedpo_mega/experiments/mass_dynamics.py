@@ -91,7 +91,7 @@ def _train(overrides: list[str], out: Path, *, nproc: int | None = None) -> None
     """One training run, skipped when its final checkpoint exists, resumed when it was interrupted. A finished
     run whose saved config differs from this one is refused (its folder would be reported under a wrong name)."""
     from gatedpo_mega.config import load_config
-    from gatedpo_mega.training.checkpoint import latest_checkpoint
+    from gatedpo_mega.formats import latest_checkpoint, step_dir
     from gatedpo_mega.training.launch import launch
 
     cfg = _resolved(overrides, out)
@@ -103,7 +103,7 @@ def _train(overrides: list[str], out: Path, *, nproc: int | None = None) -> None
                 f"{out} holds a run with another config ({saved}); delete the folder or use another output_dir"
             )
     latest = latest_checkpoint(out)
-    if latest is not None and latest.name == f"step-{cfg.train.max_steps:08d}":
+    if latest == step_dir(out, cfg.train.max_steps):
         print(f"[mass-dynamics] done already: {out}", flush=True)
         return
     t0 = time.perf_counter()

@@ -18,13 +18,8 @@ from typing import Any
 import torch
 
 from gatedpo_mega.errors import UserError
+from gatedpo_mega.formats import DTYPES, TOKENIZER_FILES
 from gatedpo_mega.ops import fused_token_logprobs
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)  # fmt: skip
 
 
 class FusedLMHead(torch.nn.Module):

@@ -99,7 +99,7 @@ class MegatronBackend:
             seed=cfg.train.seed, tp_group=layout.tp_group,
         )  # fmt: skip
         if cfg.model.init_from:
-            from gatedpo_mega.training.init import load_initial_weights
+            from gatedpo_mega.training.initial_weights import load_initial_weights
 
             load_initial_weights(model, cfg, layout, vocab_size)
         return model.to(device)

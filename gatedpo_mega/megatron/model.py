@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from gatedpo_mega.config import ModelConfig
+from gatedpo_mega.families import LAYER, init_rule, init_rules, layer_spec_options, transformer_options
+from gatedpo_mega.formats import DTYPES
 from gatedpo_mega.megatron.cpu_shim import apply_cpu_shim
 from gatedpo_mega.megatron.output import install_fused_output
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from gatedpo_mega.megatron.parallel import shard
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
@@ -51,13 +51,11 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=cfg.qkv_bias,
         hidden_dropout=0.0,  # preference optimisation runs without dropout (policy and reference must agree)
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor,
@@ -77,6 +75,7 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
         deallocate_pipeline_outputs=False,
         variable_seq_lengths=pipeline > 1,  # micro-batches are length-bucketed: stages exchange shapes first
         moe_token_dispatcher_type="alltoall",  # (no experts here; megatron-core requires it for the line above)
+        **transformer_options(cfg),  # head size, q/k/v bias, q/k norm
     )
 
 
@@ -84,7 +83,7 @@ def layer_spec(cfg: ModelConfig):  # -> ModuleSpec
     """megatron-core's local layer spec, with ``SDPAttention`` as its core attention for ``model.attention=sdpa``."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(**layer_spec_options(cfg))
     if cfg.attention == "sdpa":
         from gatedpo_mega.megatron.attention import SDPAttention
 
@@ -124,15 +123,11 @@ def build_model(
     return model
 
 
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
 def global_name(local_name: str, layer_offset: int) -> str:
-    """``decoder.layers.{i}.x`` of a pipeline stage -> ``decoder.layers.{i + offset}.x``; a tied output layer
-    weight is the embedding's."""
-    m = _LAYER.match(local_name)
+    """``decoder.layers.{i}.x`` of a pipeline stage -> ``decoder.layers.{i + offset}.x``."""
+    m = LAYER.match(local_name)
     if m:
-        return f"decoder.layers.{int(m.group(1)) + layer_offset}.{local_name[m.end() :]}"
+        return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}"
     return local_name
 
 
@@ -143,14 +138,12 @@ def full_shape(param: torch.nn.Parameter, tp_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def shard(full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's slice of ``full``, cut as megatron-core cuts it: ``stride`` interleaved chunks per rank."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+def local_slice(full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This rank's slice of ``full``, cut as megatron-core marked ``param`` (``partition_dim``/``_stride``)."""
+    if not getattr(param, "tensor_model_parallel", False):
         return full
     dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)  # type: ignore[attr-defined]
-    chunk = full.shape[dim] // (tp_size * stride)
-    pieces = torch.split(full, chunk, dim=dim)
-    return torch.cat(pieces[tp_rank::tp_size], dim=dim)
+    return shard(full, dim, stride, tp_rank, tp_size)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -160,19 +153,21 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 def init_parameters(model: torch.nn.Module, cfg: ModelConfig, *, stage: StageInfo, seed: int) -> None:
     """Normal(0, std) weights (std / sqrt(2 L) on the two residual-branch outputs, as GPT-2 and Megatron scale
-    them), ones for norms, zeros for biases; each drawn full-size from its own global-name generator."""
-    out_std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)
+    them), ones for norms, zeros for biases (the rules of ``families.layer_tensors``); each drawn full-size from
+    its own global-name generator."""
+    std = {"normal": cfg.init_std, "residual": cfg.init_std / math.sqrt(2.0 * cfg.num_layers)}
+    rules = init_rules(cfg)
     with torch.no_grad():
         for local, p in model.named_parameters():
             name = global_name(local, stage.layer_offset)
             if cfg.tie_embeddings and name == "output_layer.weight":
                 name = "embedding.word_embeddings.weight"  # the same draw as the embedding it mirrors
             shape = full_shape(p, stage.tp_size)
-            if "layernorm" in name or name.endswith("final_layernorm.weight") or name.endswith("norm.weight"):
+            rule = init_rule(rules, name)
+            if rule == "ones":
                 full = torch.ones(shape)
-            elif name.endswith(".bias"):
+            elif rule == "zeros":
                 full = torch.zeros(shape)
             else:
-                std = out_std if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else cfg.init_std
-                full = torch.randn(shape, generator=_generator(seed, name)) * std
-            p.copy_(shard(full, p, stage.tp_rank, stage.tp_size).to(p.dtype))
+                full = torch.randn(shape, generator=_generator(seed, name)) * std[rule]
+            p.copy_(local_slice(full, p, stage.tp_rank, stage.tp_size).to(p.dtype))

@@ -1,4 +1,5 @@
-"""The parallel layout: validated from the config before any process group starts, then built by megatron-core.
+"""The parallel layout: validated from the config before any process group starts, then built by megatron-core;
+and how tensor parallelism cuts a full tensor.
 
 This module and ``step.py``'s caller are the only places that read ``megatron.core.parallel_state``; everything
 downstream receives the groups in a ``Layout``.
@@ -9,10 +10,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
-from gatedpo_mega.config import Config
+from gatedpo_mega.config import Config, ModelConfig
 from gatedpo_mega.errors import ConfigError
+
+
+def indivisible(model: ModelConfig, tensor: int, pipeline: int) -> tuple[str, int, str, int] | None:
+    """The first model size that ``tensor`` x ``pipeline`` does not divide, as (field, value, axis, size): layers
+    are split over pipeline stages; heads, key/value groups and the MLP over tensor ranks. None: all divide."""
+    checks = (
+        ("num_layers", model.num_layers, "pipeline", pipeline),
+        ("num_attention_heads", model.num_attention_heads, "tensor", tensor),
+        ("num_query_groups", model.num_query_groups, "tensor", tensor),
+        ("ffn_hidden_size", model.ffn_hidden_size, "tensor", tensor),
+    )
+    return next((c for c in checks if c[1] % c[3]), None)
+
+
+def shard(full: torch.Tensor, dim: int | None, stride: int, tp_rank: int, tensor: int) -> torch.Tensor:
+    """Rank ``tp_rank``'s slice of ``full``, as megatron-core cuts it: ``tensor * stride`` chunks along ``dim``,
+    every ``tensor``-th (``partition_stride`` 2 gives each rank its slice of both halves of [gate; up])."""
+    if dim is None or tensor == 1:
+        return full
+    pieces = torch.chunk(full, tensor * stride, dim=dim)
+    return torch.cat(pieces[tp_rank::tensor], dim=dim)
+
+
+def unshard(shards: list[torch.Tensor], dim: int | None, stride: int) -> torch.Tensor:
+    """The inverse of ``shard`` over all TP ranks' slices."""
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    parts = [torch.chunk(s, stride, dim=dim) for s in shards]
+    return torch.cat([parts[r][k] for k in range(stride) for r in range(len(shards))], dim=dim)
 
 
 def validate_layout(cfg: Config, world_size: int) -> int:
@@ -23,32 +54,15 @@ def validate_layout(cfg: Config, world_size: int) -> int:
             f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline = {tp} x {pp}"
         )
     dp = world_size // (tp * pp)
-    checks = [
-        (
-            m.num_layers % pp == 0,
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={pp}",
-        ),
-        (
-            m.num_attention_heads % tp == 0,
-            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tensor={tp}",
-        ),
-        (
-            m.num_query_groups % tp == 0,
-            f"model.num_query_groups={m.num_query_groups} is not divisible by parallel.tensor={tp}",
-        ),
-        (
-            m.ffn_hidden_size % tp == 0,
-            f"model.ffn_hidden_size={m.ffn_hidden_size} is not divisible by parallel.tensor={tp}",
-        ),
-        (
-            t.global_batch_size % (t.micro_batch_size * dp) == 0,
+    bad = indivisible(m, tp, pp)
+    if bad:
+        field, value, axis, size = bad
+        raise ConfigError(f"model.{field}={value} is not divisible by parallel.{axis}={size}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x data-parallel size {dp} (world {world_size} / (tensor {tp} x pipeline {pp}))",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+            f"{t.micro_batch_size} x data-parallel size {dp} (world {world_size} / (tensor {tp} x pipeline {pp}))"
+        )
     return dp
 
 

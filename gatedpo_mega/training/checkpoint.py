@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -29,42 +28,29 @@ import torch.distributed as dist
 
 from gatedpo_mega.config import Config, dump_config
 from gatedpo_mega.errors import UserError
+from gatedpo_mega.families import SHAPE_FIELDS, first_difference
+from gatedpo_mega.formats import (
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    TRAIN_FORMAT,
+    TRAIN_META,
+    TRAIN_VERSION,
+    complete_checkpoints,
+    find_checkpoint,
+    format_mismatch,
+    incomplete_dir,
+    latest_checkpoint,
+    step_dir,
+)
 from gatedpo_mega.megatron.parallel import Layout
 
-FORMAT = "gatedpo-train-checkpoint"
-VERSION = 1
-_STEP = re.compile(r"^step-(\d{8})$")
-# Model fields that change what the weights are; the others (fused_logprobs, init_from, ...) may differ on resume.
-SHAPE_FIELDS = (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-    "make_vocab_size_divisible_by", "tie_embeddings", "qkv_bias", "dtype", "backend",
-)  # fmt: skip
+# Besides the weights' shapes, what the saved state depends on: the padded vocabulary, the optimizer's dtype and
+# which model the engine wraps. The other model fields (fused_logprobs, init_from, ...) may differ on resume.
+RESUME_FIELDS = (*SHAPE_FIELDS, "make_vocab_size_divisible_by", "dtype", "backend")
 
 
 class CheckpointError(UserError):
     """A checkpoint that is incomplete, unreadable or does not fit this run."""
-
-
-def checkpoints_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def step_dir(output_dir: str | Path, step: int) -> Path:
-    return checkpoints_root(output_dir) / f"step-{step:08d}"
-
-
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoints_root(output_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP.match(p.name) and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
 
 
 def check_output_dir(cfg: Config) -> Path | None:
@@ -88,26 +74,18 @@ def check_resume(cfg: Config, world_size: int) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """``path`` is a checkpoint folder, or a run's output folder (its latest checkpoint)."""
-    p = Path(path)
-    if (p / "meta.json").is_file():
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise CheckpointError(f"{p} is neither a checkpoint (no meta.json) nor a run folder with checkpoints")
-    return latest
+    """``path`` is a checkpoint folder, or a run's output folder or its ``checkpoints/`` (the latest checkpoint)."""
+    return find_checkpoint(path, CheckpointError)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((path / "meta.json").read_text())
+        meta = json.loads((path / TRAIN_META).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path}: meta.json is unreadable ({e})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(
-            f"checkpoint {path}: format {meta.get('format')!r} version {meta.get('version')!r}, expected "
-            f"{FORMAT!r} version {VERSION}"
-        )
+    problem = format_mismatch(meta, TRAIN_FORMAT, TRAIN_VERSION)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {problem}")
     return meta
 
 
@@ -128,13 +106,12 @@ def check_fits(
                 f"checkpoint {path} was written at {key}={theirs.get(key)} ({_fmt(theirs)}); this run has "
                 f"{key}={value} ({_fmt(mine)}). Resume with the checkpoint's layout"
             )
-    model = asdict(cfg.model)
-    for key in SHAPE_FIELDS:
-        if meta["model"].get(key) != model[key]:
-            raise CheckpointError(
-                f"checkpoint {path} holds a model with model.{key}={meta['model'].get(key)!r}; this run has "
-                f"model.{key}={model[key]!r}"
-            )
+    differs = first_difference(meta["model"], asdict(cfg.model), RESUME_FIELDS)
+    if differs:
+        key, saved, mine = differs
+        raise CheckpointError(
+            f"checkpoint {path} holds a model with model.{key}={saved!r}; this run has model.{key}={mine!r}"
+        )
     if vocab_size is not None and meta["vocab_size"] != vocab_size:
         raise CheckpointError(
             f"checkpoint {path} holds a vocabulary of {meta['vocab_size']}; this run's is {vocab_size}"
@@ -173,22 +150,22 @@ def save_checkpoint(
 ) -> Path:
     """Write the checkpoint of ``step`` (collective: every rank calls it) and return its folder."""
     final = step_dir(cfg.train.output_dir, step)
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = incomplete_dir(final)
     if layout.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "trainer").mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+    engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
     torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer" / f"rank_{layout.rank:05d}.pt")
     dist.barrier()
     if layout.rank == 0:
         meta = {
-            "format": FORMAT, "version": VERSION, "step": step, "layout": layout_record(cfg, layout.dp),
+            "format": TRAIN_FORMAT, "version": TRAIN_VERSION, "step": step, "layout": layout_record(cfg, layout.dp),
             "model": asdict(cfg.model), "vocab_size": vocab_size, "padded_vocab_size": padded_vocab_size,
             "hf_config": hf_config,
         }  # fmt: skip
         (tmp / "config.yaml").write_text(dump_config(cfg))
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / TRAIN_META).write_text(json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again (a resumed run that re-reached it)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -214,10 +191,13 @@ def load_checkpoint(
     if not rank_file.is_file():
         raise CheckpointError(f"checkpoint {path} has no {rank_file.relative_to(path)}")
     load_path, _ = engine.load_checkpoint(
-        str(path / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        str(path / DEEPSPEED_DIR),
+        tag=DEEPSPEED_TAG,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state under {path / 'deepspeed'}")
+        raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state under {path / DEEPSPEED_DIR}")
     state = torch.load(rank_file, map_location="cpu", weights_only=False)
     set_rng_state(state.pop("rng"))
     return int(meta["step"]), state

@@ -18,7 +18,7 @@ from gatedpo_mega.data.loader import collate
 from gatedpo_mega.data.tokenized import TokenizedPairs
 from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.megatron.parallel import Layout
-from gatedpo_mega.training.init import source_identity, source_vocab_size
+from gatedpo_mega.training.initial_weights import source_identity, source_vocab_size
 
 
 class StepSource(Protocol):

@@ -17,18 +17,18 @@ import torch.distributed as dist
 from gatedpo_mega.backend import make_backend
 from gatedpo_mega.config import Config
 from gatedpo_mega.deepspeed.engine import build_engine
+from gatedpo_mega.formats import checkpoints_root
 from gatedpo_mega.loss import LossContext
 from gatedpo_mega.megatron.model import padded_vocab_size
 from gatedpo_mega.megatron.parallel import initialize_layout, validate_layout
 from gatedpo_mega.training.checkpoint import (
     check_output_dir,
-    checkpoints_root,
     load_checkpoint,
     save_checkpoint,
 )
 from gatedpo_mega.training.data import RunData
 from gatedpo_mega.training.evaluation import evaluate
-from gatedpo_mega.training.init import source_hf_config
+from gatedpo_mega.training.initial_weights import source_hf_config
 from gatedpo_mega.training.metrics_log import MetricsLog, step_record
 from gatedpo_mega.training.reference import Reference
 from gatedpo_mega.training.step import train_step

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gatedpo_mega.config import Config
+from gatedpo_mega.config import Config, ModelConfig
 from gatedpo_mega.errors import UserError
+from gatedpo_mega.families import SHAPE_FIELDS, first_difference
+from gatedpo_mega.formats import MCORE_META, module_states_file
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.training.checkpoint import (
     CheckpointError,
@@ -21,7 +24,8 @@ from gatedpo_mega.training.checkpoint import (
     resolve_checkpoint,
 )
 
-MCORE_META = "gatedpo_mcore.json"
+# A Hugging Face folder also fixes the function the weights compute: its norm epsilon and rotary base.
+HF_FIELDS = (*SHAPE_FIELDS, "norm_epsilon", "rotary_base")
 
 
 def source_kind(path: Path) -> str:
@@ -97,8 +101,7 @@ def load_checkpoint_weights(
     check_fits({**meta, "layout": layout_record(cfg, layout.dp)}, path, cfg, layout.dp, vocab)
     where = f"model.init_from={path}"
     if (theirs["tensor"], theirs["pipeline"]) == (layout.tp, layout.pp) and theirs["zero_stage"] < 3:
-        mp = layout.pp_rank * layout.tp + layout.tp_rank
-        f = path / "deepspeed" / "state" / f"mp_rank_{mp:02d}_model_states.pt"
+        f = module_states_file(path, layout.pp_rank * layout.tp + layout.tp_rank, theirs["zero_stage"])
         if not f.is_file():
             raise CheckpointError(f"{where}: {f.relative_to(path)} is missing")
         state = torch.load(f, map_location="cpu", weights_only=False)["module"]
@@ -162,12 +165,10 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config, layout: Layout, vo
     copy_weights(model, local, f"model.init_from={src}")
 
 
-def _check_shape(cfg: Config, want: Any, vocab_size: int, hf_vocab: int, src: Path) -> None:
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                "tie_embeddings", "qkv_bias", "norm_epsilon", "rotary_base"):  # fmt: skip
-        if getattr(cfg.model, key) != getattr(want, key):
-            raise UserError(
-                f"model.{key}={getattr(cfg.model, key)!r} but model.init_from={src} has {getattr(want, key)!r}"
-            )
+def _check_shape(cfg: Config, want: ModelConfig, vocab_size: int, hf_vocab: int, src: Path) -> None:
+    differs = first_difference(asdict(want), asdict(cfg.model), HF_FIELDS)
+    if differs:
+        key, theirs, mine = differs
+        raise UserError(f"model.{key}={mine!r} but model.init_from={src} has {theirs!r}")
     if vocab_size != hf_vocab:
         raise UserError(f"model.init_from={src} has a vocabulary of {hf_vocab}; this run's is {vocab_size}")

@@ -1,0 +1,171 @@
+"""Model families and the tensors of a decoder layer, each defined once.
+
+Every family is the same decoder (RMSNorm, SwiGLU, rotary embeddings, grouped-query attention) with a few switches,
+the *features* (``ModelConfig`` fields): Llama and Mistral have none, Qwen2 a q/k/v bias, Qwen3 an RMSNorm over
+each head's query and key. A family is one ``Family`` entry: what its Hugging Face ``config.json`` says and which
+features its checkpoints have. A feature is a ``ModelConfig`` field plus its rows in ``layer_tensors`` (names,
+shapes, tensor-parallel cut, initialisation) and its megatron-core options below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gatedpo_mega.config import ModelConfig
+
+Shape = tuple[int, ...]
+
+# ModelConfig switches that add tensors to a layer (see ``layer_tensors``).
+FEATURES = ("qkv_bias", "qk_norm")
+# ModelConfig fields that fix the weights' names and shapes: a checkpoint, an mcore folder or a Hugging Face folder
+# fits a run only where these agree.
+SHAPE_FIELDS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "head_dim",
+    "tie_embeddings", *FEATURES,
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A Hugging Face model family this codebase converts and trains."""
+
+    model_type: str  # config.json's ``model_type``
+    architecture: str  # its ``architectures[0]``
+    features: Mapping[str, bool]  # the value of every FEATURES switch in this family's checkpoints
+    sliding_window_default: bool = False  # transformers' ``use_sliding_window`` when config.json has none
+    # What a config.json written for a model trained here (no original to copy) sets beyond the common keys.
+    scratch_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+_PLAIN = {"qkv_bias": False, "qk_norm": False}
+_NO_WINDOW = {"use_sliding_window": False, "sliding_window": None}
+# In the order a model trained from scratch picks its family: the first whose features it has.
+FAMILIES = {
+    f.model_type: f
+    for f in (
+        Family(
+            "llama", "LlamaForCausalLM", _PLAIN, scratch_config={"attention_bias": False, "mlp_bias": False}
+        ),
+        Family("mistral", "MistralForCausalLM", _PLAIN, sliding_window_default=True),
+        Family("qwen2", "Qwen2ForCausalLM", {**_PLAIN, "qkv_bias": True}, scratch_config=_NO_WINDOW),
+        Family(
+            "qwen3",
+            "Qwen3ForCausalLM",
+            {**_PLAIN, "qk_norm": True},
+            scratch_config={**_NO_WINDOW, "attention_bias": False},
+        ),
+    )
+}
+
+
+def family_of(cfg: ModelConfig) -> Family | None:
+    """The first family whose checkpoints have exactly ``cfg``'s features (None: no family expresses them)."""
+    for family in FAMILIES.values():
+        if all(getattr(cfg, k) == v for k, v in family.features.items()):
+            return family
+    return None
+
+
+_DEFAULTS = dataclasses.asdict(ModelConfig())
+
+
+def first_difference(
+    saved: Mapping[str, Any], mine: Mapping[str, Any], fields: tuple[str, ...]
+) -> tuple[str, Any, Any] | None:
+    """The first of ``fields`` whose values differ, as (field, saved value, mine); a field missing from ``saved``
+    (written before the field existed) reads as ModelConfig's default."""
+    for key in fields:
+        theirs = saved.get(key, _DEFAULTS[key])
+        if theirs != mine[key]:
+            return key, theirs, mine[key]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- megatron-core
+
+
+def transformer_options(cfg: ModelConfig) -> dict[str, Any]:
+    """The ``TransformerConfig`` arguments the features and the head size set."""
+    return {"kv_channels": cfg.kv_channels, "add_qkv_bias": cfg.qkv_bias, "qk_layernorm": cfg.qk_norm}
+
+
+def layer_spec_options(cfg: ModelConfig) -> dict[str, Any]:
+    """``get_gpt_layer_local_spec``'s arguments. Its q/k layernorms normalise each head over ``kv_channels`` in
+    ``get_query_key_value_tensors``, before the rotary embedding, as Qwen3's q_norm/k_norm do."""
+    return {"normalization": "RMSNorm", "qk_layernorm": cfg.qk_norm}
+
+
+# ---------------------------------------------------------------------------------------------- layer tensors
+
+
+@dataclass(frozen=True, slots=True)
+class LayerTensor:
+    """One tensor of a decoder layer: megatron-core's name and full shape, the Hugging Face tensors it is made of,
+    how tensor parallelism cuts it and how it is initialised."""
+
+    mcore: str  # under ``decoder.layers.{i}.``
+    hf: tuple[str, ...]  # under ``model.layers.{i}.``; several are fused ([q; k; v] per group, or [gate; up])
+    hf_shapes: tuple[Shape, ...]
+    shape: Shape
+    dim: int | None  # the dimension TP cuts, or None (replicated)
+    stride: int = 1
+    # normal | residual (std / sqrt(2 L): the outputs into the residual stream) | ones | zeros
+    init: str = "normal"
+
+
+def layer_tensors(cfg: ModelConfig) -> list[LayerTensor]:
+    """Every tensor of one decoder layer of ``cfg``, in the order Hugging Face checkpoints list them."""
+    h, f, hd = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    q, kv = cfg.num_attention_heads * hd, cfg.num_query_groups * hd
+
+    def qkv(kind: str) -> tuple[str, ...]:
+        return tuple(f"self_attn.{x}_proj.{kind}" for x in "qkv")
+
+    out = [
+        LayerTensor(
+            "self_attention.linear_qkv.weight", qkv("weight"), ((q, h), (kv, h), (kv, h)), (q + 2 * kv, h), 0
+        )
+    ]
+    if cfg.qkv_bias:
+        out.append(
+            LayerTensor("self_attention.linear_qkv.bias", qkv("bias"), ((q,), (kv,), (kv,)), (q + 2 * kv,), 0, init="zeros")
+        )  # fmt: skip
+    if cfg.qk_norm:  # one weight of head size, shared by every head (and so by every tensor rank)
+        for x in "qk":
+            out.append(
+                LayerTensor(f"self_attention.{x}_layernorm.weight", (f"self_attn.{x}_norm.weight",), ((hd,),), (hd,), None, init="ones")
+            )  # fmt: skip
+    out += [
+        LayerTensor("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), ((h, q),), (h, q), 1, init="residual"),
+        LayerTensor("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), ((f, h), (f, h)), (2 * f, h), 0, stride=2),
+        LayerTensor("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), ((h, f),), (h, f), 1, init="residual"),
+        LayerTensor("input_layernorm.weight", ("input_layernorm.weight",), ((h,),), (h,), None, init="ones"),
+        LayerTensor("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), ((h,),), (h,), None, init="ones"),
+    ]  # fmt: skip
+    return out
+
+
+LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+# The tensors outside the layers (the output layer is absent where tied at PP 1), and how each is initialised.
+OUTER_INIT = {
+    "embedding.word_embeddings.weight": "normal",
+    "decoder.final_layernorm.weight": "ones",
+    "output_layer.weight": "normal",
+}
+
+
+def init_rules(cfg: ModelConfig) -> dict[str, str]:
+    """How each megatron-core parameter is initialised, by its name (a layer's by its name within the layer)."""
+    return {**OUTER_INIT, **{t.mcore: t.init for t in layer_tensors(cfg)}}
+
+
+def init_rule(rules: dict[str, str], name: str) -> str:
+    m = LAYER.match(name)
+    key = m.group(2) if m else name
+    if key not in rules:
+        raise KeyError(f"no initialisation rule for parameter {name}")
+    return rules[key]

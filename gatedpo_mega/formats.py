@@ -1,0 +1,112 @@
+"""On-disk formats and name tables, defined once for training, conversion and the transformers backend.
+
+A training checkpoint is ``OUTPUT/checkpoints/step-00000040/``, complete once ``meta.json`` is in it and the
+folder has its final name (``training/checkpoint.py`` writes it as ``.tmp-step-00000040`` and renames it); an mcore
+folder is marked by ``gatedpo_mcore.json`` (``convert/mcore.py``). Discovery raises the caller's error type
+(training and conversion each have their own).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Parameter and compute dtypes by their config name (``model.dtype``, ``--dtype``).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Files of a Hugging Face folder that are not weights or config.json: copied along with the model.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+TRAIN_FORMAT = "gatedpo-train-checkpoint"
+TRAIN_VERSION = 1
+TRAIN_META = "meta.json"  # written last: a folder holding it under its final name is complete
+CHECKPOINTS = "checkpoints"
+INCOMPLETE_PREFIX = ".tmp-"
+_STEP = re.compile(r"^step-(\d{8})$")
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"  # DeepSpeed's checkpoint tag: its files are in ``deepspeed/state/``
+
+MCORE_META = "gatedpo_mcore.json"
+MCORE_FORMAT = "gatedpo-mcore"
+MCORE_VERSION = 1
+
+
+def checkpoints_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def step_dir(output_dir: str | Path, step: int) -> Path:
+    return checkpoints_root(output_dir) / f"step-{step:08d}"
+
+
+def incomplete_dir(final: Path) -> Path:
+    """Where the checkpoint ``final`` is written before it is renamed (never read)."""
+    return final.with_name(f"{INCOMPLETE_PREFIX}{final.name}")
+
+
+def is_incomplete(path: Path) -> bool:
+    return INCOMPLETE_PREFIX in path.name
+
+
+def _complete_in(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP.match(p.name) and (p / TRAIN_META).is_file()]
+    return sorted(found, key=lambda p: p.name)  # eight digits: the names sort as the steps
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return _complete_in(checkpoints_root(output_dir))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def find_checkpoint(path: str | Path, error: type[Exception]) -> Path:
+    """``path`` itself when it is a checkpoint; the latest complete one when it is a run's output folder or its
+    ``checkpoints/`` folder. Otherwise ``error`` (the caller's type) saying which: an incomplete ``.tmp-*`` folder
+    (never read), no folder, or a folder without checkpoints."""
+    p = Path(path)
+    if is_incomplete(p):
+        raise error(f"{p}: an incomplete checkpoint (the run stopped while writing it)")
+    if not p.is_dir():
+        raise error(f"{p}: no such checkpoint folder")
+    if (p / TRAIN_META).is_file():
+        return p
+    found = _complete_in(checkpoints_root(p)) or _complete_in(p)
+    if not found:
+        raise error(f"{p}: not a training checkpoint (no meta.json) nor a run with checkpoints")
+    return found[-1]
+
+
+def module_states_file(checkpoint: Path, mp_rank: int, zero_stage: int) -> Path:
+    """DeepSpeed's model-states file of model-parallel rank ``mp_rank`` (``pp_rank * TP + tp_rank``); under ZeRO 3
+    it holds no weights, only the parameter shapes."""
+    prefix = "zero_pp_rank_0_" if zero_stage == 3 else ""
+    return checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG / f"{prefix}mp_rank_{mp_rank:02d}_model_states.pt"
+
+
+def format_mismatch(meta: dict[str, Any], fmt: str, version: int) -> str | None:
+    """What is wrong with a meta record's format and version (None: it is ``fmt`` version ``version``)."""
+    if meta.get("format") == fmt and meta.get("version") == version:
+        return None
+    return (
+        f"format {meta.get('format')!r} version {meta.get('version')!r}, expected {fmt!r} version {version}"
+    )
