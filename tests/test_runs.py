@@ -22,7 +22,7 @@ BASE = [
     "train.warmup_steps=1", "train.reference_batch_size=8", "data.builtin_pairs=120", "data.max_length=64",
     "data.max_prompt_length=40", "data.eval_fraction=0.2",
 ]  # fmt: skip
-TIMING = {"tokens_per_second", "step_seconds", "memory/peak_mib_max_rank"}
+TIMING = {"tokens_per_second", "real_tokens_per_second", "step_seconds", "memory/peak_mib_max_rank"}
 
 
 def _rows(out: Path) -> list[dict]:

@@ -64,6 +64,13 @@ class PreferenceBatch:
         return self.labels != IGNORE_INDEX
 
     @property
+    def real_tokens(self) -> int:
+        """Prompt and response tokens of the rows, padding excluded (a row ends one past its last target)."""
+        m = self.loss_mask
+        pos = torch.arange(m.shape[1], device=m.device)
+        return int((torch.where(m, pos, -1).amax(-1) + 2).sum())
+
+    @property
     def model_input_ids(self) -> torch.Tensor:
         """What the model runs on: ``[2B, W]`` padded rows, or ``[1, T]`` packed."""
         return self.input_ids if self.packing is None else self.packing.input_ids

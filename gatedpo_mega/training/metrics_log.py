@@ -81,7 +81,12 @@ def step_record(
     """Reduce the metrics over the data-parallel group and bring them to every rank."""
     metrics = reduce_metric_sums(sums, layout.dp_group) if layout.last_stage else {}
     device = batches[0].input_ids.device  # collectives on the backend's device (NCCL needs CUDA tensors)
-    tokens = torch.tensor([sum(b.input_ids.numel() for b in batches)], dtype=torch.float64, device=device)
+    # Tokens the model ran on (padding included) and real tokens (padding excluded): the pipeline's throughput, and
+    # the work done for the data.
+    model_tokens = sum(b.model_input_ids.numel() for b in batches)
+    tokens = torch.tensor(
+        [model_tokens, sum(b.real_tokens for b in batches)], dtype=torch.float64, device=device
+    )
     dist.all_reduce(tokens, group=layout.dp_group)
     payload = [metrics]
     if layout.pp > 1:
@@ -98,7 +103,9 @@ def step_record(
     record = {"step": step, **payload[0]}
     record["grad_norm"] = float(norm) if norm is not None else float("nan")
     record["lr"] = float(engine.get_lr()[0])
-    record["tokens_per_second"] = float(tokens) / max(seconds, 1e-9)
+    record["tokens_per_second"] = float(tokens[0]) / max(seconds, 1e-9)
+    record["real_tokens_per_second"] = float(tokens[1]) / max(seconds, 1e-9)
+    record["padding_fraction"] = 1.0 - float(tokens[1]) / float(tokens[0])
     record["step_seconds"] = seconds
     record["memory/peak_mib_max_rank"] = float(peak)
     return record
