@@ -237,12 +237,13 @@ def run_gatedpo(
     records = [r for r in records if r["step"] > 0 and "step_seconds" in r]
     steps = []
     for r in records:
+        # tokens_per_second counts the tokens the model ran on (a packed row has no padding between documents);
+        # real_tokens_per_second the prompt and response tokens, which must be the loader's for the same pairs.
         padded = r["tokens_per_second"] * r["step_seconds"]
-        if round(padded) != tokens[r["step"] - 1]["padded"]:
-            raise SystemExit(f"gatedpo ({row}) step {r['step']}: {padded:.0f} padded tokens, the loader has "
-                             f"{tokens[r['step'] - 1]['padded']}: not the pairs this benchmark expects")  # fmt: skip
-        # real_tokens_per_second where gatedpo logs it, else the loader's count of the same step's pairs
-        real = r.get("real_tokens_per_second", 0.0) * r["step_seconds"] or tokens[r["step"] - 1]["real"]
+        real = r["real_tokens_per_second"] * r["step_seconds"]
+        if round(real) != tokens[r["step"] - 1]["real"]:
+            raise SystemExit(f"gatedpo ({row}) step {r['step']}: {real:.0f} real tokens, the loader has "
+                             f"{tokens[r['step'] - 1]['real']}: not the pairs this benchmark expects")  # fmt: skip
         steps.append(
             {
                 "step": r["step"],

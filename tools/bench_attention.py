@@ -4,7 +4,8 @@ megatron-core's local attention, as the row length grows.
 A 4-layer Llama-shaped model (hidden 256, 8 heads in 4 key/value groups, SwiGLU 704, vocabulary 512, fp32, the
 fused output layer) on one row of T tokens, TP 1, one process. Each (attention, T) runs in a fresh subprocess: one
 warm-up step, then the median wall time of ``--repeats`` forward+backward steps; memory is the peak resident set
-size above the RSS measured after the model and its inputs were built (activations, attention and gradients).
+size above the RSS measured after the model and its inputs were built, over all steps (activations, attention
+and gradients).
 Nothing is asserted. CPU:
 
     DS_ACCELERATOR=cpu python tools/bench_attention.py --lengths 512 1024 2048 4096 8192
@@ -58,8 +59,8 @@ def worker(attention: str, length: int, repeats: int) -> dict[str, float]:
         out[..., 0].sum().backward()
         model.zero_grad(set_to_none=True)
 
+    base = _rss_mib()  # the model, its inputs, the imports
     step()  # warm-up: kernels, allocator
-    base = _rss_mib()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
