@@ -71,6 +71,10 @@ COMPOSED = {
         4, ["parallel.tensor=2", "parallel.pipeline=2"],
         ["model.fused_objective=true", "objective.name=cal_dpo", "objective.nll_weight=0.5", "gate.tau=0.02"],
     ),
+    "hinge-pp2": (2, ["parallel.pipeline=2"], ["objective.name=hinge", "gate.tau=0.02"]),
+    "sft-extended-dp2-zero2": (
+        2, ["parallel.zero_stage=2"], ["objective.name=sft_extended", "gate.shape=none"],
+    ),
     "live-reference-eval": (
         2, ["parallel.zero_stage=3"],
         ["train.reference=live", "data.eval_fraction=0.2", "train.eval_every=2", "train.micro_batch_size=1"],
@@ -86,6 +90,23 @@ def test_packing_composes_with_output_layer_modes_gates_objectives_and_reference
     if "eval" in name:
         assert any("eval/loss" in r for r in want)
     _same(got, want)
+
+
+def test_packed_run_resumes_exactly(cache, tmp_path):
+    """Checkpoints every step; the last is removed and the run resumed: step 3 again, to the last digit."""
+    import shutil
+
+    from gatedpo_mega.formats import step_dir
+
+    opts = ["data.packing=true", "train.save_every=1", "train.eval_every=0"]
+    whole = run(1, opts, cache, tmp_path, "resume")
+    shutil.rmtree(step_dir(tmp_path / "resume", 3))
+    again = run(1, [*opts, "train.resume=true"], cache, tmp_path, "resume")
+    timing = ("tokens_per_second", "real_tokens_per_second", "step_seconds", "memory/peak_mib_max_rank")
+    assert [r["step"] for r in again] == [3]
+    assert {k: v for k, v in again[0].items() if k not in timing} == {
+        k: v for k, v in whole[-1].items() if k not in timing
+    }
 
 
 def test_no_attention_across_documents_of_a_packed_row():
