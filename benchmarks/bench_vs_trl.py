@@ -121,6 +121,8 @@ def overrides(args: argparse.Namespace, row: str = "padded") -> list[str]:
         f"gate.shape={gate}",
     ]
     ov += [f"model.{k}={v}" for k, v in MODELS[args.model].items()]
+    if args.recompute:
+        ov.append("model.recompute=full")
     if args.data == "hh":
         ov += [
             f"data.source={HH}",
@@ -217,7 +219,8 @@ def method_name(args: argparse.Namespace, row: str) -> str:
             return "TRL DPOTrainer defaults (sigmoid; ref model per step, grad ckpt)"
         return "TRL DPOTrainer (sigmoid; ref precomputed)"
     layout = "packed" if packing else "padded"
-    return f"gatedpo DPO {layout} (gate {gate}; ref {args.reference})"
+    recompute = "; recompute full" if args.recompute else ""
+    return f"gatedpo DPO {layout} (gate {gate}; ref {args.reference}{recompute})"
 
 
 def run_gatedpo(
@@ -577,6 +580,11 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument("--no-gated", action="store_true", help="skip the gated gatedpo row")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL rows")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="gatedpo rows with model.recompute=full (activation recomputation)",
+    )
     p.add_argument("--trl-worker", help=argparse.SUPPRESS)
     p.add_argument("--trl-row", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -67,6 +67,9 @@ class ModelConfig:
     # Core attention: sdpa (torch's scaled_dot_product_attention: causal without a mask tensor, memory linear in
     # the sequence length, documents of a packed row kept apart) or local (megatron-core's, [T, T] scores).
     attention: str = "sdpa"
+    # Activation recomputation: none, or full (each layer's forward runs again in backward; only layer inputs are
+    # kept: about a third more compute for a fraction of the activation memory).
+    recompute: str = "none"
     fused_logprobs: bool = True  # output layer + log-probs per token chunk, never holding the logits
     # The output layer computes the whole preference loss in three matmuls (fused_preference_loss) instead of
     # recomputing logits in backward (four): faster, plus two [V/TP, H] float32 accumulators of memory.
@@ -106,6 +109,7 @@ class ModelConfig:
         choice("model.dtype", self.dtype, ("fp32", "bf16"))
         choice("model.backend", self.backend, tuple(BACKENDS))
         choice("model.attention", self.attention, ("sdpa", "local"))
+        choice("model.recompute", self.recompute, ("none", "full"))
         if self.fused_objective and (not self.fused_logprobs or self.backend != "megatron"):
             raise ValueError(
                 "model.fused_objective=true needs model.fused_logprobs=true and model.backend=megatron"

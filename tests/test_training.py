@@ -92,6 +92,8 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         (1, ["model.fused_objective=true"]),  # the loss inside the output layer, three matmuls
         (4, ["model.fused_objective=true", "parallel.tensor=2", "parallel.pipeline=2"]),
         (2, ["model.fused_objective=true", "parallel.zero_stage=2"]),
+        (4, ["model.recompute=full", "parallel.tensor=2", "parallel.pipeline=2"]),  # activation recomputation
+        (2, ["model.recompute=full", "parallel.zero_stage=3", "data.packing=true"]),
     ],
     ids=[
         "tp2",
@@ -107,6 +109,8 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         "fused-objective",
         "fused-objective-tp2pp2",
         "fused-objective-dp2-zero2",
+        "recompute-tp2pp2",
+        "recompute-packed-dp2-zero3",
     ],
 )
 def test_layouts_match_tp1_pp1(world, extra, baseline, cache, tmp_path):

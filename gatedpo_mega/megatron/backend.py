@@ -34,12 +34,7 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
 def uses_mask(model: torch.nn.Module) -> bool:
     """Whether the model's core attention needs the dense causal mask (megatron-core's local attention does;
     ``SDPAttention`` is causal without one)."""
-    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
-    found = getattr(inner, "_gatedpo_uses_mask", None)
-    if found is None:
-        found = not any(isinstance(m, SDPAttention) for m in inner.modules())
-        inner._gatedpo_uses_mask = found
-    return bool(found)
+    return not any(isinstance(m, SDPAttention) for m in model.modules())
 
 
 def model_forward(
@@ -51,8 +46,7 @@ def model_forward(
     ids = batch.model_input_ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     p = batch.packing
-    if p is not None:  # thd: megatron-core restarts the rotary positions at each document; SDPAttention keeps
-        # the documents apart
+    if p is not None:  # thd: megatron-core restarts rotary positions per document; SDPAttention keeps them apart
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = p.cu_seqlens

@@ -8,7 +8,8 @@ model and the pipeline schedules assume CUDA:
   tensor factories map ``"cuda"`` to the CPU;
 - ``Tensor.cuda()`` on tied embeddings under pipeline parallelism: the identity;
 - ``torch.cuda.synchronize()`` in p2p communication: a no-op;
-- the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` around dropout): a tracker of named CPU generator states.
+- the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` around dropout): a tracker of named CPU generator states;
+- the CUDA generator state saved around recomputed forwards (``model.recompute``): nothing to save.
 
 Everything else is megatron-core's own code path, so TP/PP results on CPU are the GPU code's results.
 """
@@ -102,6 +103,10 @@ def apply_cpu_shim() -> bool:
     schedules.torch = _TorchOnCpu()  # type: ignore[attr-defined]
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recomputation saves and restores "the CUDA generator" around each recomputed forward: there is
+    # none (the CPU generator and the tracker's named states are saved beside it).
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)  # type: ignore[attr-defined]
+    mrandom._set_cuda_rng_state = lambda *a, **k: None  # type: ignore[attr-defined]
     # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed, a lazy no-op without CUDA.
     _applied = True
     return True

@@ -53,7 +53,7 @@ def reference_key(cfg: Config, vocab_size: int) -> str:
     """What the initial weights depend on: the model shape, the vocabulary, the seed and the ``init_from``
     source's files (not the layout)."""
     model = asdict(cfg.model)
-    for how in ("fused_logprobs", "fused_objective", "attention"):  # ways of computing, not the weights
+    for how in ("fused_logprobs", "fused_objective", "attention", "recompute"):  # ways of computing
         model.pop(how)
     blob = json.dumps(
         {
