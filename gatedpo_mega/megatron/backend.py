@@ -46,7 +46,8 @@ def model_forward(
     ids = batch.model_input_ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
     p = batch.packing
-    if p is not None:  # thd: megatron-core restarts rotary positions per document; SDPAttention keeps them apart
+    if p is not None:
+        # thd: megatron-core restarts the rotary positions per document; SDPAttention keeps documents apart
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = p.cu_seqlens
