@@ -74,12 +74,12 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
         persist_layer_norm=False,
         deallocate_pipeline_outputs=False,
         variable_seq_lengths=pipeline > 1,  # micro-batches are length-bucketed: stages exchange shapes first
+        moe_token_dispatcher_type="alltoall",  # (no experts here; megatron-core requires it for the line above)
         # model.recompute=full: keep each layer's input only and run its forward again in backward (memory for
         # time, as gradient checkpointing does).
         recompute_granularity="full" if cfg.recompute == "full" else None,
         recompute_method="uniform" if cfg.recompute == "full" else None,
         recompute_num_layers=1 if cfg.recompute == "full" else None,
-        moe_token_dispatcher_type="alltoall",  # (no experts here; megatron-core requires it for the line above)
         **transformer_options(cfg),  # head size, q/k/v bias, q/k norm
     )
 
