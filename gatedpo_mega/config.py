@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +23,12 @@ from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.gate import GateConfig
 from gatedpo_mega.objectives import SFT_OBJECTIVES, ObjectiveConfig
 from gatedpo_mega.squeeze import SqueezeConfig
-from gatedpo_mega.validate import choice, positive
+from gatedpo_mega.validate import choice, not_empty, positive, valid_seed
 
 T = TypeVar("T")
+
+# Longer than any run waits on a collective, and far inside what ``datetime.timedelta(minutes=...)`` holds.
+MAX_TIMEOUT_MINUTES = 365 * 24 * 60  # one year
 
 
 @dataclass(kw_only=True, slots=True)
@@ -106,6 +110,8 @@ class ModelConfig:
             )
         positive("model.vocab_size", self.vocab_size, allow_zero=True)
         positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
+        for name in ("max_position_embeddings", "rotary_base", "norm_epsilon", "init_std"):
+            positive(f"model.{name}", getattr(self, name))
         choice("model.dtype", self.dtype, ("fp32", "bf16"))
         choice("model.backend", self.backend, tuple(BACKENDS))
         choice("model.attention", self.attention, ("sdpa", "local"))
@@ -157,9 +163,20 @@ class TrainConfig:
         for name in ("save_every", "keep_checkpoints", "eval_every", "eval_max_pairs"):
             positive(f"train.{name}", getattr(self, name), allow_zero=True)
         choice("train.reference", self.reference, ("precomputed", "live"))
+        valid_seed("train.seed", self.seed)
+        not_empty("train.output_dir", self.output_dir)  # empty would write into the current folder
         positive("train.collective_timeout_minutes", self.collective_timeout_minutes)
+        if self.collective_timeout_minutes > MAX_TIMEOUT_MINUTES:
+            raise ValueError(
+                f"train.collective_timeout_minutes={self.collective_timeout_minutes} must be <= "
+                f"{MAX_TIMEOUT_MINUTES} (one year)"
+            )
         positive("train.lr", self.lr)
         positive("train.min_lr", self.min_lr, allow_zero=True)
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must be <= train.lr={self.lr}")
+        positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        positive("train.adam_eps", self.adam_eps)
         positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         positive("train.grad_clip", self.grad_clip, allow_zero=True)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
@@ -215,6 +232,11 @@ class Config:
             )
         if self.objective.name in SFT_OBJECTIVES and self.train.reference == "live":
             raise ValueError(f"train.reference=live: objective.name={self.objective.name} uses no reference")
+        if self.model.max_position_embeddings < self.data.max_length:
+            raise ValueError(
+                f"model.max_position_embeddings={self.model.max_position_embeddings} must be >= "
+                f"data.max_length={self.data.max_length}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,10 +271,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number; got {value!r}")
-        return float(value)
+        return _finite(key, value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} must be an integer; got {value!r}")
+        # Every integer ends up in torch, numpy or C as 64 bits; beyond that it is an OverflowError there.
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}={value} must be an integer in [-2**63, 2**63)")
         return value
     if tp is bool:
         if not isinstance(value, bool):
@@ -263,6 +288,18 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key} must be a string; got {value!r}")
         return value
     return value
+
+
+def _finite(key: str, value: int | float) -> float:
+    """``value`` as a float, refused when NaN or infinite: no key gives them a meaning, NaN passes every range
+    check (each comparison is false) and both reach the trainer as a traceback or a non-finite loss."""
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}={value} must be a finite number")
+    return number
 
 
 def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -298,7 +335,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     try:
         return key, yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an integer beyond Python's 4300-digit conversion limit
         raise ConfigError(f"override {text!r}: value is not valid YAML") from None
 
 
@@ -315,6 +352,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"config file {p}{where}: not valid YAML") from None
+        except ValueError as e:  # an integer beyond Python's 4300-digit conversion limit
+            raise ConfigError(f"config file {p}: not valid YAML ({e})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
         tree = loaded or {}

@@ -30,7 +30,7 @@ import torch
 from gatedpo_mega.gate import SHAPES, GateConfig, apply_gate, gate_values
 from gatedpo_mega.objectives import preference_loss
 from gatedpo_mega.ops import token_logprobs
-from gatedpo_mega.validate import choice, positive
+from gatedpo_mega.validate import choice, not_empty, positive
 
 
 @dataclass(kw_only=True, slots=True)
@@ -58,6 +58,10 @@ class SqueezeConfig:
             raise ValueError(f"squeeze.feature_dim={self.feature_dim} must be >= 2")
         if not -1.0 < self.correlation < 1.0:
             raise ValueError(f"squeeze.correlation={self.correlation} must be in (-1, 1)")
+        positive("squeeze.init_scale", self.init_scale, allow_zero=True)
+        not_empty("squeeze.rejected_probs", self.rejected_probs)  # no cells: nothing to run or report
+        not_empty("squeeze.shapes", self.shapes)
+        not_empty("squeeze.output_dir", self.output_dir)  # empty would write into the current folder
         for p in self.rejected_probs:
             if not 0.0 < p < 1.0:
                 raise ValueError(f"squeeze.rejected_probs contains {p}; each must be in (0, 1)")

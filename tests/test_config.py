@@ -45,6 +45,77 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(e.value)
 
 
+BIG = "1" + "0" * 5000  # beyond Python's 4300-digit int conversion limit
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=.nan", r"^train\.lr=nan must be a finite number$"),
+        ("train.lr=nan", r"^train\.lr=nan must be a finite number$"),
+        ("train.lr=1e999", r"^train\.lr=inf must be a finite number$"),
+        ("train.lr=1" + "0" * 400, r"^train\.lr=10{400} must be a finite number$"),
+        ("objective.beta=-.inf", r"^objective\.beta=-inf must be a finite number$"),
+        ("objective.nll_weight=.inf", r"^objective\.nll_weight=inf must be a finite number$"),
+        ("train.grad_clip=.nan", r"^train\.grad_clip=nan must be a finite number$"),
+        ("train.weight_decay=.inf", r"^train\.weight_decay=inf must be a finite number$"),
+        ("gate.alpha=.inf", r"^gate\.alpha=inf must be a finite number$"),
+        ("gate.temperature=.nan", r"^gate\.temperature=nan must be a finite number$"),
+        ("squeeze.init_scale=.inf", r"^squeeze\.init_scale=inf must be a finite number$"),
+        ("squeeze.rejected_probs=[0.1, .nan]", r"^squeeze\.rejected_probs\[1\]=nan must be a finite number$"),
+        ("train.adam_betas=[.nan, 0.9]", r"^train\.adam_betas\[0\]=nan must be a finite number$"),
+        ("train.collective_timeout_minutes=.inf", r"^train\.collective_timeout_minutes=inf must be a finite"),
+        ("train.collective_timeout_minutes=1e9", r"=1000000000\.0 must be <= 525600 \(one year\)$"),
+        ("model.init_std=.nan", r"^model\.init_std=nan must be a finite number$"),
+        ("train.min_lr=0.01", r"^train\.min_lr=0\.01 must be <= train\.lr=0\.001$"),
+        ("train.adam_eps=-1e-8", r"^train\.adam_eps=-1e-08 must be > 0$"),
+        ("train.adam_eps=0", r"^train\.adam_eps=0\.0 must be > 0$"),
+        ("train.weight_decay=-0.1", r"^train\.weight_decay=-0\.1 must be >= 0$"),
+        ("train.seed=-1", r"^train\.seed=-1 must be in \[0, 2\*\*32\)$"),
+        ("train.seed=4294967296", r"^train\.seed=4294967296 must be in \[0, 2\*\*32\)$"),
+        ("data.seed=-1", r"^data\.seed=-1 must be in \[0, 2\*\*32\)$"),
+        ("model.init_std=0", r"^model\.init_std=0\.0 must be > 0$"),
+        ("model.norm_epsilon=-1e-5", r"^model\.norm_epsilon=-1e-05 must be > 0$"),
+        ("model.rotary_base=0", r"^model\.rotary_base=0\.0 must be > 0$"),
+        ("model.max_position_embeddings=0", r"^model\.max_position_embeddings=0 must be > 0$"),
+        ("model.max_position_embeddings=64", r"^model\.max_position_embeddings=64 must be >= data\.max_length=128$"),
+        ("train.output_dir=", r"^train\.output_dir must not be empty$"),
+        ("train.output_dir=''", r"^train\.output_dir must not be empty$"),
+        ("squeeze.output_dir=", r"^squeeze\.output_dir must not be empty$"),
+        ("squeeze.init_scale=-1", r"^squeeze\.init_scale=-1\.0 must be >= 0$"),
+        ("squeeze.shapes=[]", r"^squeeze\.shapes must not be empty$"),
+        ("squeeze.rejected_probs=[]", r"^squeeze\.rejected_probs must not be empty$"),
+        ("data.tokenizer=", r"^data\.tokenizer must not be empty$"),
+        ("train.max_steps=" + str(2**63), r"^train\.max_steps=9223372036854775808 must be an integer in \[-2\*\*63, 2\*\*63\)$"),
+        ("train.max_steps=" + BIG, r"^override 'train\.max_steps=10+': value is not valid YAML$"),
+    ],
+)  # fmt: skip
+def test_bad_values_are_refused_in_one_line(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["train.seed=0", "data.seed=4294967295", "data.seed=null"],
+        ["train.min_lr=0.001", "train.weight_decay=0", "train.grad_clip=0", "squeeze.init_scale=0"],
+        ["data.max_length=512", "data.max_prompt_length=256"],  # = the default max_position_embeddings
+        ["train.collective_timeout_minutes=525600"],
+    ],
+)
+def test_values_at_the_edges_are_accepted(overrides):
+    load_config(None, overrides)
+
+
+def test_a_huge_integer_in_a_file_is_one_line(tmp_path):
+    f = tmp_path / "big.yaml"
+    f.write_text(f"train:\n  max_steps: {BIG}\n")
+    with pytest.raises(ConfigError, match=r"big\.yaml: not valid YAML \(Exceeds the limit") as e:
+        load_config(f)
+    assert "\n" not in str(e.value)
+
+
 def test_pipeline_with_zero_beyond_one_is_refused():
     with pytest.raises(ConfigError, match=r"parallel.zero_stage=2 with parallel.pipeline=2"):
         load_config(None, ["parallel.pipeline=2", "parallel.zero_stage=2"])

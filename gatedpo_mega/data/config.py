@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gatedpo_mega.validate import choice
+from gatedpo_mega.validate import choice, not_empty, valid_seed
 
 FORMATS = ("auto", "hh", "plain", "chat")
 CHAT_TEMPLATES = ("auto", "tokenizer", "hh", "chatml")
@@ -49,9 +49,8 @@ class DataConfig:
         choice("data.format", self.format, FORMATS)
         choice("data.chat_template", self.chat_template, CHAT_TEMPLATES)
         choice("data.on_bad_record", self.on_bad_record, ON_BAD_RECORD)
-        for key in ("prompt_field", "chosen_field", "rejected_field"):
-            if not getattr(self, key):
-                raise ValueError(f"data.{key} must not be empty")
+        for key in ("prompt_field", "chosen_field", "rejected_field", "tokenizer"):
+            not_empty(f"data.{key}", getattr(self, key))
         if self.chosen_field == self.rejected_field:
             raise ValueError(f"data.chosen_field and data.rejected_field are both {self.chosen_field!r}")
         if self.max_length < 2:
@@ -73,5 +72,6 @@ class DataConfig:
                 f"data.builtin_vocab_size={self.builtin_vocab_size} must be in [300, 32000] "
                 "(256 byte-fallback pieces plus the specials and some words)"
             )
-        if not self.cache_dir:
-            raise ValueError("data.cache_dir must not be empty")
+        if self.seed is not None:
+            valid_seed("data.seed", self.seed)
+        not_empty("data.cache_dir", self.cache_dir)

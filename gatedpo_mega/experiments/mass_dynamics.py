@@ -82,9 +82,7 @@ def _same_run(a: Any, b: Any) -> bool:
     """Two resolved configs that train the same model on the same batches (the output folder aside)."""
     from dataclasses import replace
 
-    return replace(a, train=replace(a.train, output_dir="")) == replace(
-        b, train=replace(b.train, output_dir="")
-    )
+    return replace(a, train=replace(a.train, output_dir=b.train.output_dir)) == b
 
 
 def _train(overrides: list[str], out: Path, *, nproc: int | None = None) -> None:
