@@ -58,9 +58,8 @@ class OutputRequest:
     """What a fused output layer is asked to compute for one micro-batch, and what it hands back. It returns the
     statistics in the padded row layout ``[2B, W, 3]`` whatever layout the model ran in."""
 
-    targets: (
-        torch.Tensor
-    )  # next-token targets in the model's layout ([2B, W], or [1, T] packed), -100 ignored
+    # next-token targets in the model's layout ([2B, W], or [1, T] packed), -100 ignored
+    targets: torch.Tensor
     packing: Packing | None = None  # the micro-batch ran packed: how to bring its tokens back to rows
     row_targets: torch.Tensor | None = None  # [2B, W] the targets in the padded layout (with packing)
     objective: PairObjective | None = None  # also compute the per-pair loss (training with fused_objective)

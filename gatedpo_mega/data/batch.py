@@ -17,13 +17,11 @@ class Packing:
 
     input_ids: torch.Tensor  # [1, T]
     targets: torch.Tensor  # [1, T] next-token targets, -100 outside the responses
-    cu_seqlens: (
-        torch.Tensor
-    )  # [D + 1] int32: where each document starts (the last one may be the padding tail)
+    # [D + 1] int32: where each document starts (the last document may be the padding tail)
+    cu_seqlens: torch.Tensor
     max_seqlen: int  # the longest document
-    unpack: (
-        torch.Tensor
-    )  # [2B, W] position in the packed row of each token of the padded layout (-1: padding)
+    # [2B, W]: the position in the packed row of each token of the padded layout (-1: padding)
+    unpack: torch.Tensor
 
     def rows(self, values: torch.Tensor) -> torch.Tensor:
         """Per-token ``values`` of the packed row, ``[T, ...]``, in the padded layout ``[2B, W, ...]`` (zero on
