@@ -64,6 +64,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return launch(load_config(args.config, overrides), args.nproc)
 
 
+def _cmd_checkpoint_verify(args: argparse.Namespace) -> int:
+    from gatedpo_mega.training.checkpoint import verify_report
+
+    lines, ok = verify_report(Path(args.path))
+    print("\n".join(lines))
+    return 0 if ok else 2
+
+
 def _cmd_mass_dynamics(args: argparse.Namespace) -> int:
     from gatedpo_mega.experiments.mass_dynamics import load_spec, run_experiment
 
@@ -84,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_train)
     add_data_commands(sub)
+    p = sub.add_parser("checkpoint", help="training checkpoints: verify their files")
+    cs = p.add_subparsers(dest="checkpoint_command", required=True)
+    p = cs.add_parser(
+        "verify",
+        help="check a checkpoint's files against the sizes and SHA-256 it recorded (exit 2 when damaged); for a "
+        "run folder, every checkpoint, and which one --resume would continue from",
+    )
+    p.add_argument("path", metavar="PATH", help="a checkpoint folder, or a run's output folder")
+    p.set_defaults(func=_cmd_checkpoint_verify)
     add_convert_commands(sub)
     p = sub.add_parser("squeeze", help="the squeeze demonstration: DPO vs each gate shape on a softmax model")
     _add_config_args(p)

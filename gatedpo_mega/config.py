@@ -141,7 +141,9 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints (0: only the final one)
     save_final: bool = True  # a checkpoint after the last step
     keep_checkpoints: int = 0  # how many of the latest complete checkpoints to keep (0: all)
-    resume: bool = False  # continue from the latest complete checkpoint in output_dir (``--resume``)
+    resume: bool = False  # continue from the latest checkpoint in output_dir that verifies (``--resume``)
+    # A damaged latest checkpoint on resume: fall back to the newest that verifies (false: refuse the resume).
+    resume_fallback: bool = True
     eval_every: int = 0  # steps between evaluations on the held-out split (0: none; also after the last step)
     eval_max_pairs: int = 0  # evaluate on the first N held-out pairs (0: all)
     reference: str = (

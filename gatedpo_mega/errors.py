@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ class UserError(Exception):
     """Bad input from the user (config, data, checkpoint, arguments); the message names what and where."""
 
     exit_code = 2
+    every_rank = False  # raised alike by every rank of a run (a collective decision): shown by rank 0 only
 
 
 class ConfigError(UserError):
@@ -22,7 +24,8 @@ def run_command(func: Callable[[Any], int], args: Any) -> int:
     try:
         return int(func(args))
     except UserError as e:
-        print(f"gatedpo: error: {e}", file=sys.stderr)
+        if not e.every_rank or os.environ.get("RANK", "0") == "0":  # under a launcher: one line, from rank 0
+            print(f"gatedpo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("gatedpo: interrupted", file=sys.stderr)

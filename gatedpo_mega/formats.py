@@ -34,9 +34,12 @@ TOKENIZER_FILES = (
 TRAIN_FORMAT = "gatedpo-train-checkpoint"
 TRAIN_VERSION = 1
 TRAIN_META = "meta.json"  # written last: a folder holding it under its final name is complete
+TRAIN_FILES = (
+    "files"  # meta.json's record of every other file: {relative path: {"size": bytes, "sha256": hex}}
+)
 CHECKPOINTS = "checkpoints"
 INCOMPLETE_PREFIX = ".tmp-"
-_STEP = re.compile(r"^step-(\d{8})$")
+STEP_NAME = re.compile(r"^step-(\d{8})$")
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"  # DeepSpeed's checkpoint tag: its files are in ``deepspeed/state/``
 
@@ -65,8 +68,17 @@ def is_incomplete(path: Path) -> bool:
 def _complete_in(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP.match(p.name) and (p / TRAIN_META).is_file()]
+    found = [p for p in root.iterdir() if STEP_NAME.match(p.name) and (p / TRAIN_META).is_file()]
     return sorted(found, key=lambda p: p.name)  # eight digits: the names sort as the steps
+
+
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every checkpoint folder under its final name, oldest first, including one whose ``meta.json`` is gone
+    (damaged: it was renamed only after ``meta.json`` was written)."""
+    root = checkpoints_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if STEP_NAME.match(p.name) and p.is_dir())
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:

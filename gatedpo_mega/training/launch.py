@@ -58,7 +58,8 @@ def _worker(rank: int, world: int, port: int, cfg: Config, make_data: Any = None
     try:
         _run_this_process(cfg, make_data)
     except UserError as e:
-        print(f"gatedpo: error: {e}", file=sys.stderr, flush=True)
+        if rank == 0 or not e.every_rank:
+            print(f"gatedpo: error: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
     except Exception as e:
         from gatedpo_mega.loss import NonFiniteLossError

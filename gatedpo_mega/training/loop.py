@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,15 +16,10 @@ import torch.distributed as dist
 from gatedpo_mega.backend import make_backend
 from gatedpo_mega.config import Config
 from gatedpo_mega.deepspeed.engine import build_engine
-from gatedpo_mega.formats import checkpoints_root
 from gatedpo_mega.loss import LossContext
 from gatedpo_mega.megatron.model import padded_vocab_size
 from gatedpo_mega.megatron.parallel import initialize_layout, validate_layout
-from gatedpo_mega.training.checkpoint import (
-    check_output_dir,
-    load_checkpoint,
-    save_checkpoint,
-)
+from gatedpo_mega.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from gatedpo_mega.training.data import RunData
 from gatedpo_mega.training.evaluation import evaluate
 from gatedpo_mega.training.initial_weights import source_hf_config
@@ -41,11 +35,11 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     computes them).
     """
     validate_layout(cfg, dist.get_world_size())
-    resume_from = find_resume_checkpoint(cfg)
     layout = initialize_layout(
         cfg.parallel.tensor, cfg.parallel.pipeline, timeout_minutes=cfg.train.collective_timeout_minutes
     )
     device = device_for(layout.rank)
+    resume_from = find_resume_checkpoint(cfg)  # verified on every rank before anything is loaded
     torch.manual_seed(cfg.train.seed)
     data: RunData = make_data(cfg, layout)
     if layout.rank == 0 and data.report:
@@ -116,10 +110,3 @@ def device_for(layout_rank: int) -> torch.device:
 
 def padded_vocab(cfg: Config, vocab_size: int) -> int:
     return padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor)
-
-
-def find_resume_checkpoint(cfg: Config) -> Path | None:
-    latest = check_output_dir(cfg)
-    if cfg.train.resume and latest is None and dist.get_rank() == 0:
-        print(f"no checkpoint in {checkpoints_root(cfg.train.output_dir)}: starting at step 0", flush=True)
-    return latest

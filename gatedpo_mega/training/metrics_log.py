@@ -32,9 +32,7 @@ class MetricsLog:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.yaml").write_text(dump_config(cfg))
         path = self.out / "metrics.jsonl"
-        kept = []
-        if start_step and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        kept = kept_records(path, start_step) if start_step and path.exists() else []
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
@@ -73,6 +71,20 @@ class MetricsLog:
             self.bar.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def kept_records(path: Path, start_step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` a run resumed at ``start_step`` keeps: the records of steps up to it. A line
+    that is not a record (half-written when the run was killed, or damaged) is dropped, as are later steps."""
+    kept = []
+    for line in path.read_bytes().decode("utf-8", "replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= start_step:
+            kept.append(line)
+    return kept
 
 
 def step_record(
