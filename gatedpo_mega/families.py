@@ -73,16 +73,25 @@ def family_of(cfg: ModelConfig) -> Family | None:
 _DEFAULTS = dataclasses.asdict(ModelConfig())
 
 
-def first_difference(
+def differences(
     saved: Mapping[str, Any], mine: Mapping[str, Any], fields: tuple[str, ...]
-) -> tuple[str, Any, Any] | None:
-    """The first of ``fields`` whose values differ, as (field, saved value, mine); a field missing from ``saved``
+) -> list[tuple[str, Any, Any]]:
+    """Each of ``fields`` whose values differ, as (field, saved value, mine); a field missing from ``saved``
     (written before the field existed) reads as ModelConfig's default."""
+    out = []
     for key in fields:
         theirs = saved.get(key, _DEFAULTS[key])
         if theirs != mine[key]:
-            return key, theirs, mine[key]
-    return None
+            out.append((key, theirs, mine[key]))
+    return out
+
+
+def first_difference(
+    saved: Mapping[str, Any], mine: Mapping[str, Any], fields: tuple[str, ...]
+) -> tuple[str, Any, Any] | None:
+    """The first of ``differences``, or None."""
+    found = differences(saved, mine, fields)
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------------------------------------- megatron-core

@@ -52,12 +52,36 @@ def test_missing_file(capsys, cache_dir: Path, tmp_path: Path) -> None:
     assert_one_line(rc, err, "nope.jsonl", "does not exist")
 
 
-def test_truncated_gzip(capsys, cache_dir: Path, tmp_path: Path) -> None:
-    data = gzip.compress(("\n".join(json.dumps(GOOD) for _ in range(2000)) + "\n").encode())
+def _varied_lines(n: int) -> bytes:
+    """Records that compress to many deflate blocks (identical lines would compress to almost nothing)."""
+    recs = [
+        {"prompt": f"Question {i} about {i * 7919 % 1000}?", "chosen": f" a{i}", "rejected": f" b{i}"}
+        for i in range(n)
+    ]
+    return ("\n".join(json.dumps(r) for r in recs) + "\n").encode()
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_truncated_gzip(capsys, cache_dir: Path, tmp_path: Path, mode: str) -> None:
+    data = gzip.compress(_varied_lines(3000), mtime=0)
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(data[: len(data) // 2])
-    rc, err = run_cli(capsys, cache_dir, path)
-    assert_one_line(rc, err, "cut.jsonl.gz line ", "gzip stream is truncated")
+    rc, err = run_cli(capsys, cache_dir, path, f"data.on_bad_record={mode}")
+    assert_one_line(rc, err, "cut.jsonl.gz line ", "looks corrupted", "truncated")
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_gzip_with_flipped_bytes_is_refused(capsys, cache_dir: Path, tmp_path: Path, mode: str) -> None:
+    """Deflate turns flipped bytes into garbage lines before the CRC reports them: the file is refused as
+    corrupted in both modes, never read as bad JSON records."""
+    data = bytearray(gzip.compress(_varied_lines(3000), mtime=0))
+    for k in range(5):
+        data[len(data) // 2 + 7 * k] ^= 0xFF
+    path = tmp_path / "flipped.jsonl.gz"
+    path.write_bytes(bytes(data))
+    rc, err = run_cli(capsys, cache_dir, path, f"data.on_bad_record={mode}")
+    assert_one_line(rc, err, "flipped.jsonl.gz line ", "the gzip file looks corrupted")
+    assert "JSON" not in err and "UTF-8" not in err, err
 
 
 def test_line_not_json(capsys, cache_dir: Path, tmp_path: Path) -> None:
@@ -121,13 +145,84 @@ def test_skip_counts_and_reports(capsys, cache_dir: Path, tmp_path: Path) -> Non
     assert "a.jsonl line 6: not valid JSON" in out
 
 
-def test_skip_keeps_records_before_a_truncated_gzip(cache_dir: Path, tmp_path: Path) -> None:
-    data = gzip.compress(("\n".join(json.dumps(GOOD) for _ in range(3000)) + "\n").encode())
-    path = tmp_path / "cut.jsonl.gz"
-    path.write_bytes(data[: len(data) // 2])
+LONE_SURROGATES = ["\\ud800", "\\udfff"]  # JSON escapes that json.loads turns into an unencodable str
+
+
+@pytest.mark.parametrize("escape", LONE_SURROGATES)
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
+def test_lone_surrogate_is_a_bad_record(
+    capsys, cache_dir: Path, tmp_path: Path, escape: str, field: str
+) -> None:
+    bad = json.dumps({**GOOD, field: "ab"}).replace('"ab"', f'"a{escape}b"')
+    path = write_lines(tmp_path / "a.jsonl", [json.dumps(GOOD), bad])
+    rc, err = run_cli(capsys, cache_dir, path)
+    assert_one_line(rc, err, f"a.jsonl line 2: field '{field}' holds a lone surrogate", "at character 1")
+
+
+@pytest.mark.parametrize("escape", LONE_SURROGATES)
+@pytest.mark.parametrize("field", ["prompt", "chosen", "rejected"])
+def test_skip_counts_lone_surrogates(cache_dir: Path, tmp_path: Path, escape: str, field: str) -> None:
+    bad = json.dumps({**GOOD, field: "ab"}).replace('"ab"', f'"a{escape}b"')
+    path = write_lines(tmp_path / "a.jsonl", [json.dumps(GOOD), bad, json.dumps(GOOD)])
     cfg = DataConfig(source=str(path), cache_dir=str(cache_dir), on_bad_record="skip", eval_fraction=0.0)
-    d = load_preference_data(cfg, seed=0)
-    assert d.report.dropped == {"unreadable_file": 1} and 0 < d.report.kept < 3000
+    r = load_preference_data(cfg, seed=0).report
+    assert (r.records, r.kept, r.dropped) == (3, 2, {"invalid_unicode": 1})
+    assert r.examples == [
+        f"{path} line 2: field '{field}' holds a lone surrogate (invalid unicode) at character 1"
+    ]
+
+
+@pytest.mark.parametrize("kind", ["transcript", "message"])
+def test_lone_surrogate_in_hh_and_chat_records(capsys, cache_dir: Path, tmp_path: Path, kind: str) -> None:
+    if kind == "transcript":
+        rec = {"chosen": "\n\nHuman: hi\n\nAssistant: ok", "rejected": "\n\nHuman: hi\n\nAssistant: XX"}
+        name = "rejected"
+    else:
+        turn = [{"role": "user", "content": "hi"}]
+        rec = {
+            "chosen": [*turn, {"role": "assistant", "content": "ok"}],
+            "rejected": [*turn, {"role": "assistant", "content": "XX"}],
+        }
+        name = "rejected[1].content"
+    path = write_lines(tmp_path / "a.jsonl", [json.dumps(rec).replace("XX", "X\\udc00")])
+    rc, err = run_cli(capsys, cache_dir, path)
+    assert_one_line(rc, err, f"a.jsonl line 1: field '{name}' holds a lone surrogate")
+
+
+def test_train_tokenizer_skips_lone_surrogates(capsys, cache_dir: Path, tmp_path: Path) -> None:
+    """The tokenizer is trained on validated records only: a lone surrogate never reaches SentencePiece."""
+    lines = [
+        json.dumps({"prompt": f"Question {i}?", "chosen": f" yes {i}", "rejected": f" no {i}"})
+        for i in range(50)
+    ]
+    lines.append(json.dumps(GOOD).replace('" 4."', '" 4\\ud800."'))
+    path = write_lines(tmp_path / "a.jsonl", lines)
+    common = [f"data.source={path}", f"data.cache_dir={cache_dir}", "--vocab-size", "300"]
+    common += ["--output", str(tmp_path / "tok")]
+    capsys.readouterr()
+    rc = main(["data", "train-tokenizer", *common])
+    err = capsys.readouterr().err
+    assert_one_line(rc, err, "a.jsonl line 51: field 'chosen' holds a lone surrogate")
+    rc = main(["data", "train-tokenizer", "data.on_bad_record=skip", *common])
+    assert rc == 0 and (tmp_path / "tok" / "tokenizer.model").is_file()
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_invalid_utf8_line_is_a_bad_record(capsys, cache_dir: Path, tmp_path: Path, mode: str) -> None:
+    path = tmp_path / "a.jsonl"
+    good = json.dumps(GOOD).encode()
+    path.write_bytes(
+        b"\n".join([good, b'{"prompt": "x\xff", "chosen": " a", "rejected": " b"}', good]) + b"\n"
+    )
+    rc, err = run_cli(capsys, cache_dir, path, f"data.on_bad_record={mode}")
+    if mode == "error":
+        assert_one_line(rc, err, "a.jsonl line 2: not valid UTF-8 (byte 13 of the line)")
+    else:
+        assert rc == 0 and err == "", err
+        r = load_preference_data(
+            DataConfig(source=str(path), cache_dir=str(cache_dir), on_bad_record="skip"), seed=0
+        ).report
+        assert (r.records, r.kept, r.dropped) == (3, 2, {"not_utf8": 1})
 
 
 def test_no_usable_pairs_is_an_error(cache_dir: Path, tmp_path: Path) -> None:
@@ -190,4 +285,4 @@ def test_random_corruption_never_crashes(cache_dir: Path, gz: bool, edits, cut, 
             assert "\n" not in str(e) and str(e)
             return
         r = d.report
-        assert r.kept + sum(v for k, v in r.dropped.items() if k != "unreadable_file") == r.records
+        assert r.kept + r.total_dropped == r.records

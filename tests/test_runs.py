@@ -231,4 +231,4 @@ def test_a_hanging_rank_times_out_and_the_launcher_names_the_failed_rank(cache, 
     assert (
         "gatedpo: error: rank 0: a collective waited longer than train.collective_timeout_minutes=0.1" in err
     )
-    assert "gatedpo: rank 0 exited with code 4; the other ranks were stopped" in err
+    assert "gatedpo: rank 0 failed (exit 4); the other ranks were stopped" in err

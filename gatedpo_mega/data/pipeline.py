@@ -92,15 +92,12 @@ def iter_examples(
     skip = cfg.on_bad_record == "skip"
     fields = Fields(cfg.prompt_field, cfg.chosen_field, cfg.rejected_field)
     index = -1
-    for loc, rec in read_records(cfg.source, split=cfg.split, skip_bad=skip):
+    for loc, rec in read_records(cfg.source, split=cfg.split):
         out: Example | Drop | Bad = (
             rec
             if isinstance(rec, Bad)
             else to_example(loc, rec, fmt=cfg.format, fields=fields, render=render)
         )
-        if isinstance(rec, Bad) and rec.reason == "unreadable_file":
-            report.drop(rec.reason, rec.message)  # a whole file: not one record
-            continue
         index += 1
         report.records += 1
         if isinstance(out, Bad):

@@ -6,7 +6,9 @@
   final message (or the ``prompt`` field: messages or a string), rendered by a chat template.
 
 Each function returns an :class:`Example`, a :class:`Drop` (a well-formed record that cannot make a pair: counted,
-never an error) or a :class:`Bad` (a malformed record: an error, or counted under ``on_bad_record: skip``).
+never an error) or a :class:`Bad` (a malformed record: an error, or counted under ``on_bad_record: skip``). A text
+that cannot be encoded as UTF-8 (a lone surrogate from a JSON ``"\\ud800"`` escape) is malformed: no tokenizer
+takes it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,29 @@ def _wrong(loc: str, field: str, expected: str, v: Any) -> Bad:
     return Bad("wrong_type", f"{loc}: field '{field}' must be {expected}, got {_type(v)}")
 
 
+def _invalid_text(loc: str, field: str, v: str) -> Bad | None:
+    """A lone surrogate (JSON decodes a lone ``\\ud800`` escape into one) has no UTF-8 form."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return Bad(
+            "invalid_unicode",
+            f"{loc}: field '{field}' holds a lone surrogate (invalid unicode) at character {e.start}",
+        )
+    return None
+
+
+def _texts(loc: str, expected: str, values: tuple[tuple[str, Any], ...]) -> Bad | None:
+    """The first field that is not a string, or not valid unicode."""
+    for name, v in values:
+        if not isinstance(v, str):
+            return _wrong(loc, name, expected, v)
+        bad = _invalid_text(loc, name, v)
+        if bad is not None:
+            return bad
+    return None
+
+
 def split_hh(transcript: str) -> tuple[str, str] | None:
     """``(prompt, response)`` at the final assistant turn, the prompt ending in ``\\n\\nAssistant:``."""
     i = transcript.rfind(HH_ASSISTANT)
@@ -93,9 +118,9 @@ def to_example(
 
 
 def _hh(loc: str, chosen: Any, rejected: Any, fields: Fields) -> Example | Drop | Bad:
-    for name, v in ((fields.chosen, chosen), (fields.rejected, rejected)):
-        if not isinstance(v, str):
-            return _wrong(loc, name, "a transcript string", v)
+    bad = _texts(loc, "a transcript string", ((fields.chosen, chosen), (fields.rejected, rejected)))
+    if bad is not None:
+        return bad
     c, r = split_hh(chosen), split_hh(rejected)
     if c is None or r is None:
         name = fields.chosen if c is None else fields.rejected
@@ -108,9 +133,11 @@ def _hh(loc: str, chosen: Any, rejected: Any, fields: Fields) -> Example | Drop 
 
 
 def _plain(loc: str, prompt: Any, chosen: Any, rejected: Any, fields: Fields) -> Example | Drop | Bad:
-    for name, v in ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected)):
-        if not isinstance(v, str):
-            return _wrong(loc, name, "a string", v)
+    bad = _texts(
+        loc, "a string", ((fields.prompt, prompt), (fields.chosen, chosen), (fields.rejected, rejected))
+    )
+    if bad is not None:
+        return bad
     if not chosen.strip() or not rejected.strip():
         return Drop("empty_response")
     return Example(prompt, chosen, rejected)
@@ -122,9 +149,9 @@ def _messages(loc: str, field: str, v: Any) -> Messages | Bad:
     for i, m in enumerate(v):
         if not isinstance(m, dict):
             return _wrong(loc, f"{field}[{i}]", "a {role, content} message", m)
-        for k in ("role", "content"):
-            if not isinstance(m.get(k), str):
-                return _wrong(loc, f"{field}[{i}].{k}", "a string", m.get(k))
+        bad = _texts(loc, "a string", tuple((f"{field}[{i}].{k}", m.get(k)) for k in ("role", "content")))
+        if bad is not None:
+            return bad
     return [{"role": m["role"], "content": m["content"]} for m in v]
 
 
@@ -147,10 +174,15 @@ def _chat(
     conversation = c[:-1]
     if not conversation and prompt is not None:
         if isinstance(prompt, str):
+            bad = _invalid_text(loc, fields.prompt, prompt)
+            if bad is not None:
+                return bad
             conversation = [{"role": "user", "content": prompt}]
         else:
             p = _messages(loc, fields.prompt, prompt)
             if isinstance(p, Bad):
+                if p.reason != "wrong_type":
+                    return p
                 return Bad("wrong_type", p.message.replace("a list of", "a string or a list of"))
             conversation = p
     if not c[-1]["content"].strip() or not r[-1]["content"].strip():

@@ -2,8 +2,9 @@
 
 Each record comes out as ``(where, dict)``, or ``(where, Bad)`` when the record itself is unusable (a line that is
 not JSON, not an object, not UTF-8) so that ``data.on_bad_record: skip`` can count it and go on. Problems with a
-whole file (missing, truncated gzip, corrupt Parquet) raise :class:`DataError`, or, in skip mode, come out as one
-``Bad`` after the records read before the damage.
+whole file (missing, corrupt or truncated gzip, corrupt Parquet) raise :class:`DataError` in both modes: a damaged
+file is refused, never partly used. A gzip file is decompressed once in full before its first record is used,
+because deflate turns flipped bytes into plausible lines long before the CRC at the stream's end reports them.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def files_digest(files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def read_records(source: str, *, split: str = "train", skip_bad: bool = False) -> Iterator[Record]:
+def read_records(source: str, *, split: str = "train") -> Iterator[Record]:
     path = Path(source).expanduser()
     files = resolve_files(source)
     if not files:
@@ -93,22 +94,33 @@ def read_records(source: str, *, split: str = "train", skip_bad: bool = False) -
         yield from _read_saved(path, split)
     else:
         for f in files:
-            yield from _read_file(f, skip_bad=skip_bad)
+            yield from _read_file(f)
 
 
-def _read_file(path: Path, *, skip_bad: bool) -> Iterator[Record]:
+def _read_file(path: Path) -> Iterator[Record]:
     suffix = _suffix(path)
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+    elif suffix == ".arrow":
+        yield from _read_arrow(path)
+    else:
+        yield from _read_json(path)
+
+
+def _gzip_lines(path: Path) -> Iterator[bytes]:
+    """The decompressed lines; damage (zlib error, CRC or length mismatch, cut short) is one ``DataError`` naming
+    the line reached."""
+    n = 0
     try:
-        if suffix == ".parquet":
-            yield from _read_parquet(path)
-        elif suffix == ".arrow":
-            yield from _read_arrow(path)
-        else:
-            yield from _read_json(path)
-    except DataError as e:
-        if not skip_bad:
-            raise
-        yield str(path), Bad("unreadable_file", str(e))
+        with gzip.open(path, "rb") as fh:
+            for n, line in enumerate(fh, start=1):  # noqa: B007 (n names the damage below)
+                yield line
+    except EOFError:
+        raise DataError(
+            f"{path} line {n + 1}: the gzip file looks corrupted (its stream is truncated: file cut short?)"
+        ) from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as e:
+        raise DataError(f"{path} line {n + 1}: the gzip file looks corrupted ({_first_line(e)})") from None
 
 
 def _open_bytes_lines(path: Path) -> Iterator[bytes]:
@@ -116,16 +128,16 @@ def _open_bytes_lines(path: Path) -> Iterator[bytes]:
         gz = fh.read(2) == _GZIP_MAGIC
     if path.name.lower().endswith(".gz") and not gz:
         raise DataError(f"{path}: not a gzip file (name ends in .gz)")
-    opener: Any = gzip.open if gz else open
-    n = 0
-    try:
-        with opener(path, "rb") as fh:
-            for n, line in enumerate(fh, start=1):  # noqa: B007 (n names the damage below)
-                yield line
-    except EOFError:
-        raise DataError(f"{path} line {n + 1}: gzip stream is truncated (file cut short?)") from None
-    except (gzip.BadGzipFile, zlib.error, OSError) as e:
-        raise DataError(f"{path} line {n + 1}: corrupt gzip data ({e})") from None
+    if not gz:
+        try:
+            with path.open("rb") as fh:
+                yield from fh
+        except OSError as e:
+            raise DataError(f"{path}: could not be read ({_first_line(e)})") from None
+        return
+    for _ in _gzip_lines(path):  # the whole stream checked before any line is used
+        pass
+    yield from _gzip_lines(path)
 
 
 def _read_json(path: Path) -> Iterator[Record]:
@@ -155,7 +167,7 @@ def _parse_line(path: Path, n: int, raw: bytes) -> Record:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return loc, Bad("not_utf8", f"{loc}: not valid UTF-8 (byte {e.start})")
+        return loc, Bad("not_utf8", f"{loc}: not valid UTF-8 (byte {e.start} of the line)")
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:

@@ -75,8 +75,8 @@ class TokenizedPairs:
 
 @dataclass(slots=True)
 class DataReport:
-    """What happened to every input record. ``records == kept + sum(dropped.values())`` always holds, except
-    that an unreadable file (skip mode) counts as one dropped item without known records in it."""
+    """What happened to every input record: ``records == kept + sum(dropped.values())`` always holds (a damaged
+    file is refused, never counted)."""
 
     source: str
     records: int = 0

@@ -90,6 +90,17 @@ def eval_micro_batches(
     return batches, counted
 
 
+def run_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
+    """The model's vocabulary: as configured, else the initial weights' (model.init_from), else the tokenizer's."""
+    vocab = cfg.model.vocab_size or source_vocab_size(cfg.model.init_from) or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise ConfigError(
+            f"the model's vocabulary ({vocab}) is smaller than the tokenizer's {tokenizer_vocab}: the tokenizer "
+            "does not belong to this model"
+        )
+    return vocab
+
+
 def make_run_data(cfg: Config, layout: Layout) -> RunData:
     # Rank 0 tokenizes and writes the cache; the others wait, then read it.
     if layout.rank == 0:
@@ -98,13 +109,7 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
     if layout.rank != 0:
         data = load_preference_data(cfg.data, seed=cfg.train.seed)
     tok = data.tokenizer
-    # The vocabulary: as configured, else the initial weights' (model.init_from), else the tokenizer's.
-    vocab = cfg.model.vocab_size or source_vocab_size(cfg.model.init_from) or tok.vocab_size
-    if vocab < tok.vocab_size:
-        raise ConfigError(
-            f"the model's vocabulary ({vocab}) is smaller than the tokenizer's {tok.vocab_size}: the tokenizer "
-            "does not belong to this model"
-        )
+    vocab = run_vocab_size(cfg, tok.vocab_size)
     t = cfg.train
     try:
         steps = PreferenceLoader(

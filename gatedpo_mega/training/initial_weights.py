@@ -1,28 +1,26 @@
 """Initial weights from ``model.init_from``: a training checkpoint of this project, a megatron-core folder written by
-``gatedpo convert``, or a Hugging Face model folder (converted for this rank on the way in)."""
+``gatedpo convert``, or a Hugging Face model folder (converted for this rank on the way in).
+
+Whether a source fits the config is decided from its metadata alone (``read_source`` then ``check_source_fits``):
+``launch`` asks before any process starts, and every rank asks again before it reads a tensor.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gatedpo_mega.config import Config, ModelConfig
+from gatedpo_mega.config import Config
 from gatedpo_mega.errors import UserError
-from gatedpo_mega.families import SHAPE_FIELDS, first_difference
+from gatedpo_mega.families import SHAPE_FIELDS, differences
 from gatedpo_mega.formats import MCORE_META, module_states_file
 from gatedpo_mega.megatron.parallel import Layout
-from gatedpo_mega.training.checkpoint import (
-    CheckpointError,
-    check_fits,
-    layout_record,
-    read_meta,
-    resolve_checkpoint,
-)
+from gatedpo_mega.training.checkpoint import RESUME_FIELDS, CheckpointError, read_meta, resolve_checkpoint
 
 # A Hugging Face folder also fixes the function the weights compute: its norm epsilon and rotary base.
 HF_FIELDS = (*SHAPE_FIELDS, "norm_epsilon", "rotary_base")
@@ -38,6 +36,100 @@ def source_kind(path: Path) -> str:
         return "hf"
     resolve_checkpoint(path)  # raises with the reason when it is not one
     return "checkpoint"
+
+
+@dataclass(frozen=True, slots=True)
+class InitSource:
+    """What ``model.init_from`` holds, from its metadata (no tensor read)."""
+
+    kind: str  # checkpoint | mcore | hf
+    path: Path  # the folder the weights come from (a run folder's latest checkpoint, for a run folder)
+    vocab_size: int  # the true vocabulary
+    meta: dict[str, Any]  # gatedpo_mcore.json, a checkpoint's meta.json, or a Hugging Face config.json
+
+    @property
+    def hf_config(self) -> dict[str, Any] | None:
+        """The Hugging Face ``config.json`` behind the weights, when there is one."""
+        return self.meta if self.kind == "hf" else self.meta.get("hf_config")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"model.init_from: {path} is unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"model.init_from: {path} is not a JSON object")
+    return value
+
+
+def read_source(path_text: str) -> InitSource:
+    """The metadata of ``model.init_from``; a missing or unreadable source is one ``UserError``."""
+    path = Path(path_text)
+    kind = source_kind(path)
+    if kind == "hf":
+        meta = _read_json(path / "config.json")
+        vocab = meta.get("vocab_size")
+        if not isinstance(vocab, int):
+            raise UserError(f"model.init_from: {path / 'config.json'} has no integer vocab_size")
+        return InitSource(kind, path, vocab, meta)
+    if kind == "mcore":
+        from gatedpo_mega.convert.mcore import read_mcore_meta
+
+        meta = read_mcore_meta(path)
+        return InitSource(kind, path, int(meta["vocab_size"]), meta)
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
+    return InitSource(kind, path, int(meta["vocab_size"]), meta)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+
+
+def source_mismatches(cfg: Config, src: InitSource, vocab_size: int) -> list[str]:
+    """Every way ``src`` disagrees with the config (none: it fits), each as ``what A (source) vs B (config)``."""
+    if cfg.model.backend != "megatron":
+        return []  # the transformers backend builds its model from the folder itself
+    fields: tuple[str, ...]
+    if src.kind == "hf":
+        from gatedpo_mega.convert import hf_model_config
+
+        saved, fields = asdict(hf_model_config(src.meta, where=str(src.path / "config.json"))[0]), HF_FIELDS
+    elif src.kind == "mcore":
+        saved, fields = src.meta["model"], SHAPE_FIELDS
+    else:  # a checkpoint's module weights also depend on the padded vocabulary, their dtype and backend
+        saved, fields = src.meta["model"], RESUME_FIELDS
+    out = [
+        f"model.{key} {_show(theirs)} (source) vs {_show(mine)} (config)"
+        for key, theirs, mine in differences(saved, asdict(cfg.model), fields)
+    ]
+    if src.vocab_size != vocab_size:
+        out.append(f"vocabulary {src.vocab_size} (source) vs {vocab_size} (this run)")
+    if src.kind == "mcore":
+        from gatedpo_mega.megatron.model import padded_vocab_size
+
+        tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+        theirs = (src.meta["tensor"], src.meta["pipeline"])
+        padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+        if theirs != (tp, pp):
+            out.append(
+                f"parallel.tensor x pipeline {theirs[0]} x {theirs[1]} (source) vs {tp} x {pp} (config; "
+                f"gatedpo convert reshard --src {src.path} --dst DIR --tensor {tp} --pipeline {pp} re-cuts it)"
+            )
+        elif src.vocab_size == vocab_size and src.meta["padded_vocab_size"] != padded:
+            out.append(
+                f"padded vocabulary {src.meta['padded_vocab_size']} (source) vs {padded} (config: "
+                f"model.make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by})"
+            )
+    return out
+
+
+def check_source_fits(cfg: Config, src: InitSource, vocab_size: int) -> None:
+    """One ``UserError`` naming every mismatch between ``model.init_from`` and the config."""
+    found = source_mismatches(cfg, src, vocab_size)
+    if found:
+        raise UserError(f"model.init_from={src.path} disagrees with the config: " + "; ".join(found))
 
 
 def source_identity(path_text: str) -> str:
@@ -57,31 +149,12 @@ def source_identity(path_text: str) -> str:
 
 def source_vocab_size(path_text: str) -> int:
     """The true vocabulary size of ``model.init_from`` (0 when there is none)."""
-    if not path_text:
-        return 0
-    path = Path(path_text)
-    kind = source_kind(path)
-    if kind == "hf":
-        return int(json.loads((path / "config.json").read_text())["vocab_size"])
-    if kind == "mcore":
-        return int(json.loads((path / MCORE_META).read_text())["vocab_size"])
-    return int(read_meta(resolve_checkpoint(path))["vocab_size"])
+    return read_source(path_text).vocab_size if path_text else 0
 
 
 def source_hf_config(path_text: str) -> dict[str, Any] | None:
     """The Hugging Face ``config.json`` behind ``model.init_from``, when there is one (None otherwise)."""
-    if not path_text:
-        return None
-    path = Path(path_text)
-    kind = source_kind(path)
-    if kind == "hf":
-        return dict(json.loads((path / "config.json").read_text()))
-    meta = (
-        json.loads((path / MCORE_META).read_text())
-        if kind == "mcore"
-        else read_meta(resolve_checkpoint(path))
-    )
-    return meta.get("hf_config")
+    return read_source(path_text).hf_config if path_text else None
 
 
 def _parameters_only(state: dict[str, Any]) -> dict[str, Any]:
@@ -89,16 +162,13 @@ def _parameters_only(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_checkpoint_weights(
-    model: torch.nn.Module, src: Path, cfg: Config, layout: Layout, vocab: int
+    model: torch.nn.Module, src: InitSource, cfg: Config, layout: Layout, vocab: int
 ) -> None:
     """This rank's weights from a training checkpoint: its module weights when it was written at this tensor x
     pipeline layout (any data-parallel size, ZeRO 0-2); otherwise (another layout, or ZeRO-3 partitions) resharded
     on the way in from the fp32 master weights, reading only the tensors this rank keeps."""
-    path = resolve_checkpoint(src)
-    meta = read_meta(path)
-    theirs = meta["layout"]
-    # Only the weights are read: the layout may differ (checked below by shape, through the mapping).
-    check_fits({**meta, "layout": layout_record(cfg, layout.dp)}, path, cfg, layout.dp, vocab)
+    path = src.path
+    theirs = src.meta["layout"]  # only the weights are read: the layout may differ (checked by shape below)
     where = f"model.init_from={path}"
     if (theirs["tensor"], theirs["pipeline"]) == (layout.tp, layout.pp) and theirs["zero_stage"] < 3:
         f = module_states_file(path, layout.pp_rank * layout.tp + layout.tp_rank, theirs["zero_stage"])
@@ -140,35 +210,23 @@ def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 
 
 def load_initial_weights(model: torch.nn.Module, cfg: Config, layout: Layout, vocab_size: int) -> None:
-    src = Path(cfg.model.init_from)
-    kind = source_kind(src)
-    if kind == "checkpoint":
+    src = read_source(cfg.model.init_from)
+    check_source_fits(cfg, src, vocab_size)  # as launch() did before any process started
+    if src.kind == "checkpoint":
         load_checkpoint_weights(model, src, cfg, layout, vocab_size)
         return
     from gatedpo_mega import convert
     from gatedpo_mega.convert.folders import HFFolder
 
-    if kind == "mcore":
+    if src.kind == "mcore":
         convert.load_mcore_weights(
-            model, src, cfg=cfg.model, vocab_size=vocab_size, tp_rank=layout.tp_rank, tp=layout.tp,
+            model, src.path, cfg=cfg.model, vocab_size=vocab_size, tp_rank=layout.tp_rank, tp=layout.tp,
             pp_rank=layout.pp_rank, pp=layout.pp,
         )  # fmt: skip
         return
-    hf_config = json.loads((src / "config.json").read_text())
-    want, hf_vocab = convert.hf_model_config(hf_config)
-    _check_shape(cfg, want, vocab_size, hf_vocab, src)
-    state = HFFolder(src)  # lazy: this rank reads only the tensors it keeps
+    state = HFFolder(src.path)  # lazy: this rank reads only the tensors it keeps
     local = convert.hf_to_mcore_state(
         state, cfg.model, vocab_size=vocab_size, tensor=layout.tp, pipeline=layout.pp, tp_rank=layout.tp_rank,
         pp_rank=layout.pp_rank,
     )  # fmt: skip
-    copy_weights(model, local, f"model.init_from={src}")
-
-
-def _check_shape(cfg: Config, want: ModelConfig, vocab_size: int, hf_vocab: int, src: Path) -> None:
-    differs = first_difference(asdict(want), asdict(cfg.model), HF_FIELDS)
-    if differs:
-        key, theirs, mine = differs
-        raise UserError(f"model.{key}={mine!r} but model.init_from={src} has {theirs!r}")
-    if vocab_size != hf_vocab:
-        raise UserError(f"model.init_from={src} has a vocabulary of {hf_vocab}; this run's is {vocab_size}")
+    copy_weights(model, local, f"model.init_from={src.path}")

@@ -1,13 +1,21 @@
 """Starting a run: under a launcher (torchrun, deepspeed: RANK/WORLD_SIZE set), or ``--nproc N`` local processes
-started here, or one process. The layout is validated before any process or group starts."""
+started here, or one process. The layout, the output folder, the data, the tokenizer and ``model.init_from`` are
+checked before any process or group starts (under a launcher: by rank 0, before the group).
+
+A rank that fails prints one line and exits with a code that says why; a rank whose collective broke because a
+peer stopped first says so in one line and exits with ``PEER_STOPPED``, so that the launcher names the rank that
+failed first, not the ones it took down with it. Only an unexpected error (a bug) prints a traceback."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import sys
+import time
 import traceback
+from multiprocessing import connection
 from typing import Any
 
 import torch
@@ -18,6 +26,7 @@ from gatedpo_mega.config import Config, dump_config
 from gatedpo_mega.errors import UserError
 from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
+from gatedpo_mega.training.preflight import preflight
 
 
 def _free_port() -> int:
@@ -26,7 +35,67 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_this_process(cfg: Config, make_data: Any = None) -> None:
+PEER_STOPPED = 5  # exit code of a rank whose collective failed because another rank had stopped
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _peer_reason(e: BaseException) -> str:
+    """``Connection closed by peer [127.0.0.1]:33413`` from gloo's ``[.../pair.cc:553] Connection closed by peer
+    [127.0.0.1]:33413. This is typically caused by ...``: the source location and the advice left out."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", _first_line(e))
+    return text.split(". ")[0]
+
+
+def _is_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, TimeoutError) or "timed out" in text or "timeout" in text
+
+
+def _is_peer_lost(e: BaseException) -> bool:
+    """A collective or the rendezvous store broke: the connection to another rank closed under it."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e).lower()
+    markers = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe")
+    return isinstance(e, RuntimeError) and any(m in text for m in markers)
+
+
+def _report(rank: int, cfg: Config, e: Exception) -> int:
+    """One line on stderr for ``e`` (a traceback only for an unexpected error); returns the exit code."""
+    from gatedpo_mega.loss import NonFiniteLossError
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    if isinstance(e, UserError):
+        if rank == 0 or not e.every_rank:  # the same decision on every rank: said once
+            say(f"gatedpo: error: {e}")
+        return e.exit_code
+    if isinstance(e, NonFiniteLossError):
+        say(f"gatedpo: error: rank {rank}: {e}")
+        return 3
+    if _is_timeout(e):
+        minutes = cfg.train.collective_timeout_minutes
+        say(
+            f"gatedpo: error: rank {rank}: a collective waited longer than train.collective_timeout_minutes="
+            f"{minutes:g}: another rank stopped responding ({_first_line(e)})"
+        )
+        return 4
+    if _is_peer_lost(e):
+        say(f"gatedpo: rank {rank}: a peer stopped ({_peer_reason(e)})")
+        return PEER_STOPPED
+    traceback.print_exc()
+    say(f"gatedpo: rank {rank} failed: {type(e).__name__}: {e}")
+    return 1
+
+
+def _run_this_process(cfg: Config, make_data: Any = None) -> int:
+    """Train on this process in the default group (joined here unless already joined); returns the exit code,
+    having printed the reason for a non-zero one before the group is torn down."""
     from gatedpo_mega.training.data import make_run_data
     from gatedpo_mega.training.loop import train
 
@@ -35,49 +104,68 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> None:
         # Local processes share the host's cores: oversubscribed threads make every collective wait on a
         # descheduled peer (tensor parallelism on CPU ran 17x slower with the default thread count).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        timeout = datetime.timedelta(minutes=cfg.train.collective_timeout_minutes)
-        dist.init_process_group(backend, timeout=timeout)
+    rank = int(os.environ.get("RANK", "0"))
     try:
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            timeout = datetime.timedelta(minutes=cfg.train.collective_timeout_minutes)
+            dist.init_process_group(backend, timeout=timeout)
         train(cfg, make_data or make_run_data)
+        return 0
+    except Exception as e:
+        return _report(rank, cfg, e)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def _is_timeout(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, TimeoutError) or "timed out" in text or "timeout" in text
+def _local_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What a launcher sets for rank ``rank`` of ``world`` processes on this host."""
+    return {
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
+    }  # fmt: skip
 
 
 def _worker(rank: int, world: int, port: int, cfg: Config, make_data: Any = None) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )  # fmt: skip
-    try:
-        _run_this_process(cfg, make_data)
-    except UserError as e:
-        if rank == 0 or not e.every_rank:
-            print(f"gatedpo: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
-    except Exception as e:
-        from gatedpo_mega.loss import NonFiniteLossError
+    os.environ.update(_local_env(rank, world, port))
+    sys.exit(_run_this_process(cfg, make_data))
 
-        if isinstance(e, NonFiniteLossError):
-            print(f"gatedpo: error: rank {rank}: {e}", file=sys.stderr, flush=True)
-            sys.exit(3)
-        if _is_timeout(e):
-            minutes = cfg.train.collective_timeout_minutes
-            print(
-                f"gatedpo: error: rank {rank}: a collective waited longer than train.collective_timeout_minutes="
-                f"{minutes:g}: another rank stopped responding ({str(e).splitlines()[0][:200]})",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
-            sys.exit(4)
-        traceback.print_exc()
-        print(f"gatedpo: rank {rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+
+def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
+    """Wait for every process; on the first failure stop the others. Returns (rank, exit code) of the rank that
+    failed first (None: all succeeded). A rank tears its group down as it fails, so a peer may report
+    ``PEER_STOPPED`` and exit before it: such exits alone give the rank that took them down ``grace`` seconds
+    to exit with its own code."""
+    failed: dict[int, int] = {}
+    peer_only_since: float | None = None
+    while any(p.is_alive() for p in procs):
+        connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
+        for r, p in enumerate(procs):
+            if p.exitcode not in (None, 0) and r not in failed:
+                failed[r] = p.exitcode
+        causes = [r for r, code in failed.items() if code != PEER_STOPPED]
+        if failed and not causes and peer_only_since is None:
+            peer_only_since = time.monotonic()
+        if causes or (peer_only_since is not None and time.monotonic() - peer_only_since > grace):
+            # A failure every rank reaches together (a checkpoint refused) is said by rank 0: let the others finish
+            # saying theirs for a moment; then stop those that wait on the failed rank in a collective.
+            settle = time.monotonic() + 2.0
+            while any(p.is_alive() for p in procs) and time.monotonic() < settle:
+                connection.wait(
+                    [p.sentinel for p in procs if p.is_alive()], timeout=settle - time.monotonic()
+                )
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+            for p in procs:
+                p.join()
+            break
+    if not failed:
+        return None
+    causes = [r for r, code in failed.items() if code != PEER_STOPPED]  # in the order they were seen
+    first = causes[0] if causes else next(iter(failed))
+    return first, failed[first]
 
 
 def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool = False) -> int:
@@ -87,23 +175,24 @@ def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else (nproc or 1)
     validate_layout(cfg, world)
     if not under_launcher or int(os.environ["RANK"]) == 0:
-        check_resume(cfg, world)  # refused before any process starts (under a launcher: by rank 0 only)
+        # Refused before any process starts (under a launcher: by rank 0 only, before the group forms).
+        check_resume(cfg, world)
+        preflight(cfg, data=make_data is None)
     if under_launcher:
         if int(os.environ["RANK"]) == 0:
             print(dump_config(cfg), flush=True)
-        _run_this_process(cfg, make_data)
-        return 0
+        return _run_this_process(cfg, make_data)
     if not quiet:
         print(dump_config(cfg), flush=True)
     port = _free_port()
     if world == 1:
         saved = dict(os.environ)  # in this process: leave no RANK/WORLD_SIZE behind for a later launch
         try:
-            _worker(0, 1, port, cfg, make_data)
+            os.environ.update(_local_env(0, 1, port))
+            return _run_this_process(cfg, make_data)
         finally:
             os.environ.clear()
             os.environ.update(saved)
-        return 0
     ctx: Any = mp.get_context("spawn")
     procs = [
         ctx.Process(target=_worker, args=(r, world, port, cfg, make_data), name=f"rank{r}")
@@ -111,22 +200,11 @@ def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool
     ]
     for p in procs:
         p.start()
-    failed: list[tuple[int, int]] = []
-    # Wait for all; when one rank fails, the others would wait on it in a collective: stop them.
-    while any(p.is_alive() for p in procs):
-        for r, p in enumerate(procs):
-            p.join(timeout=0.5)
-            if p.exitcode not in (None, 0) and (r, p.exitcode) not in failed:
-                failed.append((r, p.exitcode))
-        if failed:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            for p in procs:
-                p.join()
-            break
-    if failed:
-        r, code = failed[0]
-        print(f"gatedpo: rank {r} exited with code {code}; the other ranks were stopped", file=sys.stderr)
-        return code if code > 0 else 1
-    return 0
+    failure = _wait(procs)
+    if failure is None:
+        return 0
+    r, code = failure
+    print(
+        f"gatedpo: rank {r} failed (exit {code}); the other ranks were stopped", file=sys.stderr, flush=True
+    )
+    return code if code > 0 else 1
