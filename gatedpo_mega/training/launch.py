@@ -111,6 +111,7 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> int:
             timeout = datetime.timedelta(minutes=cfg.train.collective_timeout_minutes)
             dist.init_process_group(backend, timeout=timeout)
         train(cfg, make_data or make_run_data)
+        dist.barrier()  # every rank done with its last collective before any tears its connections down
         return 0
     except Exception as e:
         return _report(rank, cfg, e)
