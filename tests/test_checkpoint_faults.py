@@ -266,3 +266,16 @@ def test_a_rank_whose_write_fails_leaves_no_checkpoint_and_every_rank_says_so(ca
     assert said[0].startswith(f"checkpoint {_step(out, 2)} not written: rank 1: File too large (")
     assert said[0].endswith("the partial folder was removed")
     assert list((out / "checkpoints").iterdir()) == []
+
+
+def test_conversion_refuses_a_checkpoint_with_a_missing_or_cut_file(run, tmp_path):
+    out = _copy(run, tmp_path, keep=(2,))
+    _truncate(_step(out, 2) / STATES / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    r = _cli("convert", "zero-to-hf", "--src", str(_step(out, 2)), "--dst", str(tmp_path / "hf"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert _errors(r.stderr) == [
+        f"gatedpo: error: {_step(out, 2)}: damaged checkpoint: deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states"
+        f".pt is {(_step(out, 2) / STATES / 'zero_pp_rank_1_mp_rank_00_optim_states.pt').stat().st_size} bytes, "
+        f"{(_step(run, 2) / STATES / 'zero_pp_rank_1_mp_rank_00_optim_states.pt').stat().st_size} were written"
+    ]
+    assert not (tmp_path / "hf").exists()

@@ -36,6 +36,7 @@ from gatedpo_mega.convert.mapping import check_layout, local_shapes
 from gatedpo_mega.formats import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
+    TRAIN_FILES,
     TRAIN_FORMAT,
     TRAIN_META,
     TRAIN_VERSION,
@@ -43,6 +44,7 @@ from gatedpo_mega.formats import (
     format_mismatch,
     module_states_file,
 )
+from gatedpo_mega.manifest import missing_or_resized
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -67,6 +69,9 @@ class TrainCheckpoint:
         problem = format_mismatch(self.meta, TRAIN_FORMAT, TRAIN_VERSION)
         if problem:
             raise CheckpointFormatError(f"{where}: {problem}")
+        damaged = missing_or_resized(self.path, self.meta.get(TRAIN_FILES) or {})
+        if damaged:  # the checksums are checked on demand: gatedpo checkpoint verify
+            raise CheckpointFormatError(f"{self.path}: damaged checkpoint: {damaged}")
         self.cfg = model_config_from_dict(self.meta["model"], where)
         self.vocab_size = int(self.meta["vocab_size"])
         layout = self.meta["layout"]

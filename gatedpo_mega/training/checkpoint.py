@@ -51,8 +51,8 @@ from gatedpo_mega.formats import (
     step_dir,
     step_folders,
 )
+from gatedpo_mega.manifest import changed, file_record, missing_or_resized, share, total_size
 from gatedpo_mega.megatron.parallel import Layout
-from gatedpo_mega.training.manifest import changed, file_record, missing_or_resized, share, total_size
 
 # Besides the weights' shapes, what the saved state depends on: the padded vocabulary, the optimizer's dtype and
 # which model the engine wraps. The other model fields (fused_logprobs, init_from, ...) may differ on resume.
