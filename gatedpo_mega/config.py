@@ -141,7 +141,9 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints (0: only the final one)
     save_final: bool = True  # a checkpoint after the last step
     keep_checkpoints: int = 0  # how many of the latest complete checkpoints to keep (0: all)
-    resume: bool = False  # continue from the latest checkpoint in output_dir that verifies (``--resume``)
+    # Continue from the latest checkpoint in output_dir that verifies: true (``--resume``; refused when there is
+    # none), auto (start at step 0 when there is none: a restarted or requeued job finishes by itself), or false.
+    resume: bool | str = False
     # A damaged latest checkpoint on resume: fall back to the newest that verifies (false: refuse the resume).
     resume_fallback: bool = True
     eval_every: int = 0  # steps between evaluations on the held-out split (0: none; also after the last step)
@@ -165,6 +167,8 @@ class TrainConfig:
         for name in ("save_every", "keep_checkpoints", "eval_every", "eval_max_pairs"):
             positive(f"train.{name}", getattr(self, name), allow_zero=True)
         choice("train.reference", self.reference, ("precomputed", "live"))
+        if isinstance(self.resume, str) and self.resume != "auto":
+            raise ValueError(f"train.resume must be true, false or auto; got {self.resume!r}")
         valid_seed("train.seed", self.seed)
         not_empty("train.output_dir", self.output_dir)  # empty would write into the current folder
         positive("train.collective_timeout_minutes", self.collective_timeout_minutes)
@@ -261,6 +265,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for a in inner:  # the member the value already is (``bool | str``: true, or "auto")
+            if isinstance(a, type) and isinstance(value, a) and not (a is int and isinstance(value, bool)):
+                return _coerce(key, value, a)
         return _coerce(key, value, inner[0])
     if origin is list:
         (item,) = typing.get_args(tp)

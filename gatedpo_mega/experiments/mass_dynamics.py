@@ -74,7 +74,7 @@ def _resolved(overrides: list[str], out: Path) -> Any:
     from gatedpo_mega.config import load_config
 
     return load_config(
-        None, [*overrides, f"train.output_dir={out}", "train.resume=true", "train.keep_checkpoints=1"]
+        None, [*overrides, f"train.output_dir={out}", "train.resume=auto", "train.keep_checkpoints=1"]
     )
 
 

@@ -71,12 +71,18 @@ class CheckpointDecision(CheckpointError):
 
 def check_output_dir(cfg: Config) -> Path | None:
     """The newest checkpoint folder of ``train.output_dir`` (None: there is none). A run that would mix its outputs
-    with an earlier run's checkpoints (no ``train.resume``) is refused."""
+    with an earlier run's checkpoints (no ``train.resume``) is refused, and so is ``train.resume: true`` with
+    nothing to resume (a mistyped folder would otherwise train again from step 0)."""
     folders = step_folders(cfg.train.output_dir)
-    if folders and not cfg.train.resume:
+    if folders and cfg.train.resume is False:
         raise CheckpointError(
             f"{cfg.train.output_dir} already holds checkpoints (latest {folders[-1].name}); pass --resume to continue "
             "that run, or choose another train.output_dir"
+        )
+    if not folders and cfg.train.resume is True:
+        raise CheckpointError(
+            f"no checkpoint in {checkpoints_root(cfg.train.output_dir)} to resume from (train.resume=auto starts at "
+            "step 0 when there is none)"
         )
     return folders[-1] if folders else None
 
@@ -101,7 +107,7 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
     and the next older one is tried, or, with ``train.resume_fallback: false``, the run is refused.
     """
     if check_output_dir(cfg) is None:
-        if cfg.train.resume and dist.get_rank() == 0:
+        if cfg.train.resume == "auto" and dist.get_rank() == 0:
             print(
                 f"no checkpoint in {checkpoints_root(cfg.train.output_dir)}: starting at step 0", flush=True
             )
