@@ -66,6 +66,7 @@ def _is_peer_lost(e: BaseException) -> bool:
 
 def _report(rank: int, cfg: Config, e: Exception) -> int:
     """One line on stderr for ``e`` (a traceback only for an unexpected error); returns the exit code."""
+
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
@@ -74,7 +75,10 @@ def _report(rank: int, cfg: Config, e: Exception) -> int:
             say(f"gatedpo: error: {e}")
         return e.exit_code
     if isinstance(e, NonFiniteError):  # a NaN or infinite loss or gradient
-        say(f"gatedpo: error: rank {rank}: {e}")
+        if not e.every_rank:
+            say(f"gatedpo: error: rank {rank}: {e}")
+        elif rank == 0:  # the same on every rank: said once
+            say(f"gatedpo: error: {e}")
         return e.exit_code
     if _is_timeout(e):
         minutes = cfg.train.collective_timeout_minutes

@@ -19,6 +19,8 @@ from gatedpo_mega.metrics import MetricSums
 class NonFiniteGradientError(NonFiniteError):
     """The reduced gradients of a step are NaN or infinite; the update is not applied and the run stops."""
 
+    every_rank = True  # every rank raises it together, with the same message
+
 
 def train_step(
     engine: Any, backend: Backend, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch]
