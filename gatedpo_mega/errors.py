@@ -19,6 +19,13 @@ class ConfigError(UserError):
     """A configuration key or value is wrong."""
 
 
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or infinite loss or gradient; the run stops and the message names the step."""
+
+    exit_code = 3
+    every_rank = False  # raised alike by every rank (a value reduced over all of them): shown by rank 0 only
+
+
 def run_command(func: Callable[[Any], int], args: Any) -> int:
     """Run a command-line subcommand: a ``UserError`` becomes ``gatedpo: error: ...`` and its exit code."""
     try:

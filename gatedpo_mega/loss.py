@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from gatedpo_mega.data.batch import Packing, PreferenceBatch
+from gatedpo_mega.errors import NonFiniteError
 from gatedpo_mega.gate import GateConfig, apply_gate, gate_values
 from gatedpo_mega.metrics import ResponseStats, metric_sums
 from gatedpo_mega.objectives import (
@@ -33,7 +34,7 @@ from gatedpo_mega.ops import token_logprobs
 from gatedpo_mega.ops.streaming import PairObjective
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """The loss of a micro-batch is NaN or infinite; the run stops and names it."""
 
 

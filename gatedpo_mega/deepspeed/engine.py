@@ -133,3 +133,15 @@ def build_engine(
         dist_init_required=False,
     )
     return engine
+
+
+def skips_nonfinite_steps(engine: Any) -> bool:
+    """Whether DeepSpeed checks the reduced gradients itself and skips the update when they are NaN or infinite
+    (``engine.was_step_applied()`` is then False).
+
+    Its engine counts a step as skipped when the optimizer it wraps reports ``overflow``
+    (``DeepSpeedEngine._take_model_step``): the ZeRO 1-3 optimizers do (a non-finite global gradient norm, fp32 or
+    bf16), and so does the bf16 optimizer without ZeRO. With fp32 and no ZeRO the client optimizer steps on the
+    gradients as they are: NaN reaches the weights, and clipping by a NaN norm turns every gradient into NaN.
+    """
+    return hasattr(engine.optimizer, "overflow")

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gatedpo_mega.config import Config, dump_config
-from gatedpo_mega.errors import UserError
+from gatedpo_mega.errors import NonFiniteError, UserError
 from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
 from gatedpo_mega.training.preflight import preflight
@@ -66,7 +66,6 @@ def _is_peer_lost(e: BaseException) -> bool:
 
 def _report(rank: int, cfg: Config, e: Exception) -> int:
     """One line on stderr for ``e`` (a traceback only for an unexpected error); returns the exit code."""
-    from gatedpo_mega.loss import NonFiniteLossError
 
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -75,9 +74,12 @@ def _report(rank: int, cfg: Config, e: Exception) -> int:
         if rank == 0 or not e.every_rank:  # the same decision on every rank: said once
             say(f"gatedpo: error: {e}")
         return e.exit_code
-    if isinstance(e, NonFiniteLossError):
-        say(f"gatedpo: error: rank {rank}: {e}")
-        return 3
+    if isinstance(e, NonFiniteError):  # a NaN or infinite loss or gradient
+        if not e.every_rank:
+            say(f"gatedpo: error: rank {rank}: {e}")
+        elif rank == 0:  # the same on every rank: said once
+            say(f"gatedpo: error: {e}")
+        return e.exit_code
     if _is_timeout(e):
         minutes = cfg.train.collective_timeout_minutes
         say(

@@ -5,12 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gatedpo_mega.backend import Backend, LossFunc
 from gatedpo_mega.data.batch import PreferenceBatch
+from gatedpo_mega.deepspeed.engine import skips_nonfinite_steps
+from gatedpo_mega.errors import NonFiniteError
 from gatedpo_mega.loss import LossContext, output_request, preference_loss_func
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.metrics import MetricSums
+
+
+class NonFiniteGradientError(NonFiniteError):
+    """The reduced gradients of a step are NaN or infinite; the update is not applied and the run stops."""
+
+    every_rank = True  # every rank raises it together, with the same message
 
 
 def train_step(
@@ -21,20 +30,57 @@ def train_step(
     ctx.micro_batch = 0
     if backend.engine_driver:  # DeepSpeed accumulates, reduces and steps at the last micro-batch
         sums = []
-        for batch in batches:
+        for i, batch in enumerate(batches):
             request = output_request(ctx, batch)
             output = backend.forward(engine, batch, request)
             loss, aux = preference_loss_func(batch, ctx, output, request=request)
-            engine.backward(loss)
-            engine.step()
+            engine.backward(loss)  # the last one reduces the accumulated gradients
+            if i == len(batches) - 1:
+                optimizer_step(engine, layout, ctx, batches)
+            else:
+                engine.step()  # accumulation only
             sums.append(aux["sums"])
         return sums
     model = engine.module
     out = backend.schedule(model, batches, preference_loss_func, ctx, forward_only=False)
     backend.after_backward(model, layout)
     engine.allreduce_gradients()
-    engine.step()
+    optimizer_step(engine, layout, ctx, batches)
     return [o["sums"] for o in out] if layout.last_stage else []
+
+
+def optimizer_step(engine: Any, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch]) -> None:
+    """The update from the step's reduced gradients. When they are NaN or infinite the update never reaches the
+    weights and every rank raises ``NonFiniteGradientError`` together. Left to itself DeepSpeed skips such a step
+    (ZeRO 1-3, bf16) or applies it (fp32 without ZeRO); with fp32 or bf16 there is no loss scale to lower, so the
+    unchanged weights overflow again on the following steps and the run ends, exit code 0, as if it had trained."""
+    if skips_nonfinite_steps(engine):  # DeepSpeed checks the gradient norm and discards a non-finite update
+        engine.step()
+        _stop_unless_finite(torch.tensor(engine.was_step_applied()), layout, ctx, batches)
+    else:  # DeepSpeed would apply the gradients as they are: check them before the update
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        _stop_unless_finite(finite, layout, ctx, batches)
+        engine.step()
+
+
+def _stop_unless_finite(
+    finite: torch.Tensor, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch]
+) -> None:
+    """Raise on every rank when any rank's ``finite`` is False, naming the step and all its pairs."""
+    device = batches[0].input_ids.device  # collectives on the backend's device (NCCL needs CUDA tensors)
+    # DeepSpeed's verdict is global already; the minimum over all ranks makes a local check global too, so no rank
+    # raises while another waits for it in a collective.
+    flag = finite.to(device=device, dtype=torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item():
+        return
+    gathered: list[Any] = [None] * layout.dp  # the step's pairs on every data-parallel rank
+    dist.all_gather_object(gathered, [int(i) for b in batches for i in b.pair_ids], group=layout.dp_group)
+    pairs = sorted(i for rank_pairs in gathered for i in rank_pairs)
+    raise NonFiniteGradientError(
+        f"gradient norm is not finite at step {ctx.step} (pairs {pairs}); the update was not applied"
+    )
 
 
 @torch.no_grad()
