@@ -62,8 +62,9 @@ case "$launcher" in
       exec torchrun --nnodes "$nnodes" --node-rank "$node_rank" --nproc-per-node "$nproc" --rdzv-backend c10d \
         --rdzv-endpoint "$rdzv" --max-restarts "$restarts" -m gatedpo_mega.cli "$@"
     fi
-    exec torchrun --nproc-per-node "$nproc" --master-addr "$addr" --master-port "$port" --max-restarts "$restarts" \
-      -m gatedpo_mega.cli "$@" ;;
+    # One node: the c10d rendezvous too (unlike the static one it gives each restart fresh store keys).
+    exec torchrun --nnodes 1 --nproc-per-node "$nproc" --rdzv-backend c10d --rdzv-endpoint "$addr:$port" \
+      --max-restarts "$restarts" -m gatedpo_mega.cli "$@" ;;
   deepspeed)
     if [ -n "$no_ssh" ]; then
       exec deepspeed --no_local_rank --hostfile "$hostfile" --no_ssh --node_rank "$node_rank" --master_addr "$addr" \

@@ -47,7 +47,7 @@ def _env() -> dict[str, str]:
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
-    """One "node": the launcher in its own session (killing the session takes the node's every process)."""
+    """One "node": the launcher (launch.sh execs it: the same process) in a session of its own."""
     return subprocess.Popen(
         ["bash", str(LAUNCH), *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=_env(),
         start_new_session=True, cwd=ROOT,
@@ -111,20 +111,39 @@ def _wait_for(path: Path, timeout: float = 240) -> None:
         time.sleep(0.02)
 
 
+def _wait_listening(endpoint: str, timeout: float = 60) -> None:
+    host, port = endpoint.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {endpoint}"
+            time.sleep(0.1)
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant (torchrun starts each rank in a session of its own)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    os.kill(pid, signal.SIGKILL)
+    for child in children:
+        _kill_tree(int(child))
+
+
 def test_a_lost_node_stops_the_other_with_one_line_and_leaves_whole_checkpoints(cache, tmp_path):
     out, endpoint = tmp_path / "run", f"127.0.0.1:{_port()}"
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     args = [*BASE, f"data.cache_dir={cache}", f"train.output_dir={out}", "train.max_steps=400",
             "train.save_every=1", "train.collective_timeout_minutes=0.5"]  # fmt: skip
-    procs = [
-        _start(["--nnodes", "2", "--node-rank", str(i), "--nproc", "2", "--rdzv-endpoint", endpoint, "--", "train",
-                *args], logs[i])
-        for i in range(2)
-    ]  # fmt: skip
+    procs = []
+    for i in range(2):  # node 0 first: it hosts the rendezvous store, as the head node does
+        procs.append(_start(["--nnodes", "2", "--node-rank", str(i), "--nproc", "2", "--rdzv-endpoint", endpoint,
+                             "--", "train", *args], logs[i]))  # fmt: skip
+        if i == 0:
+            _wait_listening(endpoint)
     _wait_for(out / "checkpoints" / "step-00000002")
-    os.killpg(
-        procs[1].pid, signal.SIGKILL
-    )  # node 1: its agent and its two ranks, as a machine that goes down
+    _kill_tree(procs[1].pid)  # node 1: its agent and its two ranks, as a machine that goes down
     lost = time.monotonic()
     code = procs[0].wait(timeout=90)
     assert code != 0 and time.monotonic() - lost < 30 + 20  # within the collective time-out
@@ -147,11 +166,9 @@ def test_a_job_under_torchrun_max_restarts_resumes_by_itself(reference, cache, t
     proc = _start(["--nproc", "4", "--master-port", str(_port()), "--max-restarts", "2", "--", "train", *BASE,
                    f"data.cache_dir={cache}", f"train.output_dir={out}", "train.resume=auto"], log)  # fmt: skip
     _wait_for(out / "checkpoints" / "step-00000003")
-    workers = subprocess.run(["pgrep", "-f", "-s", str(proc.pid), "gatedpo_mega.cli train"], capture_output=True,
-                             text=True).stdout.split()  # fmt: skip
-    workers = [w for w in workers if int(w) != proc.pid]
-    assert workers, "no worker process found"
-    os.kill(int(max(workers, key=int)), signal.SIGKILL)  # one rank dies; torchrun restarts the node's ranks
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 4, workers
+    os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies; torchrun restarts the node's ranks
     _finish([proc], [log])
     text = log.read_text()
     assert "no checkpoint in" in text and "resumed from" in text, text[-3000:]

@@ -95,6 +95,22 @@ def _report(rank: int, cfg: Config, e: Exception) -> int:
     return 1
 
 
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    """The default group from the launcher's environment. Under torchrun the workers share the agent's store, whose
+    keys outlive a restart (``--max-restarts``): restarted workers would read their dead predecessors' addresses, so
+    each attempt gets keys of its own."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=timeout
+    )
+    store = dist.PrefixStore(f"gatedpo/attempt_{attempt}", agent)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def _run_this_process(cfg: Config, make_data: Any = None) -> int:
     """Train on this process in the default group (joined here unless already joined); returns the exit code,
     having printed the reason for a non-zero one before the group is torn down."""
@@ -111,12 +127,19 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> int:
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             timeout = datetime.timedelta(minutes=cfg.train.collective_timeout_minutes)
-            dist.init_process_group(backend, timeout=timeout)
+            _init_process_group(backend, timeout)
         train(cfg, make_data or make_run_data)
         dist.barrier()  # every rank done with its last collective before any tears its connections down
         return 0
     except Exception as e:
-        return _report(rank, cfg, e)
+        code = _report(rank, cfg, e)
+        if code == PEER_STOPPED:
+            # Tearing down a group whose peer vanished can abort the process in gloo's threads ("terminate called
+            # without an active exception", exit -6), which the launcher would take for this rank's own failure.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
