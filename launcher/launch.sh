@@ -13,7 +13,7 @@
 # with --no-ssh, each node runs this script itself with its --node-rank.
 # Without a GPU it selects DeepSpeed's CPU accelerator, so every process group is gloo.
 set -euo pipefail
-launcher=torchrun nproc="" hostfile="" addr=127.0.0.1 port=29500 nnodes=1 node_rank=0 rdzv="" restarts=0 no_ssh=""
+launcher=torchrun nproc="" hostfile="" addr="" port=29500 nnodes=1 node_rank=0 rdzv="" restarts=0 no_ssh=""
 usage="options: --launcher --nproc --nnodes --node-rank --rdzv-endpoint --max-restarts --hostfile --no-ssh --master-addr --master-port, then -- and the gatedpo arguments"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -53,8 +53,8 @@ fi
 if [ -n "$hostfile" ] && [ ! -f "$hostfile" ]; then
   echo "launch.sh: hostfile '$hostfile' does not exist" >&2; exit 2
 fi
-if [ -n "$no_ssh" ] && [ -z "$hostfile" ]; then
-  echo "launch.sh: --no-ssh needs --hostfile (the nodes of the job, the same file on every node)" >&2; exit 2
+if [ -n "$no_ssh" ] && { [ -z "$hostfile" ] || [ -z "$addr" ]; }; then
+  echo "launch.sh: --no-ssh needs --hostfile (the nodes of the job, the same file on every node) and --master-addr (the first node's address)" >&2; exit 2
 fi
 case "$launcher" in
   torchrun)
@@ -63,15 +63,16 @@ case "$launcher" in
         --rdzv-endpoint "$rdzv" --max-restarts "$restarts" -m gatedpo_mega.cli "$@"
     fi
     # One node: the c10d rendezvous too (unlike the static one it gives each restart fresh store keys).
-    exec torchrun --nnodes 1 --nproc-per-node "$nproc" --rdzv-backend c10d --rdzv-endpoint "$addr:$port" \
+    exec torchrun --nnodes 1 --nproc-per-node "$nproc" --rdzv-backend c10d --rdzv-endpoint "${addr:-127.0.0.1}:$port" \
       --max-restarts "$restarts" -m gatedpo_mega.cli "$@" ;;
   deepspeed)
     if [ -n "$no_ssh" ]; then
       exec deepspeed --no_local_rank --hostfile "$hostfile" --no_ssh --node_rank "$node_rank" --master_addr "$addr" \
         --master_port "$port" --module gatedpo_mega.cli "$@"
     fi
-    if [ -n "$hostfile" ]; then
-      exec deepspeed --no_local_rank --hostfile "$hostfile" --master_addr "$addr" --master_port "$port" --module gatedpo_mega.cli "$@"
+    if [ -n "$hostfile" ]; then  # without --master-addr DeepSpeed asks the first host for its address over ssh
+      exec deepspeed --no_local_rank --hostfile "$hostfile" ${addr:+--master_addr "$addr"} --master_port "$port" \
+        --module gatedpo_mega.cli "$@"
     fi
     exec deepspeed --no_local_rank --num_gpus "$nproc" --master_port "$port" --module gatedpo_mega.cli "$@" ;;
   *) echo "launch.sh: --launcher must be torchrun or deepspeed, got '$launcher'" >&2; exit 2 ;;
