@@ -26,6 +26,7 @@ from gatedpo_mega.config import Config, dump_config
 from gatedpo_mega.errors import NonFiniteError, UserError
 from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
+from gatedpo_mega.training.cluster import launcher_env
 from gatedpo_mega.training.preflight import preflight
 
 
@@ -197,6 +198,7 @@ def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
 def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool = False) -> int:
     """Run ``cfg`` to the end; returns the exit code. ``make_data(cfg, layout) -> RunData`` replaces the data
     pipeline (a module-level function: it is pickled into the processes)."""
+    os.environ.update(launcher_env(os.environ))  # a task of srun: SLURM's variables as torch's (cluster.py)
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else (nproc or 1)
     validate_layout(cfg, world)

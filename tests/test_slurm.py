@@ -1,0 +1,237 @@
+"""Ranks started by SLURM give the numbers of ``gatedpo train --nproc 4``: four processes with the environment srun
+sets (always), and under a real one-node cluster (``tools/slurm_local.sh``): ``srun -n 4``, and
+``launcher/slurm.sbatch`` in both of its modes, the srun one requeued mid-run and resumed."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"tokens_per_second", "real_tokens_per_second", "step_seconds", "memory/peak_mib_max_rank"}
+WORLD = 4
+TINY = {  # TP 2 x DP 2 on 4 ranks; a checkpoint every 2 steps, for the requeue
+    "parallel": {"tensor": 2},
+    "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
+              "ffn_hidden_size": 64},
+    "train": {"micro_batch_size": 2, "global_batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "reference_batch_size": 8,
+              "max_steps": 12, "save_every": 2, "eval_every": 4},
+    "data": {"builtin_pairs": 120, "max_length": 64, "max_prompt_length": 40, "eval_fraction": 0.2},
+}  # fmt: skip
+TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _rows(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any scheduler's or launcher's variables (the tests may run inside a SLURM job);
+    this checkout's package first on the path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in TORCH_VARS}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    return {**env, **extra}
+
+
+def _log_tail(*paths: Path) -> str:
+    return "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in paths if p.exists())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("slurm_runs")
+    cfg = {**TINY, "data": {**TINY["data"], "cache_dir": str(work / "cache")}}
+    (work / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    return work
+
+
+def _train_args(work: Path, out: Path) -> list[str]:
+    return ["train", "--config", str(work / "tiny.yaml"), f"train.output_dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def reference(work) -> list[dict]:
+    out = work / "nproc"
+    cmd = [sys.executable, "-m", "gatedpo_mega.cli", *_train_args(work, out), "--nproc", str(WORLD)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(13))  # step 0: the evaluation before training
+    return rows
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _host() -> str:
+    name = socket.gethostname().split(".")[0]
+    try:
+        socket.gethostbyname(name)
+    except OSError:
+        return "localhost"
+    return name
+
+
+def _srun_task_env(rank: int, job_id: int, host: str) -> dict[str, str]:
+    """What srun sets for task ``rank`` of `srun -n 4` on one node (as Slurm 22.05 sets it), and nothing else of
+    torch's: no RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT."""
+    return {
+        "SLURM_JOB_ID": str(job_id), "SLURM_JOBID": str(job_id), "SLURM_JOB_NAME": "gatedpo",
+        "SLURM_JOB_NODELIST": host, "SLURM_NODELIST": host, "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
+        "SLURM_JOB_CPUS_PER_NODE": str(WORLD), "SLURM_CPUS_ON_NODE": str(WORLD), "SLURM_TASKS_PER_NODE": str(WORLD),
+        "SLURM_STEP_ID": "0", "SLURM_STEPID": "0", "SLURM_STEP_NODELIST": host, "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_STEP_NUM_TASKS": str(WORLD), "SLURM_STEP_TASKS_PER_NODE": str(WORLD), "SLURM_NTASKS": str(WORLD),
+        "SLURM_NPROCS": str(WORLD), "SLURM_GTIDS": ",".join(map(str, range(WORLD))), "SLURMD_NODENAME": host,
+        "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
+    }  # fmt: skip
+
+
+def test_four_processes_with_the_environment_srun_sets_give_the_nproc_metrics(work, reference):
+    # A job id whose port (20000 + id % 20000, as gatedpo derives it) is free here.
+    job_id = next(
+        j for j in range(400_000 + os.getpid() % 10_000, 500_000) if _port_is_free(20000 + j % 20000)
+    )
+    out, host = work / "simulated", _host()
+    logs = [work / f"simulated-{r}.log" for r in range(WORLD)]
+    cmd = [sys.executable, "-m", "gatedpo_mega.cli", *_train_args(work, out)]
+    procs = []
+    for r, log in enumerate(logs):
+        with log.open("w") as f:
+            env = _clean_env(**_srun_task_env(r, job_id, host))
+            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0] * WORLD, _log_tail(*logs)
+    assert _rows(out) == reference
+
+
+# ---- A real one-node SLURM cluster -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    """``tools/slurm_local.sh start`` in a folder of its own on free ports; the environment its clients need."""
+    needed = ("munged", "slurmctld", "slurmd", "srun", "sbatch", "scontrol")
+    gone = [
+        p for p in needed if shutil.which(p, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin") is None
+    ]
+    if gone:
+        pytest.skip(
+            f"slurm-wlm and munge are not installed ({', '.join(gone)} not found): tools/slurm_local.sh install"
+        )
+    if shutil.which("gatedpo", path=_clean_env()["PATH"]) is None:
+        pytest.skip("the gatedpo command is not installed in this environment (pip install -e .)")
+    state = tmp_path_factory.mktemp("cluster")
+    port = next(p for p in range(17000, 19000, 2) if _port_is_free(p) and _port_is_free(p + 1))
+    env = _clean_env(
+        GATEDPO_SLURM_DIR=str(state), GATEDPO_SLURM_PORT=str(port), GATEDPO_SLURM_CPUS=str(WORLD)
+    )
+    script = str(ROOT / "tools" / "slurm_local.sh")
+    started = subprocess.run(["bash", script, "start"], capture_output=True, text=True, env=env, timeout=120)
+    if started.returncode != 0:
+        subprocess.run(["bash", script, "stop"], capture_output=True, env=env, timeout=60)
+        pytest.skip(f"the one-node SLURM cluster did not start: {started.stderr.strip()[-1500:]}")
+    yield {**env, "SLURM_CONF": str(state / "slurm.conf")}
+    subprocess.run(["bash", script, "stop"], capture_output=True, env=env, timeout=60)
+
+
+def test_srun_tasks_are_the_ranks(slurm, work, reference):
+    out = work / "srun"
+    cmd = ["srun", "-n", str(WORLD), "--kill-on-bad-exit=1", sys.executable, "-m", "gatedpo_mega.cli"]
+    proc = subprocess.run(
+        [*cmd, *_train_args(work, out), "--resume"], capture_output=True, text=True, env=slurm, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # --resume and no checkpoint yet: a fresh start, as a requeued job's first start is.
+    assert f"no checkpoint in {out}/checkpoints: starting at step 0" in proc.stdout
+    assert _rows(out) == reference
+
+
+def _sbatch(slurm: dict[str, str], work: Path, mode: str, out: Path) -> subprocess.Popen:
+    """``launcher/slurm.sbatch`` as written, sized for this machine on sbatch's command line."""
+    logs = work / f"logs-{mode}"
+    logs.mkdir()
+    env = {**slurm, "CONFIG": str(work / "tiny.yaml"), "OUTPUT": str(out), "MODE": mode, "LOGS": str(logs)}
+    sized = ["--nodes=1", f"--ntasks-per-node={WORLD}", "--cpus-per-task=1", "--gpus-per-node=0",
+             "--time=30:00", f"--output={logs}/%x-%j.out", f"--job-name=gatedpo-{mode}"]  # fmt: skip
+    return subprocess.Popen(
+        ["sbatch", "--wait", *sized, str(ROOT / "launcher" / "slurm.sbatch")],
+        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def _job_id(slurm: dict[str, str], name: str, proc: subprocess.Popen) -> str:
+    """The id of the job named ``name`` (sbatch's own "Submitted batch job N" may stay in its buffer until it
+    exits)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        ids = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"], capture_output=True, text=True,
+                             env=slurm).stdout.split()  # fmt: skip
+        if ids:
+            return ids[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no job {name} in squeue")
+
+
+def test_sbatch_torchrun_mode(slurm, work, reference):
+    out = work / "sbatch-torchrun"
+    proc = _sbatch(slurm, work, "torchrun", out)
+    job = _job_id(slurm, "gatedpo-torchrun", proc)
+    rest, _ = proc.communicate(timeout=600)
+    logs = work / "logs-torchrun"
+    node_log = logs / f"gatedpo-torchrun-{job}-node0.out"
+    assert proc.returncode == 0, rest + _log_tail(logs / f"gatedpo-torchrun-{job}.out", node_log)
+    assert _rows(out) == reference
+    assert "[rank0]:no checkpoint in" in node_log.read_text()  # one file per node, lines prefixed by rank
+
+
+def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
+    out = work / "sbatch-srun"
+    proc = _sbatch(slurm, work, "srun", out)
+    job = _job_id(slurm, "gatedpo-srun", proc)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "step-00000002").exists():  # the first checkpoint: requeue now
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
+        time.sleep(0.05)
+    subprocess.run(["scontrol", "requeue", job], check=True, env=slurm, timeout=60)
+    # A requeued job waits ~2 minutes before it may start again (its BeginTime): start it as soon as it is pending.
+    while "JobState=PENDING" not in (show := subprocess.run(["scontrol", "show", "job", job], capture_output=True,
+                                                            text=True, env=slurm).stdout):  # fmt: skip
+        assert time.monotonic() < deadline and "JobState=COMPLETED" not in show, show
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm, timeout=60)
+    rest, _ = proc.communicate(timeout=600)
+    logs = work / "logs-srun"
+    ranks = [logs / f"gatedpo-srun-{job}-{r}.out" for r in range(WORLD)]
+    assert proc.returncode == 0, rest + _log_tail(logs / f"gatedpo-srun-{job}.out", *ranks)
+    assert _rows(out) == reference
+    batch = (logs / f"gatedpo-srun-{job}.out").read_text()
+    assert "(restart 0)" in batch and "(restart 1)" in batch  # one log, appended by the second start
+    rank0 = ranks[0].read_text()
+    assert f"no checkpoint in {out}/checkpoints: starting at step 0" in rank0
+    resumed = re.search(r"resumed from \S+ \(step (\d+)\)", rank0)
+    assert resumed and int(resumed.group(1)) < 12, "the job ended before it was requeued"
+    assert all(p.exists() for p in ranks)
