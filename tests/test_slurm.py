@@ -162,10 +162,14 @@ def test_srun_tasks_are_the_ranks(slurm, work, reference):
     out = work / "srun"
     cmd = ["srun", "-n", str(WORLD), "--kill-on-bad-exit=1", sys.executable, "-m", "gatedpo_mega.cli"]
     proc = subprocess.run(
-        [*cmd, *_train_args(work, out), "--resume"], capture_output=True, text=True, env=slurm, timeout=600
+        [*cmd, *_train_args(work, out), "train.resume=auto"],
+        capture_output=True,
+        text=True,
+        env=slurm,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # --resume and no checkpoint yet: a fresh start, as a requeued job's first start is.
+    # train.resume=auto and no checkpoint yet: a fresh start, as a requeued job's first start is.
     assert f"no checkpoint in {out}/checkpoints: starting at step 0" in proc.stdout
     assert _rows(out) == reference
 

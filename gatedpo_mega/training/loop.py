@@ -102,7 +102,8 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
 
 def device_for(layout_rank: int) -> torch.device:
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", layout_rank % torch.cuda.device_count()))
+        # Modulo the visible devices: a scheduler that binds one GPU per task leaves each task only cuda:0.
+        local = int(os.environ.get("LOCAL_RANK", layout_rank)) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
