@@ -279,3 +279,17 @@ def test_conversion_refuses_a_checkpoint_with_a_missing_or_cut_file(run, tmp_pat
         f"{(_step(run, 2) / STATES / 'zero_pp_rank_1_mp_rank_00_optim_states.pt').stat().st_size} were written"
     ]
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_rank_that_cannot_see_a_checkpoint_file_is_a_refusal_not_damage(tmp_path):
+    from gatedpo_mega.training.checkpoint import unshared
+
+    path = tmp_path / "step-00000002"
+    missing = ("deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt is missing", False)
+    assert unshared(path, [(None, True), missing]) == (
+        f"checkpoint {path}: rank 1 cannot see a file rank 0 sees (deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_"
+        "states.pt is missing): checkpoints must be on a filesystem every rank shares"
+    )
+    assert unshared(path, [missing, missing]) is None  # missing for everyone: damage, skipped
+    assert unshared(path, [(None, True), (None, True)]) is None
+    assert unshared(path, [("meta.json is missing", False), (None, True)]) is not None

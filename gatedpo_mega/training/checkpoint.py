@@ -143,16 +143,23 @@ def find_resume_checkpoint(cfg: Config) -> Path | None:
 def verify(path: Path, *, checksums: bool = True, rank: int = 0, world: int = 1) -> str | None:
     """What is wrong with the checkpoint ``path`` (None: it is whole): its ``meta.json``, every recorded file
     present at its size, and the checksums of this process's share of the files (all of them for one process)."""
+    return _check(path, checksums=checksums, rank=rank, world=world)[0]
+
+
+def _check(path: Path, *, checksums: bool, rank: int, world: int) -> tuple[str | None, bool]:
+    """``verify``'s answer, and whether this process sees every recorded file at its size."""
     meta, problem = _meta(path)
     if meta is None:
-        return problem
+        return problem, False
     files = meta.get(TRAIN_FILES)
     if files is None:  # written before checkpoints recorded their files: nothing more to check
-        return None
+        return None, True
     problem = missing_or_resized(path, files)
-    if problem is None and checksums:
+    if problem is not None:
+        return problem, False
+    if checksums:
         problem = changed(path, files, share(list(files), rank, world))
-    return problem
+    return problem, True
 
 
 def verify_report(path: Path) -> tuple[list[str], bool]:
@@ -187,15 +194,32 @@ def verify_report(path: Path) -> tuple[list[str], bool]:
 
 
 def verify_on_every_rank(path: Path) -> str | None:
-    """``verify`` split over the ranks of the default group; every rank gets the same answer."""
+    """``verify`` split over the ranks of the default group; every rank gets the same answer. A file that some
+    ranks see and others do not is no damage but a filesystem the ranks do not share: refused."""
     rank, world = dist.get_rank(), dist.get_world_size()
     found: list[Any] = [None] * world
-    dist.all_gather_object(found, verify(path, rank=rank, world=world))
-    problems = [(r, p) for r, p in enumerate(found) if p is not None]
+    dist.all_gather_object(found, _check(path, checksums=True, rank=rank, world=world))
+    refusal = unshared(path, found)
+    if refusal:
+        raise CheckpointDecision(refusal)
+    problems = [(r, p) for r, (p, _) in enumerate(found) if p is not None]
     if not problems:
         return None
     r, problem = problems[0]
     return problem if world == 1 else f"{problem} (found by rank {r})"
+
+
+def unshared(path: Path, found: list[tuple[str | None, bool]]) -> str | None:
+    """The refusal when some ranks see every file of ``path`` and others miss some (per rank: problem, sees all)."""
+    seeing = [r for r, (_, sees) in enumerate(found) if sees]
+    blind = [(r, p) for r, (p, sees) in enumerate(found) if not sees and p and p.endswith(" is missing")]
+    if not seeing or not blind:
+        return None
+    r, problem = blind[0]
+    return (
+        f"checkpoint {path}: rank {r} cannot see a file rank {seeing[0]} sees ({problem}): checkpoints must be on a "
+        "filesystem every rank shares"
+    )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
