@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from gatedpo_mega.convert.commands import add_convert_commands
 from gatedpo_mega.data.cli import add_data_commands
+from gatedpo_mega.environment import quiet_known_warnings, set_defaults
 from gatedpo_mega.errors import UserError, run_command
 
 
@@ -23,11 +25,17 @@ def _cmd_squeeze(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     sq = cfg.squeeze
-    print(dump_config(cfg), flush=True)
+    out = Path(sq.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
     cells = len(sq.rejected_probs) * len(sq.shapes)
-    print(f"squeeze: {cells} cells x {sq.seeds} seeds x {sq.steps} steps", flush=True)
+    print(
+        f"squeeze: {cells} cells x {sq.seeds} seeds x {sq.steps} steps, gate tau {cfg.gate.tau:g} "
+        f"({cfg.gate.signal}) -> {out} (config.yaml there)",
+        flush=True,
+    )
     rows = run_squeeze(sq, cfg.gate)
-    paths = write_report(rows, Path(sq.output_dir))
+    paths = write_report(rows, out)
     print(format_table(rows))
     print(f"wrote {paths['table']}, {paths['plot']} and {paths['json']}")
     return 0
@@ -128,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    set_defaults(os.environ)  # before anything imports deepspeed; worker processes inherit it
+    quiet_known_warnings()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # overrides after an option (``--resume key=value``) arrive here; anything else is refused

@@ -8,6 +8,20 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))  # tests/distributed.py for the spawned workers
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The command's filters of known-harmless third-party warnings (gatedpo_mega/environment.py), as pytest's own:
+    pytest resets the warning filters around each test."""
+    from gatedpo_mega.environment import CPU_ONLY_WARNINGS, KNOWN_WARNINGS
+
+    known = KNOWN_WARNINGS + ([] if torch.cuda.is_available() else CPU_ONLY_WARNINGS)
+    for message, category, module, _why in known:
+        # pytest's "action:message:category:module" form; a ":" in a message regex would end its field
+        config.addinivalue_line(
+            "filterwarnings", f"ignore:{message.replace(':', '.')}:{category.__name__}:{module}"
+        )
+
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 

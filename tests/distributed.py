@@ -11,6 +11,8 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gatedpo_mega.environment import quiet_known_warnings
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -21,6 +23,7 @@ def _free_port() -> int:
 def _worker(
     rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...], errors: Any
 ) -> None:
+    quiet_known_warnings()
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),

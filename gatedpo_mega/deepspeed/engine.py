@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from gatedpo_mega.config import Config
+from gatedpo_mega.environment import quiet_deepspeed_start
 from gatedpo_mega.megatron.parallel import Layout
 
 
@@ -122,16 +123,17 @@ def build_engine(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.max_steps, ratio=ratio)
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        mpu=LayoutMPU(layout),
-        config=deepspeed_config(
-            cfg, dp=layout.dp, num_micro_batches=num_micro_batches, engine_driver=engine_driver
-        ),
-        dist_init_required=False,
-    )
+    with quiet_deepspeed_start():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            mpu=LayoutMPU(layout),
+            config=deepspeed_config(
+                cfg, dp=layout.dp, num_micro_batches=num_micro_batches, engine_driver=engine_driver
+            ),
+            dist_init_required=False,
+        )
     return engine
 
 

@@ -51,6 +51,7 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size,
+        cuda_graph_scope=[],  # the whole layer (no CUDA graphs are captured); the default "full" is deprecated
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=True,

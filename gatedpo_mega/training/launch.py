@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gatedpo_mega.config import Config, dump_config
+from gatedpo_mega.config import Config
+from gatedpo_mega.environment import quiet_known_warnings
 from gatedpo_mega.errors import NonFiniteError, UserError
 from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
@@ -155,6 +156,7 @@ def _local_env(rank: int, world: int, port: int) -> dict[str, str]:
 
 
 def _worker(rank: int, world: int, port: int, cfg: Config, make_data: Any = None) -> None:
+    quiet_known_warnings()  # a fresh interpreter: the command's warning filters are not inherited
     os.environ.update(_local_env(rank, world, port))
     sys.exit(_run_this_process(cfg, make_data))
 
@@ -195,6 +197,25 @@ def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
     return first, failed[first]
 
 
+def summary(cfg: Config, world: int) -> str:
+    """The run in one line; the whole resolved config goes to ``<output_dir>/config.yaml`` (``gatedpo config``
+    prints it)."""
+    o, g, m, p, t = cfg.objective, cfg.gate, cfg.model, cfg.parallel, cfg.train
+    gate = "gate none" if g.shape == "none" else f"gate {g.shape} (tau {g.tau:g})"
+    model = (
+        f"model {m.init_from} (transformers)"
+        if m.backend == "transformers"
+        else f"model {m.num_layers} layers x {m.hidden_size}"
+        + (f" from {m.init_from}" if m.init_from else "")
+    )
+    dp = world // (p.tensor * p.pipeline)
+    return (
+        f"gatedpo train: objective {o.name}, {gate}, {model}, TP {p.tensor} x PP {p.pipeline} x DP {dp}, "
+        f"ZeRO {p.zero_stage}, {t.max_steps} steps of {t.global_batch_size} pairs -> {t.output_dir} "
+        "(config.yaml there)"
+    )
+
+
 def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool = False) -> int:
     """Run ``cfg`` to the end; returns the exit code. ``make_data(cfg, layout) -> RunData`` replaces the data
     pipeline (a module-level function: it is pickled into the processes)."""
@@ -208,10 +229,10 @@ def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool
         preflight(cfg, data=make_data is None)
     if under_launcher:
         if int(os.environ["RANK"]) == 0:
-            print(dump_config(cfg), flush=True)
+            print(summary(cfg, world), flush=True)
         return _run_this_process(cfg, make_data)
     if not quiet:
-        print(dump_config(cfg), flush=True)
+        print(summary(cfg, world), flush=True)
     port = _free_port()
     if world == 1:
         saved = dict(os.environ)  # in this process: leave no RANK/WORLD_SIZE behind for a later launch
