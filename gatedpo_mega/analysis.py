@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -372,6 +373,45 @@ def _colors(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _wrapped(label: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(label, width, break_long_words=True, break_on_hyphens=False)) or label
+
+
+def _legend_below(fig: Any, handles: list[Any], *, fontsize: float = 8) -> float:
+    """A figure legend along the bottom edge, as many columns as fit (at most 4), labels wrapped at spaces to fit
+    the figure's width; returns its height in inches (the caller leaves that much room below the axes)."""
+    from matplotlib.lines import Line2D
+
+    renderer = fig.canvas.get_renderer()
+    room = fig.bbox.width - 0.2 * fig.dpi  # a tenth of an inch each side
+    labels = [str(h.get_label()) for h in handles]
+    probe = fig.text(0, 0, "x" * 40, fontsize=fontsize)
+    char = probe.get_window_extent(renderer).width / 40
+    probe.remove()
+    handle_room = 4.5 * fontsize * fig.dpi / 72  # the line sample and the gaps around it, in pixels
+    longest = max(len(label) for label in labels)
+    for ncol in range(min(4, len(labels)), 0, -1):
+        width = int((room / ncol - handle_room) / char)
+        if longest <= width or ncol == 1:
+            break
+    for _ in range(8):  # the estimate is per average character: narrow it until the legend fits
+        items = [
+            Line2D([], [], color=h.get_color(), lw=h.get_linewidth(), ls=h.get_linestyle(), marker=h.get_marker(),
+                   ms=h.get_markersize(), label=_wrapped(label, max(8, width)))
+            for h, label in zip(handles, labels, strict=True)
+        ]  # fmt: skip
+        legend = fig.legend(
+            handles=items, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=ncol, fontsize=fontsize,
+            frameon=False, borderaxespad=0.3,
+        )  # fmt: skip
+        box = legend.get_window_extent(renderer)
+        if box.width <= room or width <= 8:
+            return float(box.height / fig.dpi) + 0.05
+        legend.remove()
+        width = int(width * room / box.width) - 1
+    return float(box.height / fig.dpi) + 0.05
+
+
 def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
     """One PNG per (train | eval, quantity) that some run logged, and ``overview.png`` with a panel per quantity."""
     import matplotlib
@@ -382,8 +422,17 @@ def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
     colors = _colors(len(groups))
     paths: dict[str, Path] = {}
     # One figure cleared per quantity, with fixed margins: tight_layout on each would double the time.
-    fig, ax = plt.subplots(figsize=(6, 4))
-    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.12, top=0.92)
+    # Short labels: the legend inside the axes; long ones (or many arms): below them, on a taller figure.
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=90)
+    below = 0.0
+    if len(groups) > 6 or max(len(g.label) for g in groups) > 32:
+        for g, c in zip(groups, colors, strict=True):
+            ax.plot([], [], color=c, lw=1.5, label=g.label)
+        below = _legend_below(fig, ax.get_lines())
+        ax.clear()
+        fig.set_size_inches(6, 4 + below)
+    height = 4 + below
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=(0.48 + below) / height, top=1 - 0.32 / height)
     for kind in ("train", "eval"):
         for key, title in QUANTITIES.items():
             ax.clear()
@@ -392,7 +441,8 @@ def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
                 ax.set_xlabel("step")
                 ax.set_ylabel(key)
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=8)
+                if not below:
+                    ax.legend(fontsize=8)
                 name = _plot_name(kind, key)
                 fig.savefig(out_dir / name, dpi=90)
                 paths[name.removesuffix(".png")] = out_dir / name
@@ -404,7 +454,7 @@ def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
     ]
     ncols = min(4, max(1, len(present)))
     nrows = max(1, math.ceil(len(present) / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False, dpi=90)
     for ax, key in zip(axes.flat, present, strict=False):
         _draw(ax, groups, "train", key, colors)
         _draw(ax, groups, "eval", key, colors, dashed=True)
@@ -421,8 +471,10 @@ def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
         Line2D([], [], color="grey", lw=1.5, label="train (mean, band: min..max over seeds)"),
         Line2D([], [], color="grey", lw=1.5, ls="--", marker="o", ms=3, label="eval"),
     ]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.04 + 0.02 * math.ceil(len(handles) / 4), 1, 1))
+    below = _legend_below(fig, handles)
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + below)  # the panels keep their size; the legend gets its own strip
+    fig.tight_layout(rect=(0, below / (height + below), 1, 1))
     fig.savefig(out_dir / "overview.png", dpi=90)
     plt.close(fig)
     paths["overview"] = out_dir / "overview.png"

@@ -15,7 +15,12 @@ from gatedpo_mega.errors import UserError, run_command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="YAML config file; repeat to merge several, later files winning (default: built-in defaults)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 

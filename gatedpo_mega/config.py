@@ -348,24 +348,86 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: value is not valid YAML") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved configuration: defaults, then the YAML file, then ``key.sub=value`` overrides."""
+ConfigPaths = str | Path | list[str | Path] | tuple[str | Path, ...] | None
+
+
+def _read_file(p: Path) -> dict[str, Any]:
+    """One YAML file's top-level mapping (empty for an empty file), each problem one line naming the file."""
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p}{where}: not valid YAML") from None
+    except ValueError as e:  # an integer beyond Python's 4300-digit conversion limit
+        raise ConfigError(f"config file {p}: not valid YAML ({e})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
+    return loaded or {}
+
+
+def _check_keys(tree: dict[str, Any], cls: type, prefix: str, source: Path) -> None:
+    """Unknown keys refused naming the file they came from (values are checked once, on the merged tree)."""
+    hints = typing.get_type_hints(cls)
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            raise ConfigError(
+                f"config file {source}: unknown config key '{key}'; allowed here: {_allowed_keys(cls)}"
+            )
+        tp = hints[k]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            _check_keys(v, tp, key, source)
+
+
+def merge_trees(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else (lists included) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_trees(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _load_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A file's tree: its ``include:`` files (a path or a list, relative to it) merged in order, then its own keys."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(resolved) :], resolved))
+        raise ConfigError(f"config file {path}: include cycle {cycle}")
+    tree = _read_file(path)
+    include = tree.pop("include", None)
+    if include is None:
+        includes: list[Any] = []
+    elif isinstance(include, str):
+        includes = [include]
+    elif isinstance(include, list) and include and all(isinstance(i, str) and i for i in include):
+        includes = include
+    else:
+        raise ConfigError(
+            f"config file {path}: include must be a file path or a list of them; got {include!r}"
+        )
+    _check_keys(tree, Config, "", path)
+    merged: dict[str, Any] = {}
+    for name in includes:
+        merged = merge_trees(merged, _load_file(path.parent / name, (*chain, resolved)))
+    return merge_trees(merged, tree)
+
+
+def load_config(paths: ConfigPaths = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved configuration: defaults, then each YAML file in order (later files win; mappings merge, lists
+    are replaced; a file's ``include:`` comes before its own keys), then ``key.sub=value`` overrides."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, str | Path):
+        paths = [paths]
     tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"config file {p}{where}: not valid YAML") from None
-        except ValueError as e:  # an integer beyond Python's 4300-digit conversion limit
-            raise ConfigError(f"config file {p}: not valid YAML ({e})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
-        tree = loaded or {}
+    for path in paths:
+        tree = merge_trees(tree, _load_file(Path(path)))
     for text in overrides:
         _set_path(tree, *parse_override(text))
     return _build(Config, tree)

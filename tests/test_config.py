@@ -162,3 +162,78 @@ def test_console_script_entry_point():
         check=True,
     )
     assert "name: ipo" in out.stdout
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_several_files_merge_in_order(tmp_path):
+    base = _write(
+        tmp_path / "base.yaml",
+        "model:\n  num_layers: 2\n  hidden_size: 32\ntrain:\n  adam_betas: [0.8, 0.9]\n",
+    )
+    top = _write(tmp_path / "top.yaml", "model:\n  num_layers: 6\ntrain:\n  adam_betas: [0.5, 0.6]\n")
+    cfg = load_config([base, top], ["model.num_layers=8"])
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (8, 32)  # deep merge, then the override
+    assert cfg.train.adam_betas == [0.5, 0.6]  # lists are replaced, not concatenated
+    assert load_config([top, base]).model.num_layers == 2  # the later file wins
+    assert load_config(str(base)).model.hidden_size == 32  # one path, as before
+    assert load_config([]) == load_config(None) == load_config()
+
+
+def test_include_is_merged_before_the_files_own_keys(tmp_path):
+    (tmp_path / "parts").mkdir()
+    _write(tmp_path / "parts" / "data.yaml", "data:\n  max_length: 64\n  max_prompt_length: 32\n")
+    _write(tmp_path / "parts" / "model.yaml", "include: data.yaml\nmodel:\n  num_layers: 2\n")
+    one = _write(tmp_path / "one.yaml", "include: parts/model.yaml\nmodel:\n  num_layers: 3\n")
+    cfg = load_config(one)
+    assert (cfg.model.num_layers, cfg.data.max_length, cfg.data.max_prompt_length) == (3, 64, 32)
+    many = _write(
+        tmp_path / "many.yaml", "include: [parts/model.yaml, parts/data.yaml]\ndata:\n  max_length: 96\n"
+    )
+    cfg = load_config(many)
+    assert (cfg.model.num_layers, cfg.data.max_length) == (2, 96)
+
+
+def test_include_cycles_and_bad_includes_are_one_line(tmp_path):
+    a = _write(tmp_path / "a.yaml", "include: b.yaml\n")
+    _write(tmp_path / "b.yaml", "include: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: include cycle .*a.yaml -> .*b.yaml -> .*a.yaml$"):
+        load_config(a)
+    self_ref = _write(tmp_path / "self.yaml", "include: self.yaml\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(self_ref)
+    missing = _write(tmp_path / "m.yaml", "include: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file .*nowhere.yaml does not exist"):
+        load_config(missing)
+    number = _write(tmp_path / "n.yaml", "include: 3\n")
+    with pytest.raises(ConfigError, match=r"n.yaml: include must be a file path or a list"):
+        load_config(number)
+    # The same file included twice along two branches is not a cycle.
+    _write(tmp_path / "leaf.yaml", "gate:\n  tau: 0.01\n")
+    _write(tmp_path / "l1.yaml", "include: leaf.yaml\n")
+    diamond = _write(tmp_path / "d.yaml", "include: [l1.yaml, leaf.yaml]\n")
+    assert load_config(diamond).gate.tau == 0.01
+
+
+def test_unknown_key_names_its_file(tmp_path):
+    good = _write(tmp_path / "good.yaml", "model:\n  num_layers: 2\n")
+    bad = _write(tmp_path / "bad.yaml", "model:\n  num_layer: 2\n")
+    with pytest.raises(ConfigError, match=r"^config file .*bad.yaml: unknown config key 'model.num_layer'"):
+        load_config([good, bad])
+    host = _write(tmp_path / "host.yaml", "include: bad.yaml\n")
+    with pytest.raises(ConfigError, match=r"^config file .*bad.yaml: unknown config key"):
+        load_config(host)
+
+
+def test_cli_takes_several_configs(tmp_path, capsys):
+    a = _write(tmp_path / "a.yaml", "model:\n  num_layers: 2\n")
+    b = _write(tmp_path / "b.yaml", "model:\n  hidden_size: 32\n")
+    assert main(["config", "--config", str(a), "--config", str(b), "gate.tau=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "num_layers: 2" in out and "hidden_size: 32" in out and "tau: 0.5" in out
+    assert main(["config", "--config", str(a), "--config", str(tmp_path / "no.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no.yaml does not exist" in err[0]

@@ -16,7 +16,12 @@ from gatedpo_mega.errors import UserError, run_command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="FILE",
+        help="YAML config file; repeat to merge several, later files winning (default: built-in defaults)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
 
 
@@ -60,8 +65,9 @@ def marked_row(tok: Any, input_ids: Any, labels: Any) -> str:
 
 def inspect_data(cfg: Any, seed: int) -> str:
     from gatedpo_mega.data.loader import collate
-    from gatedpo_mega.data.pipeline import load_preference_data
+    from gatedpo_mega.data.pipeline import ensure_tokenizer, load_preference_data
 
+    ensure_tokenizer(cfg.data, seed=seed)
     data = load_preference_data(cfg.data, seed=seed)
     tok = data.tokenizer
     lines = [data.report.format()]
@@ -96,23 +102,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def train_tokenizer(cfg: Any, *, vocab_size: int, output: str | None, seed: int) -> Path:
-    from gatedpo_mega.data.pipeline import iter_examples
-    from gatedpo_mega.data.records import render_hh
-    from gatedpo_mega.data.tokenized import DataReport
-    from gatedpo_mega.data.tokenizer import train_sentencepiece
+    from gatedpo_mega.data.pipeline import train_data_tokenizer
 
     data = cfg.data
-    report = DataReport(source=data.source)
-    texts = [
-        t
-        for _, e in iter_examples(data, report, seed=seed, render=render_hh)
-        for t in (e.prompt, e.chosen, e.rejected)
-    ]
-    if not texts:
-        raise UserError(f"data.source {data.source}: no usable records to train a tokenizer on")
     name = "builtin" if data.source == "builtin" else Path(data.source).name.split(".")[0]
     out = Path(output) if output else Path(data.cache_dir) / "tokenizers" / f"{name}-{vocab_size}"
-    return train_sentencepiece(texts, vocab_size=vocab_size, out_dir=out, seed=seed)
+    return train_data_tokenizer(data, vocab_size=vocab_size, out_dir=out, seed=seed)
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:

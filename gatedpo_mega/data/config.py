@@ -27,6 +27,10 @@ class DataConfig:
         "auto"  # auto (the tokenizer's, else hh) | tokenizer | hh | chatml: renders chat messages
     )
     tokenizer: str = "builtin"  # "builtin", a Hugging Face tokenizer folder, or a SentencePiece .model file
+    # A data.tokenizer path that does not exist yet: train a SentencePiece tokenizer of tokenizer_vocab_size pieces
+    # on the data there first (what ``gatedpo data train-tokenizer`` does), instead of refusing the run.
+    train_tokenizer_if_missing: bool = False
+    tokenizer_vocab_size: int = 8000
     max_length: int = 128  # prompt + response tokens per row
     max_prompt_length: int = 64  # prompts longer than this keep their end
     pad_to_multiple: int = 8  # row length is padded to a multiple of this (tensor parallelism, kernels)
@@ -53,6 +57,16 @@ class DataConfig:
             not_empty(f"data.{key}", getattr(self, key))
         if self.chosen_field == self.rejected_field:
             raise ValueError(f"data.chosen_field and data.rejected_field are both {self.chosen_field!r}")
+        if self.train_tokenizer_if_missing and self.tokenizer == "builtin":
+            raise ValueError(
+                "data.train_tokenizer_if_missing=true needs data.tokenizer to be a path to train into "
+                "('builtin' is built by itself)"
+            )
+        if self.tokenizer_vocab_size < 300:
+            raise ValueError(
+                f"data.tokenizer_vocab_size={self.tokenizer_vocab_size} must be >= 300 "
+                "(256 byte-fallback pieces plus the specials and some words)"
+            )
         if self.max_length < 2:
             raise ValueError(f"data.max_length={self.max_length} must be >= 2")
         if not 0 <= self.max_prompt_length < self.max_length:
