@@ -214,12 +214,20 @@ def clear_refusal(r: Result) -> bool:
 
 
 def tail(text: str, lines: int = 12) -> str:
-    """The last lines of stderr without the libraries' warnings and the progress bar's redraws."""
+    """The last lines of stderr without the libraries' warnings and the progress bar's redraws, each cut to 300
+    characters."""
     keep = [
-        line.rstrip() for line in re.split(r"[\r\n]", text)
+        line.rstrip()[:300] for line in re.split(r"[\r\n]", text)
         if line.strip() and "warn" not in line.lower() and not line.startswith("gate-dpo:")
     ]  # fmt: skip
     return "\n".join(keep[-lines:])[-3000:]
+
+
+def exception_line(text: str) -> str:
+    """The last ``SomeError: ...`` line of a traceback (else the last line), cut to 200 characters."""
+    lines = [line.strip() for line in re.split(r"[\r\n]", text) if line.strip()]
+    found = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+    return (found or lines or [""])[-1][:200]
 
 
 def last_line(text: str) -> str:
@@ -376,7 +384,7 @@ def kills(work: Work, count: int) -> Row:
         elif clear_refusal(r):
             row.cases.append(Case(name, ONE_LINE, f"{state}; resume refused: {errors(r.stderr)[0]}"))
         else:
-            detail = f"{state}; resume exit {r.rc}" + (" with a traceback" if has_traceback(r.stderr) else "")
+            detail = f"{state}; resume exit {r.rc}: {exception_line(r.stderr)}"
             row.cases.append(Case(name, FAILURE, detail, 0, tail(r.stderr)))
     return row
 
@@ -465,7 +473,7 @@ def _judge_fallback(work: Work, out: Path, r: Result, name: str, metrics_only: b
     if r.rc != 0 or has_traceback(r.stderr):
         if clear_refusal(r):
             return Case(name, ONE_LINE, f"refused: {errors(r.stderr)[0]}")
-        return Case(name, FAILURE, f"exit {r.rc}", 0, tail(r.stderr))
+        return Case(name, FAILURE, f"exit {r.rc}: {exception_line(r.stderr)}", 0, tail(r.stderr))
     said = warnings(r.stderr)
     skipped = [
         w
@@ -492,7 +500,11 @@ def _judge_refusal(out: Path, r: Result, name: str, latest: Path, before: bytes)
         if (out / "metrics.jsonl").read_bytes() != before:
             return Case(name, FAILURE, "refused, but metrics.jsonl was changed", 0, tail(r.stderr))
         return Case(name, ONE_LINE, said[0])
-    what = "resumed although train.resume_fallback=false" if r.rc == 0 else f"exit {r.rc}, error lines {said}"
+    what = (
+        "resumed although train.resume_fallback=false"
+        if r.rc == 0
+        else f"exit {r.rc}, {len(said)} error lines: {exception_line(r.stderr)}"
+    )
     return Case(name, FAILURE, what, 0, tail(r.stderr))
 
 
@@ -521,9 +533,7 @@ def _judge_disk(
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
     problem = None
     if r.rc != 2 or len(said) != 1 or has_traceback(r.stderr):
-        problem = f"exit {r.rc}, {len(said)} error lines" + (
-            ", a traceback" if has_traceback(r.stderr) else ""
-        )
+        problem = f"exit {r.rc}, {len(said)} error lines: {exception_line(r.stderr)}"
     elif reason not in said[0] or " not written: rank " not in said[0]:
         problem = f"the error line does not say '{reason}': {said[0]}"
     elif left != ["step-00000002"]:
@@ -1019,7 +1029,7 @@ def _train_config(work: Work, i: int, overrides: list[str]) -> Case:
     if r.rc is None:
         return Case(name, LIMIT, f"no exit within {TRAIN_LIMIT_S:.0f} s", 0, tail(r.stderr))
     if has_traceback(r.stderr) or (r.rc != 0 and not clear_refusal(r)):
-        return Case(name, FAILURE, f"exit {r.rc}: {last_line(tail(r.stderr))[:300]}", 0, tail(r.stderr))
+        return Case(name, FAILURE, f"exit {r.rc}: {exception_line(r.stderr)}", 0, tail(r.stderr))
     if r.rc != 0:
         return Case(name, ONE_LINE, f"exit {r.rc}: {errors(r.stderr)[0][:300]}")
     out = here / load_config(None, [*base, *overrides]).train.output_dir
