@@ -116,6 +116,7 @@ class Work:
     reference: Path | None = None
     ref_rows: list[dict[str, Any]] | None = None
     ref_seconds: float = 0.0
+    ref_training: float = 0.0  # from its first metrics row to its end
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,10 +303,12 @@ def reference(work: Work) -> None:
     cfg = load_config(None, [*RUN, f"data.cache_dir={work.cache}"])
     load_preference_data(cfg.data, seed=cfg.train.seed)
     out = work.root / "reference"
-    r = gatedpo(train_args(work, out))
+    first_row = _first_row_watch(out)
+    r = gatedpo(train_args(work, out), until=lambda t: first_row(t) and False)
     if r.rc != 0:
         raise SystemExit(f"faults: the reference run failed (exit {r.rc}):\n{tail(r.stderr)}")
     work.reference, work.ref_rows, work.ref_seconds = out, metrics(out), r.seconds
+    work.ref_training = r.seconds - first_row(r.seconds)
     assert work.ref_rows is not None and [row["step"] for row in work.ref_rows] == list(range(STEPS + 1))
 
 
@@ -332,10 +335,22 @@ def _rows_written(out: Path) -> int:
         return 0
 
 
-def _kill_trigger(mode: str, rng: random.Random, out: Path, ref_seconds: float) -> tuple[str, Any]:
+def _first_row_watch(out: Path) -> Callable[[float], float]:
+    """Called with the seconds since launch: when ``metrics.jsonl`` first held a row (infinity: not yet)."""
+    seen: list[float] = []
+
+    def first_row(t: float) -> float:
+        if not seen and _rows_written(out):
+            seen.append(t)
+        return seen[0] if seen else math.inf
+
+    return first_row
+
+
+def _kill_trigger(mode: str, rng: random.Random, out: Path, training: float) -> tuple[str, Any]:
     if mode == "delay":
-        at = rng.uniform(0.3, 1.0) * ref_seconds
-        return f"{at:.1f} s after launch", lambda t: t >= at
+        at, first_row = rng.uniform(0.0, training), _first_row_watch(out)
+        return f"{at:.2f} s after the first metrics row", lambda t: t >= first_row(t) + at
     if mode == "rows":
         n = rng.randint(2, STEPS)
         return f"after {n} metrics rows", lambda t: _rows_written(out) >= n
@@ -357,7 +372,7 @@ def kills(work: Work, count: int) -> Row:
     for i in range(count):
         mode = ("write", "rows", "delay")[i % 3]
         out = work.root / f"kill-{i:02d}"
-        moment, until = _kill_trigger(mode, rng, out, work.ref_seconds)
+        moment, until = _kill_trigger(mode, rng, out, work.ref_training)
         killed = gatedpo(train_args(work, out), until=until)
         root = out / "checkpoints"
         left = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
@@ -1144,7 +1159,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"faults: {row.key}: {len(row.cases)} cases: {said} ({row.seconds:.0f} s)", flush=True)
 
     reference(work)
-    print(f"faults: reference run: {work.ref_seconds:.1f} s, in {root}", flush=True)
+    print(
+        f"faults: reference run: {work.ref_seconds:.1f} s ({work.ref_training:.1f} s from its first metrics row), "
+        f"in {root}",
+        flush=True,
+    )
     step(lambda: kills(work, kill_count))
     step(lambda: damaged(work, damage))
     step(lambda: file_size_limits(work, limits))
