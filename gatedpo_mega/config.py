@@ -112,6 +112,8 @@ class ModelConfig:
         positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
         for name in ("max_position_embeddings", "rotary_base", "norm_epsilon", "init_std"):
             positive(f"model.{name}", getattr(self, name))
+        if self.rotary_base >= 2**63:  # megatron-core takes it as a 64-bit integer
+            raise ValueError(f"model.rotary_base={self.rotary_base:g} must be below 2**63")
         choice("model.dtype", self.dtype, ("fp32", "bf16"))
         choice("model.backend", self.backend, tuple(BACKENDS))
         choice("model.attention", self.attention, ("sdpa", "local"))

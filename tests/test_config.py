@@ -77,6 +77,7 @@ BIG = "1" + "0" * 5000  # beyond Python's 4300-digit int conversion limit
         ("model.init_std=0", r"^model\.init_std=0\.0 must be > 0$"),
         ("model.norm_epsilon=-1e-5", r"^model\.norm_epsilon=-1e-05 must be > 0$"),
         ("model.rotary_base=0", r"^model\.rotary_base=0\.0 must be > 0$"),
+        ("model.rotary_base=6e20", r"^model\.rotary_base=6e\+20 must be below 2\*\*63$"),
         ("model.max_position_embeddings=0", r"^model\.max_position_embeddings=0 must be > 0$"),
         ("model.max_position_embeddings=64", r"^model\.max_position_embeddings=64 must be >= data\.max_length=128$"),
         ("train.output_dir=", r"^train\.output_dir must not be empty$"),

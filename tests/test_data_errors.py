@@ -286,3 +286,20 @@ def test_random_corruption_never_crashes(cache_dir: Path, gz: bool, edits, cut, 
             return
         r = d.report
         assert r.kept + r.total_dropped == r.records
+
+
+def test_line_numbers_count_leading_blank_lines(capsys, cache_dir: Path, tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "a.jsonl", ["", "  ", json.dumps(GOOD), '{"prompt": '])
+    rc, err = run_cli(capsys, cache_dir, path)
+    assert_one_line(rc, err, "a.jsonl line 4: not valid JSON")
+
+
+def test_an_integer_of_thousands_of_digits_is_a_bad_record(capsys, cache_dir: Path, tmp_path: Path) -> None:
+    huge = '{"prompt": "a", "chosen": "b", "rejected": "c", "n": ' + "7" * 5000 + "}"
+    path = write_lines(tmp_path / "a.jsonl", [json.dumps(GOOD), huge])
+    rc, err = run_cli(capsys, cache_dir, path)
+    assert_one_line(rc, err, "a.jsonl line 2: not valid JSON (Exceeds the limit (4300 digits)")
+    array = tmp_path / "b.json"
+    array.write_text(f"[{json.dumps(GOOD)}, {huge}]")
+    rc, err = run_cli(capsys, cache_dir, array)
+    assert_one_line(rc, err, "b.json: not valid JSON (Exceeds the limit (4300 digits)")

@@ -123,6 +123,13 @@ def test_a_peer_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
         assert launch_module._report(0, cfg, e) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith("gatedpo: rank 0 failed: ValueError: a bug\n")
+    oom = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 549755813888 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    assert launch_module._report(0, cfg, oom) == 6
+    err = capsys.readouterr().err
+    assert err.startswith("gatedpo: error: rank 0: out of memory ([enforce fail") and err.count("\n") == 1
 
 
 def _exit_after(seconds: float, code: int) -> None:
@@ -205,3 +212,10 @@ def test_under_a_launcher_a_user_error_is_one_line_and_its_exit_code(tmp_path, c
     assert [line for line in err.splitlines() if line.startswith("gatedpo:")] == [
         "gatedpo: error: this run's data cannot be used"
     ]
+
+
+def test_an_init_from_name_too_long_for_the_filesystem_is_one_line():
+    from gatedpo_mega.training.initial_weights import source_kind
+
+    with pytest.raises(UserError, match=r"^model\.init_from=x{200}: File name too long$"):
+        source_kind(Path("x" * 10_000))

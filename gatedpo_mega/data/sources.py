@@ -143,16 +143,17 @@ def _open_bytes_lines(path: Path) -> Iterator[bytes]:
 def _read_json(path: Path) -> Iterator[Record]:
     lines = _open_bytes_lines(path)
     first: bytes | None = None
+    blank = 0  # leading blank lines: line numbers count them
     for first in lines:
         if first.strip():
             break
+        blank += 1
     if first is None or not first.strip():
         return
     if first.lstrip().startswith(b"[") and not path.name.lower().endswith((".jsonl", ".jsonl.gz")):
-        yield from _read_json_array(path, first + b"".join(lines))
+        yield from _read_json_array(path, b"\n" * blank + first + b"".join(lines))
         return
-    n = 0
-    for n, raw in enumerate(_chain(first, lines), start=1):
+    for n, raw in enumerate(_chain(first, lines), start=blank + 1):
         if raw.strip():
             yield _parse_line(path, n, raw)
 
@@ -170,8 +171,17 @@ def _parse_line(path: Path, n: int, raw: bytes) -> Record:
         return loc, Bad("not_utf8", f"{loc}: not valid UTF-8 (byte {e.start} of the line)")
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+    except (
+        ValueError,
+        RecursionError,
+    ) as e:  # ValueError: JSONDecodeError, or an integer of over 4300 digits
+        msg = (
+            e.msg
+            if isinstance(e, json.JSONDecodeError)
+            else "nested too deeply"
+            if isinstance(e, RecursionError)
+            else str(e).split(":")[0]
+        )
         return loc, Bad("not_json", f"{loc}: not valid JSON ({msg})")
     if not isinstance(obj, dict):
         return loc, Bad("not_object", f"{loc}: expected a JSON object, got {type(obj).__name__}")
@@ -187,6 +197,8 @@ def _read_json_array(path: Path, data: bytes) -> Iterator[Record]:
         raise DataError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # an integer of over 4300 digits
+        raise DataError(f"{path}: not valid JSON ({str(e).split(':')[0]})") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of records or one record per line")
     for i, obj in enumerate(items):

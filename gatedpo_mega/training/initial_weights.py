@@ -28,7 +28,11 @@ HF_FIELDS = (*SHAPE_FIELDS, "norm_epsilon", "rotary_base")
 
 def source_kind(path: Path) -> str:
     """``checkpoint`` | ``mcore`` | ``hf``, from the marker file the folder holds."""
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as e:  # a name too long for the filesystem, a path through a file
+        raise UserError(f"model.init_from={str(path)[:200]}: {e.strerror}") from None
+    if not exists:
         raise UserError(f"model.init_from={path} does not exist")
     if (path / MCORE_META).is_file():
         return "mcore"

@@ -92,9 +92,24 @@ def _report(rank: int, cfg: Config, e: Exception) -> int:
     if _is_peer_lost(e):
         say(f"gatedpo: rank {rank}: a peer stopped ({_peer_reason(e)})")
         return PEER_STOPPED
+    if _is_out_of_memory(e):
+        say(
+            f"gatedpo: error: rank {rank}: out of memory ({_first_line(e)}); a smaller model, micro-batch or "
+            "sequence length, more tensor/pipeline parallelism, a higher ZeRO stage or model.recompute=full fits"
+        )
+        return 6
     traceback.print_exc()
     say(f"gatedpo: rank {rank} failed: {type(e).__name__}: {e}")
     return 1
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower()
+    )
 
 
 def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
