@@ -57,5 +57,5 @@ def test_cli_writes_table_plot_and_json(tmp_path, capsys):
         ]
     )
     assert rc == 0
-    assert {p.name for p in out.iterdir()} == {"squeeze.json", "squeeze.md", "squeeze.png"}
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "squeeze.json", "squeeze.md", "squeeze.png"}
     assert "| 1e-01 | hard |" in (out / "squeeze.md").read_text()
