@@ -367,7 +367,9 @@ def _kill_trigger(mode: str, rng: random.Random, out: Path, training: float) -> 
 
 
 def kills(work: Work, count: int) -> Row:
-    row = Row("kills", f"SIGKILL of a {NPROC}-process run (tensor 2) at a random moment, then --resume")
+    row = Row(
+        "kills", f"SIGKILL of a {NPROC}-process run (tensor 2) at a random moment, then train.resume=auto"
+    )
     rng = random.Random(f"{work.seed}-kills")
     for i in range(count):
         mode = ("write", "rows", "delay")[i % 3]
@@ -386,7 +388,9 @@ def kills(work: Work, count: int) -> Row:
         if not killed.killed:
             state = f"the run ended (exit {killed.rc}) before the kill ({moment})"
         name = f"kill {i + 1}"
-        r = gatedpo(train_args(work, out, "--resume"))
+        r = gatedpo(
+            train_args(work, out, "train.resume=auto")
+        )  # as a restarted job (a kill before the first checkpoint: step 0)
         if r.rc == 0 and not has_traceback(r.stderr):
             problem = metrics_problem(work, out) or checkpoints_problem(out)
             start = resumed_from(r.stdout) or 0
