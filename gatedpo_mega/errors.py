@@ -34,6 +34,17 @@ def run_command(func: Callable[[Any], int], args: Any) -> int:
         if not e.every_rank or os.environ.get("RANK", "0") == "0":  # under a launcher: one line, from rank 0
             print(f"gatedpo: error: {e}", file=sys.stderr)
         return e.exit_code
+    except (
+        OSError
+    ) as e:  # a path the system refuses (too long, no permission, a full disk): the user's to fix
+        print(f"gatedpo: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("gatedpo: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an ``OSError``: what the system said and the file (cut to 200 characters)."""
+    where = f": {str(e.filename)[:200]}" if e.filename is not None else ""
+    return f"{e.strerror or e}{where}"

@@ -220,3 +220,15 @@ def test_an_init_from_name_too_long_for_the_filesystem_is_one_line():
 
     with pytest.raises(UserError, match=r"^model\.init_from=x{200}: File name too long$"):
         source_kind(Path("x" * 10_000))
+
+
+def test_a_path_the_system_refuses_is_one_line(capsys, tmp_path):
+    from gatedpo_mega.cli import main
+
+    long = "x" * 10_000
+    assert main(["data", "inspect", f"data.cache_dir={tmp_path / long}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gatedpo: error: File name too long: ") and err.count("\n") == 1, err[-2000:]
+    cfg = load_config(None, BASE)
+    assert launch_module._report(1, cfg, PermissionError(13, "Permission denied", "/data/x.jsonl")) == 2
+    assert capsys.readouterr().err == "gatedpo: error: rank 1: Permission denied: /data/x.jsonl\n"

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 from gatedpo_mega.config import Config
 from gatedpo_mega.environment import quiet_known_warnings
-from gatedpo_mega.errors import NonFiniteError, UserError
+from gatedpo_mega.errors import NonFiniteError, UserError, describe_os_error
 from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
 from gatedpo_mega.training.cluster import launcher_env
@@ -92,6 +92,11 @@ def _report(rank: int, cfg: Config, e: Exception) -> int:
     if _is_peer_lost(e):
         say(f"gatedpo: rank {rank}: a peer stopped ({_peer_reason(e)})")
         return PEER_STOPPED
+    if (
+        isinstance(e, OSError) and e.errno is not None
+    ):  # a path the system refuses: one line, as in the launcher
+        say(f"gatedpo: error: rank {rank}: {describe_os_error(e)}")
+        return 2
     if _is_out_of_memory(e):
         say(
             f"gatedpo: error: rank {rank}: out of memory ({_first_line(e)}); a smaller model, micro-batch or "
