@@ -34,6 +34,9 @@ def _worker(
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         fn(rank, world, *args)
+        # Every rank done with its last collective before any tears its connections down: a rank whose peer has
+        # already closed them can abort in gloo's threads ("terminate called without an active exception").
+        dist.barrier()
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise

@@ -174,7 +174,9 @@ def test_srun_tasks_are_the_ranks(slurm, work, reference):
     assert _rows(out) == reference
 
 
-def _sbatch(slurm: dict[str, str], work: Path, mode: str, out: Path) -> subprocess.Popen:
+def _sbatch(
+    slurm: dict[str, str], work: Path, mode: str, out: Path, wait: str = "--wait"
+) -> subprocess.Popen:
     """``launcher/slurm.sbatch`` as written, sized for this machine on sbatch's command line."""
     logs = work / f"logs-{mode}"
     logs.mkdir()
@@ -182,7 +184,7 @@ def _sbatch(slurm: dict[str, str], work: Path, mode: str, out: Path) -> subproce
     sized = ["--nodes=1", f"--ntasks-per-node={WORLD}", "--cpus-per-task=1", "--gpus-per-node=0",
              "--time=30:00", f"--output={logs}/%x-%j.out", f"--job-name=gatedpo-{mode}"]  # fmt: skip
     return subprocess.Popen(
-        ["sbatch", "--wait", *sized, str(ROOT / "launcher" / "slurm.sbatch")],
+        ["sbatch", wait, *sized, str(ROOT / "launcher" / "slurm.sbatch")],
         cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
@@ -200,6 +202,28 @@ def _job_id(slurm: dict[str, str], name: str, proc: subprocess.Popen) -> str:
     raise AssertionError(f"no job {name} in squeue")
 
 
+def _job_field(show: str, name: str) -> str:
+    m = re.search(rf"\b{name}=(\S+)", show)
+    return m.group(1) if m else ""
+
+
+def _wait_for_end(slurm: dict[str, str], job: str, restarts: int, timeout: float) -> str:
+    """``scontrol show job`` once the job has ended after ``restarts`` requeues. (``sbatch --wait`` can take a
+    requeued job's passing state for its end and return 1 while the job goes on.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        show = subprocess.run(
+            ["scontrol", "show", "job", job], capture_output=True, text=True, env=slurm
+        ).stdout
+        state = _job_field(show, "JobState")
+        if int(_job_field(show, "Restarts") or 0) >= restarts and state in (
+            "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+        ):  # fmt: skip
+            return show
+        assert time.monotonic() < deadline, f"job {job} did not end:\n{show}"
+        time.sleep(0.2)
+
+
 def test_sbatch_torchrun_mode(slurm, work, reference):
     out = work / "sbatch-torchrun"
     proc = _sbatch(slurm, work, "torchrun", out)
@@ -214,11 +238,19 @@ def test_sbatch_torchrun_mode(slurm, work, reference):
 
 def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
     out = work / "sbatch-srun"
-    proc = _sbatch(slurm, work, "srun", out)
-    job = _job_id(slurm, "gatedpo-srun", proc)
+    submitted = _sbatch(slurm, work, "srun", out, wait="--parsable")
+    job = submitted.communicate(timeout=60)[0].strip().split(";")[0]
+    assert submitted.returncode == 0 and job.isdigit(), job
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "step-00000002").exists():  # the first checkpoint: requeue now
-        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint was written"
+        show = subprocess.run(
+            ["scontrol", "show", "job", job], capture_output=True, text=True, env=slurm
+        ).stdout
+        assert time.monotonic() < deadline and _job_field(show, "JobState") in (
+            "PENDING",
+            "CONFIGURING",
+            "RUNNING",
+        ), show
         time.sleep(0.05)
     subprocess.run(["scontrol", "requeue", job], check=True, env=slurm, timeout=60)
     # A requeued job waits ~2 minutes before it may start again (its BeginTime): start it as soon as it is pending.
@@ -227,10 +259,11 @@ def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
         assert time.monotonic() < deadline and "JobState=COMPLETED" not in show, show
         time.sleep(0.1)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm, timeout=60)
-    rest, _ = proc.communicate(timeout=600)
+    show = _wait_for_end(slurm, job, restarts=1, timeout=600)
     logs = work / "logs-srun"
     ranks = [logs / f"gatedpo-srun-{job}-{r}.out" for r in range(WORLD)]
-    assert proc.returncode == 0, rest + _log_tail(logs / f"gatedpo-srun-{job}.out", *ranks)
+    ended = (_job_field(show, "JobState"), _job_field(show, "ExitCode"))
+    assert ended == ("COMPLETED", "0:0"), show + _log_tail(logs / f"gatedpo-srun-{job}.out", *ranks)
     assert _rows(out) == reference
     batch = (logs / f"gatedpo-srun-{job}.out").read_text()
     assert "(restart 0)" in batch and "(restart 1)" in batch  # one log, appended by the second start
