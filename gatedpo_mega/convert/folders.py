@@ -179,10 +179,13 @@ def write_hf_weights(
 ) -> list[str]:
     """Sharded safetensors ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``; tensors are
     read from ``get`` one at a time in ``shapes`` order, and each is written before the next is read."""
+    from tqdm import tqdm
+
     sizes = {n: nbytes(s, dtype) for n, s in shapes.items()}
     shards = plan_shards(sizes, max_shard_size)
     weight_map: dict[str, str] = {}
     files = []
+    bar = tqdm(total=sum(sizes.values()), desc="writing", unit="B", unit_scale=True, delay=2.0, leave=False)
     for k, names in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         w = SafetensorsWriter(dst / file, {n: (shapes[n], dtype) for n in names}, {"format": "pt"})
@@ -190,13 +193,16 @@ def write_hf_weights(
             for n in names:
                 w.write(n, get[n])
                 weight_map[n] = file
+                bar.update(sizes[n])
         except BaseException:
             w.abort()
+            bar.close()
             raise
         w.close()
         files.append(file)
         if on_shard_done is not None:
             on_shard_done()
+    bar.close()
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (dst / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return files

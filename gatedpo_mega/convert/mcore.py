@@ -86,8 +86,11 @@ def write_mcore_folder(
     after_rank: Callable[[], None] | None = None,
 ) -> None:
     """One rank file at a time, one tensor at a time (``hf_get`` is called per tensor as it is needed)."""
+    from tqdm import tqdm
+
     check_layout(cfg, tensor, pipeline)
     dtype = DTYPES[cfg.dtype]
+    bar = tqdm(total=tensor * pipeline, desc="writing rank files", unit="file", delay=2.0, leave=False)
     for pp in range(pipeline):
         shapes = local_shapes(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp)
         for tp in range(tensor):
@@ -96,8 +99,10 @@ def write_mcore_folder(
             )
             entries = {n: (s, dtype) for n, s in shapes.items()}
             write_safetensors(dst / rank_file(tp, pp), entries, tensors, {"format": "pt"})
+            bar.update(1)
             if after_rank is not None:
                 after_rank()
+    bar.close()
     meta = mcore_meta(cfg, vocab_size, tensor=tensor, pipeline=pipeline, hf_config=hf_config)
     (dst / MCORE_META).write_text(json.dumps(meta, indent=2) + "\n")
 

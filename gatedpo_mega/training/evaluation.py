@@ -25,7 +25,9 @@ def evaluate(
     saved = ctx.reference, ctx.ref_tokens, ctx.micro_batch
     reference.prepare(ctx, batches, split="eval")
     ctx.micro_batch = 0
-    out = run_forward(backend, model, batches, preference_loss_func, ctx)
+    out = run_forward(
+        backend, model, batches, preference_loss_func, ctx, progress="eval" if layout.rank == 0 else ""
+    )
     ctx.reference, ctx.ref_tokens, ctx.micro_batch = saved
     # Fillers (ranks with fewer micro-batches repeat one so ZeRO-3's gathers stay in step) are run, not counted.
     sums = [o["sums"] for o, counted in zip(out, data.eval_counted, strict=True) if counted] if out else []

@@ -31,6 +31,7 @@ def reference_pass(
     num_pairs: int,
     *,
     reduce: bool = True,
+    progress: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs ``[N, 2]`` (chosen, rejected) and response token counts of the pairs in ``batches`` under
     ``model`` by pair id, on the last stage (zeros elsewhere). With ``reduce``, summed over the data-parallel group:
@@ -38,7 +39,7 @@ def reference_pass(
     device = next(model.parameters()).device  # collectives on the backend's device (NCCL needs CUDA tensors)
     logps = torch.zeros(num_pairs, 2, dtype=torch.float64, device=device)
     tokens = torch.zeros(num_pairs, 2, dtype=torch.long, device=device)
-    out = run_forward(backend, model, batches, reference_loss_func, ctx)
+    out = run_forward(backend, model, batches, reference_loss_func, ctx, progress=progress)
     for o in out if layout.last_stage else []:
         ids = o["pair_ids"]
         logps[ids] = o["logps"]
@@ -58,6 +59,7 @@ def load_or_compute_reference(
     num_pairs: int,
     f: Path | None,
     device: torch.device,
+    name: str = "reference",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference log-probs of the initial weights: read from ``f`` or computed once with the run's own layout and
     written there (atomically) for every later run of the same data, initial weights and seed."""
@@ -69,8 +71,9 @@ def load_or_compute_reference(
                 f"reference file {f} holds {tuple(logps.shape)} log-probs for {num_pairs} pairs; delete it"
             )
     else:
+        shown = name if layout.rank == 0 else ""
         logps, tokens = reference_pass(
-            backend, model, layout, ctx, [b.to(device) for b in batches], num_pairs
+            backend, model, layout, ctx, [b.to(device) for b in batches], num_pairs, progress=shown
         )
         if f is not None and layout.is_logger:
             f.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +124,7 @@ class Reference:
         if data.eval_batches is not None:
             self.eval_table = load_or_compute_reference(
                 backend, model, layout, self.ctx, data.eval_batches, data.num_eval_pairs,
-                data.eval_reference_file, device,
+                data.eval_reference_file, device, name="reference (eval pairs)",
             )  # fmt: skip
 
     def prepare(self, ctx: LossContext, batches: list[PreferenceBatch], *, split: str = "train") -> None:

@@ -90,13 +90,20 @@ def run_forward(
     batches: list[PreferenceBatch],
     loss_func: LossFunc,
     ctx: LossContext,
+    *,
+    progress: str = "",
 ) -> list[dict[str, Any]]:
     """Forward-only over ``batches``, in eval mode: the loss function's outputs on the last stage (empty
-    elsewhere)."""
+    elsewhere). ``progress``: a progress bar by that name (on stderr), shown once the pass has taken 2 s."""
     was_training = model.training
     model.eval()
     out: list[dict[str, Any]] = []
-    for i in range(0, len(batches), 8):  # a few micro-batches per schedule call keeps the pipeline busy
+    chunks = range(0, len(batches), 8)  # a few micro-batches per schedule call keeps the pipeline busy
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc=progress, unit="chunk", delay=2.0, leave=False, dynamic_ncols=True)
+    for i in chunks:
         out += backend.schedule(model, batches[i : i + 8], loss_func, ctx, forward_only=True) or []
     model.train(was_training)
     return out
