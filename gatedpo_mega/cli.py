@@ -39,7 +39,7 @@ def _cmd_squeeze(args: argparse.Namespace) -> int:
         f"({cfg.gate.signal}) -> {out} (config.yaml there)",
         flush=True,
     )
-    rows = run_squeeze(sq, cfg.gate)
+    rows = run_squeeze(sq, cfg.gate, progress=True)
     paths = write_report(rows, out)
     print(format_table(rows))
     print(f"wrote {paths['table']}, {paths['plot']} and {paths['json']}")
