@@ -4,6 +4,12 @@ Each pair is a short instruction in HH-RLHF layout (``\\n\\nHuman: ...\\n\\nAssi
 carries it out correctly, the rejected one is a plausible but wrong answer of the same shape (a wrong capital, an
 off-by-a-little sum, a list left unsorted, ...). So the preference is a fact about the response's content, and
 chosen and rejected share most of their tokens, as in real preference data.
+
+With ``off_policy`` > 0, that share of the pairs gets its rejected response from "another model": the same wrong
+answer after a hedge in words no chosen response uses ("Hmm, I believe the capital of Peru is Oslo."). A model
+trained on the chosen responses puts those tokens far below everything it would say itself (p < 1e-4): the regime
+where plain DPO squeezes and the gate closes. Which pairs get one is drawn from a stream of its own, so the
+pairs themselves are the same at every ``off_policy``.
 """
 
 from __future__ import annotations
@@ -148,12 +154,25 @@ TASKS: tuple[Callable[[random.Random], tuple[str, str, str]], ...] = (
 )
 
 
-def generate(n: int, seed: int) -> list[Example]:
-    """``n`` pairs, the same for the same ``(n, seed)`` on every machine."""
+HEDGES = (
+    "Hmm, I believe", "Well, honestly, I guess", "Okay so basically", "Hmm, maybe", "If I recall correctly,",
+    "Uh, I would say", "Honestly, I think", "Well, perhaps",
+)  # fmt: skip
+
+
+def _hedged(rng: random.Random, answer: str) -> str:
+    return f"{rng.choice(HEDGES)} {answer[0].lower()}{answer[1:]}"
+
+
+def generate(n: int, seed: int, off_policy: float = 0.0) -> list[Example]:
+    """``n`` pairs, the same for the same ``(n, seed, off_policy)`` on every machine."""
     rng = random.Random(f"gatedpo-builtin-{VERSION}-{seed}")
+    other = random.Random(f"gatedpo-builtin-off-policy-{VERSION}-{seed}")
     out = []
     for _ in range(n):
         question, good, bad = rng.choice(TASKS)(rng)
+        if off_policy and other.random() < off_policy:
+            bad = _hedged(other, bad)
         out.append(Example(f"\n\nHuman: {question}{HH_ASSISTANT}", " " + good, " " + bad))
     return out
 

@@ -42,6 +42,10 @@ class DataConfig:
     num_proc: int = 1  # tokenizer processes
     builtin_pairs: int = 4000  # size of the generated built-in dataset
     builtin_vocab_size: int = 512  # vocabulary of the built-in SentencePiece tokenizer
+    # Share of built-in pairs whose rejected response is another model's: the same wrong answer after a hedge
+    # ("Hmm, I think ...") no chosen response uses. A model trained on the chosen responses gives those tokens
+    # the extremely low probabilities the gate is for (data/builtin.py). 0: every pair as before.
+    builtin_off_policy: float = 0.0
     seed: int | None = (
         0  # seed of the built-in data and tokenizer (fixed: train.seed orders batches); null: train.seed
     )
@@ -79,6 +83,8 @@ class DataConfig:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         if self.num_proc < 1:
             raise ValueError(f"data.num_proc={self.num_proc} must be >= 1")
+        if not 0.0 <= self.builtin_off_policy <= 1.0:
+            raise ValueError(f"data.builtin_off_policy={self.builtin_off_policy} must be in [0, 1]")
         if self.builtin_pairs < 1:
             raise ValueError(f"data.builtin_pairs={self.builtin_pairs} must be >= 1")
         if not 300 <= self.builtin_vocab_size <= 32000:

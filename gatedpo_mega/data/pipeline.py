@@ -130,7 +130,8 @@ def iter_examples(
     """``(record index, example)`` for each usable record; every other record is counted in ``report`` (or, with
     ``on_bad_record: error``, a malformed one raises)."""
     if cfg.source == "builtin":
-        for i, ex in enumerate(builtin.generate(cfg.builtin_pairs, data_seed(cfg, seed))):
+        pairs = builtin.generate(cfg.builtin_pairs, data_seed(cfg, seed), cfg.builtin_off_policy)
+        for i, ex in enumerate(pairs):
             report.records += 1
             yield i, ex
         return

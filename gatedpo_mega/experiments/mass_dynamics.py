@@ -14,8 +14,9 @@ Runs that finished are kept (a run is done when its final checkpoint exists); an
 latest checkpoint, so the command can be run again after a crash and continues where it stopped.
 
 The spec (YAML) holds lists of training-config overrides: ``base`` (every run), ``sft``, ``preference`` (every arm),
-``arms`` and ``sizes`` and ``sweep`` (name -> overrides), ``seeds``, ``tokenizer_vocab_size``, ``output_dir``,
-``tensor_parallel_check``.
+``arms`` and ``sizes`` and ``sweep`` (name -> overrides), ``seeds``, ``tokenizer_vocab_size`` (0: the base's own
+``data.tokenizer``), ``output_dir``, ``tensor_parallel_check``; ``config``, a training config file every run starts
+from (its path relative to the working directory), and ``nproc``, the processes each run starts.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class Spec:
     sweep: dict[str, list[str]] = field(default_factory=dict)
     sweep_arm: str = "dpo"  # the arm whose gate the sweep varies
     tensor_parallel_check: bool = True
+    config: str = ""  # a training config file under every run's overrides
+    nproc: int = 1  # processes per run (the layout in the config or ``base`` must fit them)
+    name: str = "mass-dynamics"  # the experiment's name in its progress lines and report
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ignore[assignment]
@@ -63,6 +67,10 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ign
                 f"experiment spec {p}: unknown key '{key}'; allowed: {', '.join(sorted(known))}"
             )
     spec = Spec(**tree)
+    if spec.config and not Path(spec.config).is_file():
+        raise ConfigError(f"experiment spec {p}: config={spec.config} does not exist")
+    if spec.nproc < 1:
+        raise ConfigError(f"experiment spec {p}: nproc={spec.nproc} must be at least 1")
     if not spec.arms or not spec.sizes or not spec.seeds:
         raise ConfigError(f"experiment spec {p}: arms, sizes and seeds must not be empty")
     if spec.sweep and spec.sweep_arm not in spec.arms:
@@ -70,11 +78,12 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ign
     return spec
 
 
-def _resolved(overrides: list[str], out: Path) -> Any:
+def _resolved(spec: Spec, overrides: list[str], out: Path) -> Any:
     from gatedpo_mega.config import load_config
 
     return load_config(
-        None, [*overrides, f"train.output_dir={out}", "train.resume=auto", "train.keep_checkpoints=1"]
+        spec.config or None,
+        [*overrides, f"train.output_dir={out}", "train.resume=auto", "train.keep_checkpoints=1"],
     )
 
 
@@ -85,14 +94,14 @@ def _same_run(a: Any, b: Any) -> bool:
     return replace(a, train=replace(a.train, output_dir=b.train.output_dir)) == b
 
 
-def _train(overrides: list[str], out: Path, *, nproc: int | None = None) -> None:
+def _train(spec: Spec, overrides: list[str], out: Path, *, nproc: int | None = None) -> None:
     """One training run, skipped when its final checkpoint exists, resumed when it was interrupted. A finished
     run whose saved config differs from this one is refused (its folder would be reported under a wrong name)."""
     from gatedpo_mega.config import load_config
     from gatedpo_mega.formats import latest_checkpoint, step_dir
     from gatedpo_mega.training.launch import launch
 
-    cfg = _resolved(overrides, out)
+    cfg = _resolved(spec, overrides, out)
     saved = out / "config.yaml"
     if saved.exists():
         before = load_config(saved, [f"train.output_dir={out}"])
@@ -102,25 +111,28 @@ def _train(overrides: list[str], out: Path, *, nproc: int | None = None) -> None
             )
     latest = latest_checkpoint(out)
     if latest == step_dir(out, cfg.train.max_steps):
-        print(f"[mass-dynamics] done already: {out}", flush=True)
+        print(f"[{spec.name}] done already: {out}", flush=True)
         return
     t0 = time.perf_counter()
-    print(f"[mass-dynamics] train {out}", flush=True)
-    code = launch(cfg, nproc, quiet=True)
+    print(f"[{spec.name}] train {out}", flush=True)
+    code = launch(cfg, nproc or spec.nproc, quiet=True)
     if code:
         raise SystemExit(code)
-    print(f"[mass-dynamics]   {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"[{spec.name}]   {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def _tokenizer(spec: Spec, out: Path) -> Path:
+def _tokenizer(spec: Spec, out: Path) -> list[str]:
+    """The overrides that name the experiment's tokenizer: one trained on the data (once), or none (0 pieces)."""
     from gatedpo_mega.config import load_config
     from gatedpo_mega.data.cli import train_tokenizer
 
+    if not spec.tokenizer_vocab_size:
+        return []
     path = out / "tokenizer" / "tokenizer.model"
     if not path.exists():
-        cfg = load_config(None, spec.base)
+        cfg = load_config(spec.config or None, spec.base)
         train_tokenizer(cfg, vocab_size=spec.tokenizer_vocab_size, output=str(path.parent), seed=0)
-    return path
+    return [f"data.tokenizer={path}"]
 
 
 def run_experiment(spec: Spec) -> Path:
@@ -129,18 +141,17 @@ def run_experiment(spec: Spec) -> Path:
 
     out = Path(spec.output_dir)
     t0 = time.perf_counter()
-    tok = _tokenizer(spec, out)
-    base = [*spec.base, f"data.tokenizer={tok}", f"data.cache_dir={out / 'cache'}"]
+    base = [*spec.base, *_tokenizer(spec, out), f"data.cache_dir={out / 'cache'}"]
     runs: dict[str, list[Path]] = {}
     first_size = next(iter(spec.sizes))
     for size, size_args in spec.sizes.items():
         sft_dir = out / size / "sft"
-        _train([*base, *size_args, *spec.sft], sft_dir)
+        _train(spec, [*base, *size_args, *spec.sft], sft_dir)
         pref = [*base, *size_args, *spec.preference, f"model.init_from={sft_dir}"]
         for arm, arm_args in spec.arms.items():
             for seed in spec.seeds:
                 d = out / size / arm / f"seed{seed}"
-                _train([*pref, *arm_args, f"train.seed={seed}"], d)
+                _train(spec, [*pref, *arm_args, f"train.seed={seed}"], d)
                 runs.setdefault(f"{size}/{arm}", []).append(d)
         if size == first_size:
             centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]  # e.g. dpo and dpo+gate
@@ -150,11 +161,11 @@ def run_experiment(spec: Spec) -> Path:
                     d = out / "sweep" / name / f"seed{seed}"
                     # A sweep point that is one of the arms (the default gate) is that arm's run, not a second one.
                     same = [out / size / a / f"seed{seed}" for a in centre
-                            if _same_run(_resolved(args, d), _resolved([*pref, *spec.arms[a], f"train.seed={seed}"], d))]  # fmt: skip
+                            if _same_run(_resolved(spec, args, d), _resolved(spec, [*pref, *spec.arms[a], f"train.seed={seed}"], d))]  # fmt: skip
                     if same:
                         d = same[0]
                     else:
-                        _train(args, d)
+                        _train(spec, args, d)
                     runs.setdefault(f"sweep/{name}", []).append(d)
     tp_rows = None
     if spec.tensor_parallel_check:
@@ -164,7 +175,7 @@ def run_experiment(spec: Spec) -> Path:
         )
         d = out / "tp2" / arm
         pref = [*base, *size_args, *spec.preference, f"model.init_from={out / size / 'sft'}"]
-        _train([*pref, *spec.arms[arm], f"train.seed={spec.seeds[0]}", "parallel.tensor=2"], d, nproc=2)
+        _train(spec, [*pref, *spec.arms[arm], f"train.seed={spec.seeds[0]}", "parallel.tensor=2"], d, nproc=2)
         tp1 = load_run(out / size / arm / f"seed{spec.seeds[0]}")
         tp2 = load_run(d)
         tp_rows = summary_rows(group_runs([tp1]) + group_runs([tp2]))
