@@ -80,7 +80,8 @@ class ModelConfig:
     fused_objective: bool = False
     # Start from these weights instead of the seeded initialisation: a Hugging Face folder (config.json +
     # safetensors), a folder written by ``gatedpo convert hf-to-mcore``/``reshard``, or a training checkpoint
-    # (``OUTPUT/checkpoints/step-N``, or ``OUTPUT`` for its latest). The shape fields above must match it.
+    # (``OUTPUT/checkpoints/step-N``, or ``OUTPUT`` for its latest), or a Hugging Face Hub model id
+    # (``org/name[@revision]``, read from the local Hugging Face cache). The shape fields above must match it.
     init_from: str = ""
     backend: str = "megatron"  # megatron | transformers (a Hugging Face causal LM from init_from, under ZeRO)
 

@@ -13,10 +13,8 @@ ON_BAD_RECORD = ("error", "skip")
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
-    source: str = (
-        "builtin"  # "builtin" (generated, no download), a data file or folder, or a hub dataset name
-    )
-    split: str = "train"  # split of a save_to_disk DatasetDict or a hub dataset
+    source: str = "builtin"  # "builtin" (generated, no download), a data file or folder, or a Hugging Face Hub dataset id
+    split: str = "train"  # split of a save_to_disk DatasetDict or a Hub dataset (the files that name it)
     format: str = (
         "auto"  # auto | hh (two transcripts) | plain (prompt/chosen/rejected strings) | chat (messages)
     )

@@ -96,7 +96,7 @@ def ensure_tokenizer(cfg: DataConfig, *, seed: int) -> Path | None:
     target = Path(cfg.tokenizer).expanduser()
     if not cfg.train_tokenizer_if_missing or target.exists():
         return None
-    files = [] if cfg.source == "builtin" else resolve_files(cfg.source)
+    files = [] if cfg.source == "builtin" else resolve_files(cfg.source, cfg.split)
     size = sum(f.stat().st_size for f in files if f.is_file())
     about = f", about {max(1, round(size / _TOKENIZER_BYTES_PER_S))} s" if size else ""
     print(
@@ -230,8 +230,7 @@ def fingerprint(cfg: DataConfig, tok: Tokenizer, *, seed: int) -> str:
         settings["seed"] = data_seed(cfg, seed)
         data = f"builtin-v{builtin.VERSION}"
     else:
-        files = resolve_files(cfg.source)
-        data = files_digest(files) if files else f"hub:{cfg.source}:{cfg.split}"
+        data = files_digest(resolve_files(cfg.source, cfg.split))
     key = {"version": CACHE_VERSION, "settings": settings, "data": data, "tokenizer": tok.fingerprint()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

@@ -1,4 +1,5 @@
-"""Raw records from files: JSON, JSONL (gzip or not), Parquet, Arrow, ``save_to_disk`` folders, hub names.
+"""Raw records from files: JSON, JSONL (gzip or not), Parquet, Arrow, ``save_to_disk`` folders, Hugging Face Hub
+datasets (the data files of ``data.split`` in the dataset's folder of the local Hugging Face cache: gatedpo_mega/hub.py).
 
 Each record comes out as ``(where, dict)``, or ``(where, Bad)`` when the record itself is unusable (a line that is
 not JSON, not an object, not UTF-8) so that ``data.on_bad_record: skip`` can count it and go on. Problems with a
@@ -20,11 +21,24 @@ from pathlib import Path
 from typing import Any
 
 from gatedpo_mega.data.errors import DataError, where
+from gatedpo_mega.hub import hub_id, resolve
 
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz")
 TABLE_SUFFIXES = (".parquet", ".arrow")
 DATA_SUFFIXES = JSON_SUFFIXES + TABLE_SUFFIXES
-_HUB_NAME = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_DATA_FILES = tuple(f"*{s}" for s in DATA_SUFFIXES)  # what is downloaded of a Hub dataset
+_SAVED_METADATA = (
+    "dataset_info.json",
+    "dataset_infos.json",
+    "state.json",
+    "dataset_dict.json",
+)  # not records
+# The names a split goes by in file and folder names (the Hub's conventions, as ``datasets`` infers them).
+SPLIT_WORDS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "val", "dev"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -51,14 +65,68 @@ def _is_saved_dataset(folder: Path) -> bool:
     return any((folder / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def resolve_files(source: str) -> list[Path]:
-    """The local files behind ``source`` (for reading and for the cache key); ``[]`` for a hub name."""
+def _names_word(path: str, word: str) -> bool:
+    """``word`` stands alone in ``path``: between separators or digits, not inside a longer name (``train`` in
+    ``data/train-00000-of-00001.parquet`` and ``train.jsonl``, not in ``train_prefs.parquet`` or ``constrained``)."""
+    return (
+        re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}(?![A-Za-z]|_[A-Za-z])", path, re.IGNORECASE)
+        is not None
+    )
+
+
+def split_names(paths: list[str]) -> list[str]:
+    """The split names the paths use: a split word alone or with ``_suffix`` words (``train``, ``test_prefs``)."""
+    words = "|".join(w for ws in SPLIT_WORDS.values() for w in ws)
+    found = (
+        re.findall(rf"(?<![A-Za-z0-9])((?:{words})(?:_[A-Za-z]+)*)(?![A-Za-z])", p, re.IGNORECASE)
+        for p in paths
+    )
+    return sorted({name.lower() for names in found for name in names})
+
+
+def split_files(paths: list[str], split: str) -> list[str]:
+    """The paths (relative, in a dataset's folder) of split ``split``: those whose name or folder names it
+    (``SPLIT_WORDS``, else the split's own name); when no path names any split, all of them are ``train``."""
+    words = SPLIT_WORDS.get(split, (split,))
+    chosen = [p for p in paths if any(_names_word(p, w) for w in words)]
+    if not chosen and not split_names(paths) and split == "train":
+        return list(paths)
+    return chosen
+
+
+def _is_hub_snapshot(folder: Path) -> bool:
+    """A dataset's folder in the Hugging Face cache (``datasets--org--name/snapshots/<commit>``)."""
+    return folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("datasets--")
+
+
+def _snapshot_files(folder: Path, split: str, source: str) -> list[Path]:
+    paths = sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and _suffix(p) in DATA_SUFFIXES and p.name not in _SAVED_METADATA
+    )
+    if not paths:
+        raise DataError(
+            f"data.source {source}: the Hub dataset holds no data files ({', '.join(DATA_SUFFIXES)}) in {folder}"
+        )
+    chosen = split_files(paths, split)
+    if not chosen:
+        named = ", ".join(split_names(paths)) or "train (no file names a split)"
+        raise DataError(f"data.source {source}: no files of split '{split}' (data.split); splits: {named}")
+    return [folder / p for p in chosen]
+
+
+def resolve_files(source: str, split: str = "train") -> list[Path]:
+    """The local files behind ``source`` (for reading and for the cache key). A Hub dataset id is resolved to its
+    folder in the Hugging Face cache (downloaded when missing and the Hub is reachable), then to ``split``'s files."""
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
         if _is_saved_dataset(path):
             return sorted(p for p in path.rglob("*") if p.is_file())
+        if _is_hub_snapshot(path):
+            return _snapshot_files(path, split, source)
         files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in DATA_SUFFIXES)
         if not files:
             raise DataError(
@@ -66,12 +134,15 @@ def resolve_files(source: str) -> list[Path]:
                 "and is not a save_to_disk dataset"
             )
         return files
-    looks_local = (
-        source.startswith(("/", ".", "~")) or _suffix(path) in DATA_SUFFIXES or not _HUB_NAME.match(source)
-    )
-    if looks_local:
+    return _snapshot_files(hub_dataset(source), split, source)
+
+
+def hub_dataset(source: str) -> Path:
+    """The folder of the Hub dataset ``source`` (an id) in the local Hugging Face cache."""
+    ident = hub_id(source)
+    if ident is None:
         raise DataError(f"data.source {source}: file does not exist")
-    return []
+    return resolve(ident, field="data.source", repo_type="dataset", patterns=HUB_DATA_FILES)
 
 
 def files_digest(files: list[Path]) -> str:
@@ -87,10 +158,8 @@ def files_digest(files: list[Path]) -> str:
 
 def read_records(source: str, *, split: str = "train") -> Iterator[Record]:
     path = Path(source).expanduser()
-    files = resolve_files(source)
-    if not files:
-        yield from _read_hub(source, split)
-    elif path.is_dir() and _is_saved_dataset(path):
+    files = resolve_files(source, split)
+    if path.is_dir() and _is_saved_dataset(path):
         yield from _read_saved(path, split)
     else:
         for f in files:
@@ -261,18 +330,6 @@ def _read_saved(folder: Path, split: str) -> Iterator[Record]:
             raise DataError(f"{folder}: no split '{split}' (data.split); splits: {', '.join(ds)}")
         ds = ds[split]
     yield from _rows(str(folder), iter(ds))
-
-
-def _read_hub(name: str, split: str) -> Iterator[Record]:
-    import datasets
-
-    try:
-        ds: Any = datasets.load_dataset(name, split=split)
-    except Exception as e:  # offline, unknown name, bad split: all one line for the user
-        raise DataError(
-            f"data.source {name}: not a local file or folder, and loading it from the hub failed ({_first_line(e)})"
-        ) from None
-    yield from _rows(name, iter(ds))
 
 
 def _first_line(e: BaseException) -> str:

@@ -28,7 +28,7 @@ from gatedpo_mega.errors import NonFiniteError, UserError, describe_os_error
 from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
 from gatedpo_mega.training.cluster import launcher_env
-from gatedpo_mega.training.preflight import preflight
+from gatedpo_mega.training.preflight import preflight, resolve_hub_ids
 
 
 def _free_port() -> int:
@@ -217,9 +217,9 @@ def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
     return first, failed[first]
 
 
-def summary(cfg: Config, world: int) -> str:
-    """The run in one line; the whole resolved config goes to ``<output_dir>/config.yaml`` (``gatedpo config``
-    prints it)."""
+def summary(cfg: Config, world: int, hub_notes: list[str] | None = None) -> str:
+    """The run in one line, after a line per Hugging Face Hub id and the cache folder it was read from; the whole
+    resolved config goes to ``<output_dir>/config.yaml`` (``gatedpo config`` prints it)."""
     o, g, m, p, t = cfg.objective, cfg.gate, cfg.model, cfg.parallel, cfg.train
     gate = "gate none" if g.shape == "none" else f"gate {g.shape} (tau {g.tau:g})"
     model = (
@@ -229,7 +229,8 @@ def summary(cfg: Config, world: int) -> str:
         + (f" from {m.init_from}" if m.init_from else "")
     )
     dp = world // (p.tensor * p.pipeline)
-    return (
+    hub = "".join(f"gatedpo train: Hugging Face cache: {note}\n" for note in hub_notes or [])
+    return hub + (
         f"gatedpo train: objective {o.name}, {gate}, {model}, TP {p.tensor} x PP {p.pipeline} x DP {dp}, "
         f"ZeRO {p.zero_stage}, {t.max_steps} steps of {t.global_batch_size} pairs -> {t.output_dir} "
         "(config.yaml there)"
@@ -243,16 +244,19 @@ def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else (nproc or 1)
     validate_layout(cfg, world)
+    # Every process of a launcher resolves the ids itself (a cache hit: no download); started here, the workers
+    # receive the resolved config.
+    cfg, hub_notes = resolve_hub_ids(cfg, data=make_data is None)
     if not under_launcher or int(os.environ["RANK"]) == 0:
         # Refused before any process starts (under a launcher: by rank 0 only, before the group forms).
         check_resume(cfg, world)
         preflight(cfg, data=make_data is None)
     if under_launcher:
         if int(os.environ["RANK"]) == 0:
-            print(summary(cfg, world), flush=True)
+            print(summary(cfg, world, hub_notes), flush=True)
         return _run_this_process(cfg, make_data)
     if not quiet:
-        print(summary(cfg, world), flush=True)
+        print(summary(cfg, world, hub_notes), flush=True)
     port = _free_port()
     if world == 1:
         saved = dict(os.environ)  # in this process: leave no RANK/WORLD_SIZE behind for a later launch

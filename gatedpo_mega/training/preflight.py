@@ -3,13 +3,22 @@
 Each check is the one the ranks run later, called early: the data pipeline itself (every record read and validated,
 tokenized into the cache the ranks then read), the tokenizer (trained here first when the config asks for it), and ``model.init_from`` against the config (every
 mismatch in one message). A refusal is one ``UserError`` line, seconds after launch, with no peer to stop.
+
+Before those, ``resolve_hub_ids`` turns Hugging Face Hub ids in ``model.init_from`` and ``data.source`` into their
+folders in the local Hugging Face cache (downloading what is missing), once, so that every rank reads the same
+local files and none asks the Hub.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from gatedpo_mega.config import Config
 from gatedpo_mega.data import load_preference_data
 from gatedpo_mega.data.pipeline import ensure_tokenizer
+from gatedpo_mega.data.sources import hub_dataset
+from gatedpo_mega.errors import UserError
+from gatedpo_mega.hub import MODEL_FILES, hub_id, resolve
 from gatedpo_mega.training.data import run_vocab_size
 from gatedpo_mega.training.initial_weights import check_source_fits, read_source
 
@@ -25,3 +34,23 @@ def preflight(cfg: Config, *, data: bool = True) -> None:
     if cfg.model.init_from:
         src = read_source(cfg.model.init_from)
         check_source_fits(cfg, src, vocab if vocab is not None else cfg.model.vocab_size or src.vocab_size)
+
+
+def resolve_hub_ids(cfg: Config, *, data: bool = True) -> tuple[Config, list[str]]:
+    """``cfg`` with each Hub id of ``model.init_from`` and ``data.source`` (``data=False``: not read) replaced by its
+    folder in the Hugging Face cache, and one line per id saying so. The folder names the repository and the commit
+    (``.../models--org--name/snapshots/<commit>``): the saved config.yaml reruns the same files, offline too."""
+    model, data_cfg, notes = cfg.model, cfg.data, []
+    if model.init_from and (ident := hub_id(model.init_from)):
+        folder = resolve(ident, field="model.init_from", repo_type="model", patterns=MODEL_FILES)
+        if not (folder / "config.json").is_file():
+            raise UserError(
+                f"model.init_from={ident}: the Hub repository has no config.json (a Hugging Face model is needed)"
+            )
+        model = replace(model, init_from=str(folder))
+        notes.append(f"model.init_from {ident}: {folder}")
+    if data and data_cfg.source != "builtin" and hub_id(data_cfg.source):
+        folder = hub_dataset(data_cfg.source)
+        notes.append(f"data.source {data_cfg.source}: {folder}")
+        data_cfg = replace(data_cfg, source=str(folder))
+    return replace(cfg, model=model, data=data_cfg), notes
