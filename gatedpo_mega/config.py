@@ -30,6 +30,9 @@ T = TypeVar("T")
 # Longer than any run waits on a collective, and far inside what ``datetime.timedelta(minutes=...)`` holds.
 MAX_TIMEOUT_MINUTES = 365 * 24 * 60  # one year
 
+# Where ``train.report_to`` can send the metrics besides ``metrics.jsonl`` (gatedpo_mega/training/reporters.py).
+REPORT_TO = ("tensorboard", "wandb", "mlflow")
+
 
 @dataclass(kw_only=True, slots=True)
 class ParallelConfig:
@@ -163,8 +166,13 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     reference_batch_size: int = 16  # pairs per forward-only micro-batch of the reference pass
+    # Trackers that get every metric besides metrics.jsonl, from rank 0: tensorboard, wandb, mlflow (a list, or
+    # "wandb,mlflow" on the command line; [] or none: metrics.jsonl only). wandb and mlflow are optional packages.
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    run_name: str = ""  # the run's name in wandb and mlflow ("": the name of train.output_dir)
 
     def __post_init__(self) -> None:
+        self.report_to = _report_to(self.report_to)
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "reference_batch_size"):
             positive(f"train.{name}", getattr(self, name))
         for name in ("save_every", "keep_checkpoints", "eval_every", "eval_max_pairs"):
@@ -195,6 +203,18 @@ class TrainConfig:
                 f"train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"train.micro_batch_size={self.micro_batch_size}"
             )
+
+
+def _report_to(names: list[str]) -> list[str]:
+    """``train.report_to`` without repeats; ``[none]`` is the empty list."""
+    if "none" in names:
+        if len(names) > 1:
+            raise ValueError(f"train.report_to={names}: none names no tracker and goes alone")
+        return []
+    for name in names:
+        if name not in REPORT_TO:
+            raise ValueError(f"train.report_to: {name!r} is not one of {', '.join(REPORT_TO)} (or none)")
+    return list(dict.fromkeys(names))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -274,6 +294,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return _coerce(key, value, inner[0])
     if origin is list:
         (item,) = typing.get_args(tp)
+        if item is str and isinstance(value, str):  # ``key=a,b`` on the command line; "" is the empty list
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list; got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]

@@ -1,6 +1,6 @@
-"""What a run leaves behind each step: ``metrics.jsonl`` (one object per optimizer step), TensorBoard scalars and
-the progress bar (on one rank), and the step record they hold (metrics reduced over data-parallel ranks, gradient
-norm, learning rate, throughput, peak memory)."""
+"""What a run leaves behind each step: ``metrics.jsonl`` (one object per optimizer step), the trackers of
+``train.report_to`` (TensorBoard, W&B, MLflow: reporters.py) and the progress bar (on one rank), and the step
+record they hold (metrics reduced over data-parallel ranks, gradient norm, learning rate, throughput, peak memory)."""
 
 from __future__ import annotations
 
@@ -16,17 +16,19 @@ from gatedpo_mega.config import Config, dump_config
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.metrics import reduce_metric_sums
+from gatedpo_mega.training.reporters import Reporter, numeric, start_reporters
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one object per optimizer step), TensorBoard scalars and the progress bar, on one rank."""
+    """``metrics.jsonl`` (one object per optimizer step), the ``train.report_to`` trackers and the progress bar, on
+    one rank."""
 
     def __init__(self, cfg: Config, *, active: bool, start_step: int = 0) -> None:
         """A run that starts at ``start_step`` > 0 (resumed) keeps the first ``start_step`` records and appends."""
         self.active = active
         self.out = Path(cfg.train.output_dir)
         self.bar: Any = None
-        self.tb: Any = None
+        self.reporters: list[Reporter] = []
         if not active:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -37,12 +39,7 @@ class MetricsLog:
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
         self.file = path.open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.out / "tensorboard"))
-        except ImportError:  # tensorboard is optional for the loop itself
-            self.tb = None
+        self.reporters = start_reporters(cfg, start_step)
         from tqdm import tqdm
 
         self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="gate-dpo", dynamic_ncols=True)
@@ -52,10 +49,9 @@ class MetricsLog:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+        metrics = numeric(record)
+        for reporter in self.reporters:
+            reporter.log(metrics, record["step"])
         shown = {
             "loss": record.get("loss"),
             "acc": record.get("rewards/accuracies"),
@@ -69,8 +65,8 @@ class MetricsLog:
         if self.active:
             self.file.close()
             self.bar.close()
-            if self.tb is not None:
-                self.tb.close()
+            for reporter in self.reporters:
+                reporter.close()
 
 
 def kept_records(path: Path, start_step: int) -> list[str]:

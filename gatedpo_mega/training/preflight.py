@@ -1,7 +1,7 @@
 """What a run reads, checked in the launching process before any worker or process group starts.
 
 Each check is the one the ranks run later, called early: the data pipeline itself (every record read and validated,
-tokenized into the cache the ranks then read), the tokenizer (trained here first when the config asks for it), and ``model.init_from`` against the config (every
+tokenized into the cache the ranks then read), the packages of the ``train.report_to`` trackers, the tokenizer (trained here first when the config asks for it), and ``model.init_from`` against the config (every
 mismatch in one message). A refusal is one ``UserError`` line, seconds after launch, with no peer to stop.
 
 Before those, ``resolve_hub_ids`` turns Hugging Face Hub ids in ``model.init_from`` and ``data.source`` into their
@@ -21,11 +21,13 @@ from gatedpo_mega.errors import UserError
 from gatedpo_mega.hub import MODEL_FILES, hub_id, resolve
 from gatedpo_mega.training.data import run_vocab_size
 from gatedpo_mega.training.initial_weights import check_source_fits, read_source
+from gatedpo_mega.training.reporters import check_installed
 
 
 def preflight(cfg: Config, *, data: bool = True) -> None:
     """Raise the first problem with ``cfg``'s inputs. ``data=False`` when the run's data does not come from the
     pipeline (a ``make_data`` of its own)."""
+    check_installed(cfg.train.report_to)  # the cheapest first: a missing package, before the data is read
     vocab = None
     if data:
         ensure_tokenizer(cfg.data, seed=cfg.train.seed)
