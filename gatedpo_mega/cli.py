@@ -131,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser(
-        "mass-dynamics",
-        help="the mass-dynamics experiment: tokenizer, SFT, every arm x seed, gate sweep, report",
+        "experiment",
+        aliases=["mass-dynamics"],
+        help="an experiment: SFT, then every arm x seed from it, a gate sweep, a report with tables and plots",
     )
-    p.add_argument("--config", required=True, help="experiment spec (configs/mass_dynamics.yaml)")
+    p.add_argument(
+        "--config", required=True, help="experiment spec (configs/demo.yaml, configs/mass_dynamics.yaml)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="spec overrides (e.g. output_dir=...)")
     p.set_defaults(func=_cmd_mass_dynamics)
     return parser

@@ -183,7 +183,7 @@ def run_experiment(spec: Spec) -> Path:
 
     report = out / "report"
     sections = [
-        "# Mass dynamics: results\n",
+        f"# {spec.name}: results\n",
         f"Spec: `{spec.output_dir}`; seeds {spec.seeds}; {time.perf_counter() - t0:.0f} s for the runs this "
         "invocation made (runs found done are not re-run).\n",
     ]
@@ -225,6 +225,8 @@ def run_experiment(spec: Spec) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(sections) + "\n")
     print(path.read_text(), flush=True)
+    plots = ", ".join(str(report / size / "overview.png") for size in spec.sizes)
+    print(f"[{spec.name}] the report: {path} (tables); plots: {plots}; runs: {out}/<size>/<arm>/seed<N>")
     return path
 
 
