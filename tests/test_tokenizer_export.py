@@ -8,6 +8,9 @@ fallback) through the export function itself.
 import dataclasses
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,7 +100,8 @@ def test_zero_to_hf_of_a_builtin_run_writes_a_tokenizer_that_encodes_like_traini
 
 def test_a_tokenizer_from_train_tokenizer_exports_to_the_same_ids(tmp_path):
     """``gatedpo data train-tokenizer`` on a small JSONL file, then the export: the folder loads without
-    ``tokenizer.model`` (``tokenizer.json`` is the whole tokenizer) and gives SentencePiece's ids."""
+    ``tokenizer.model`` (``tokenizer.json`` is the whole tokenizer), without sentencepiece or protobuf, and gives
+    SentencePiece's ids."""
     records = [
         {"prompt": f"Question {i}: how much is {i} times {i + 3}?", "chosen": f" It is {i * (i + 3)}.",
          "rejected": f" Maybe {i + 1}, or näive guess {i}!"}
@@ -120,6 +124,22 @@ def test_a_tokenizer_from_train_tokenizer_exports_to_the_same_ids(tmp_path):
     (out / SPM_MODEL).unlink()
     texts = (*STRINGS, *(r[k] for r in records[:20] for k in ("prompt", "chosen", "rejected")))
     assert_same_ids(out, source.path, texts)
+
+    # Loading imports neither sentencepiece nor protobuf: stand-ins that fail on import shadow both.
+    for name in ("sentencepiece", "google/protobuf"):
+        (tmp_path / "stub" / name).mkdir(parents=True)
+        (tmp_path / "stub" / name / "__init__.py").write_text(f"raise ImportError('{name} imported')\n")
+    code = (
+        "from transformers import AutoTokenizer; "
+        f"print(AutoTokenizer.from_pretrained({str(out)!r})({STRINGS[2]!r})['input_ids'])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "stub")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(source.path))
+    assert done.stdout.strip() == str([sp.bos_id(), *sp.encode(STRINGS[2])])
 
 
 def _spm(tmp_path: Path, **options) -> Path:
