@@ -48,7 +48,7 @@ PROBE = (
     "ＦＵＬＬ ｗｉｄｔｈ ① ﬁ x\u00a0y\u200bz",
     "mixed CASE, punctuation!?... (brackets) [x] {y} 'q' \"dq\" #$%&*+/=@\\^_`|~",
 )
-# SentencePiece piece types (sentencepiece_model.proto): the model types the tokenizers library has.
+# SentencePiece model types (``TrainerSpec.ModelType`` in sentencepiece_model.proto); tokenizers has the first two.
 _UNIGRAM, _BPE = 1, 2
 _MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
@@ -163,7 +163,6 @@ def spm_to_hf(model: bytes, where: str) -> dict[str, str]:
         "add_bos_token": bos is not None,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000_000_000_000_019_884_624_838_656,  # transformers' "no limit"
     }
     return {
         HF_TOKENIZER: tok.to_str(pretty=True) + "\n",
@@ -176,7 +175,7 @@ def _piece(pieces: list[tuple[str, float]], i: int) -> str | None:
     return pieces[i][0] if 0 <= i < len(pieces) else None
 
 
-def first_difference(model_file: Path, folder: Path, texts: tuple[str, ...] = PROBE) -> str | None:
+def probe_difference(model_file: Path, folder: Path, texts: tuple[str, ...] = PROBE) -> str | None:
     """The first of ``texts`` that the Hugging Face tokenizer in ``folder`` encodes differently from the
     SentencePiece model (None: all the same), as loaded by ``AutoTokenizer``."""
     import sentencepiece as spm
@@ -201,7 +200,7 @@ def write_tokenizer(source: TokenizerSource, dst: Path) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="gatedpo-tokenizer-") as tmp:
         for name, text in files.items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")
-        problem = first_difference(source.path, Path(tmp))
+        problem = probe_difference(source.path, Path(tmp))
         if problem:
             raise ConvertError(
                 f"{source.path}: the converted tokenizer encodes differently from SentencePiece: {problem}"
