@@ -17,12 +17,21 @@ import torch
 # Parameter and compute dtypes by their config name (``model.dtype``, ``--dtype``).
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
+# Tokenizer files. A Hugging Face tokenizer folder holds the first three (``tokenizer.json`` is the whole tokenizer,
+# for the ``tokenizers`` library); a SentencePiece model is ``tokenizer.model``, alone in its folder when trained here.
+HF_TOKENIZER = "tokenizer.json"
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_SPECIAL_TOKENS = "special_tokens_map.json"
+SPM_MODEL = "tokenizer.model"
+# The tokenizer's folder inside an mcore folder (and inside a checkpoint that carries one).
+TOKENIZER_DIR = "tokenizer"
+
 # Files of a Hugging Face folder that are not weights or config.json: copied along with the model.
 TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
+    HF_TOKENIZER,
+    HF_TOKENIZER_CONFIG,
+    SPM_MODEL,
+    HF_SPECIAL_TOKENS,
     "added_tokens.json",
     "vocab.json",
     "merges.txt",

@@ -118,7 +118,10 @@ def _run(world, extra, tmp_path, name):
 
 
 def test_transformers_backend_trains_under_zero_like_megatron_core_and_saves_a_loadable_folder(tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from gatedpo_mega.config import load_config
+    from gatedpo_mega.data.pipeline import resolve_tokenizer
 
     # A Llama whose vocabulary covers the built-in tokenizer's (its size is read from the data).
     torch.manual_seed(0)
@@ -138,9 +141,17 @@ def test_transformers_backend_trains_under_zero_like_megatron_core_and_saves_a_l
             assert c[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
     meta = json.loads((tmp_path / "mcore-tp2" / "checkpoints" / "step-00000003" / "meta.json").read_text())
     assert meta["hf_config"] == json.loads((folder / "config.json").read_text())  # kept for the export
+    cfg = load_config(None, [*BASE, f"data.cache_dir={tmp_path / 'cache'}"])
+    trained = resolve_tokenizer(cfg.data, cfg.train.seed)
     for name in ("hf-zero1", "hf-zero3"):
         saved, info = AutoModelForCausalLM.from_pretrained(tmp_path / name / "hf", output_loading_info=True)
         assert not any(info.values()), info  # no missing, unexpected or mismatched weights
         initial = AutoModelForCausalLM.from_pretrained(folder)
         moved = [n for n, p in saved.named_parameters() if not torch.equal(p, initial.get_parameter(n))]
         assert len(moved) == len(list(initial.parameters()))  # every tensor was trained and saved
+        # The tokenizer training encoded with (the built-in one; the Llama folder has none) is saved with it.
+        text = "\n\nHuman: What is 12 plus 30?\n\nAssistant: 12 plus 30 is 42."
+        ids = AutoTokenizer.from_pretrained(tmp_path / name / "hf")(text, add_special_tokens=False)[
+            "input_ids"
+        ]
+        assert ids == trained.encode(text)

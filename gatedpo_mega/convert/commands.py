@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,10 @@ from gatedpo_mega.convert.folders import (
 )
 from gatedpo_mega.convert.hf_config import hf_model_config, to_hf_config
 from gatedpo_mega.convert.mapping import HFView, LocalGetter, check_hf_names, check_layout, hf_shapes
-from gatedpo_mega.convert.mcore import TOKENIZER_DIR, McoreFolder, write_mcore_folder
+from gatedpo_mega.convert.mcore import McoreFolder, write_mcore_folder
+from gatedpo_mega.convert.tokenizer import TokenizerSource, classify, run_tokenizer, write_tokenizer
 from gatedpo_mega.convert.train_checkpoint import TrainCheckpoint
-from gatedpo_mega.formats import DTYPES, MCORE_META, TOKENIZER_FILES, TRAIN_META
+from gatedpo_mega.formats import DTYPES, MCORE_META, TOKENIZER_DIR, TRAIN_META
 from gatedpo_mega.megatron.model import padded_vocab_size
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -100,7 +102,7 @@ def _write_hf(
     base_config: dict[str, Any] | None,
     dtype: str,
     max_shard_size: int,
-    tokenizer: Path | None,
+    tokenizer: TokenizerSource | None,
     release: Any = None,
 ) -> list[str]:
     files = write_hf_weights(
@@ -109,41 +111,29 @@ def _write_hf(
     config = to_hf_config(cfg, vocab, base_config, dtype=dtype)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if tokenizer is not None:
-        copy_tokenizer_files(tokenizer, dst)
+        write_tokenizer(tokenizer, dst)
     write_generation_config(dst, config)
     return files
 
 
-def _report(dst: Path, files: list[str], dtype: str, tokenizer: Path | None) -> None:
+def _report(dst: Path, files: list[str], dtype: str, tokenizer: TokenizerSource | None) -> None:
     size = sum((dst / f).stat().st_size for f in files)
-    tok = f"tokenizer from {tokenizer}" if tokenizer else "no tokenizer files found (pass --tokenizer DIR)"
+    tok = (
+        f"tokenizer from {tokenizer.origin} ({tokenizer.path})"
+        if tokenizer
+        else "no tokenizer found (pass --tokenizer DIR or FILE.model)"
+    )
     print(f"wrote {dst}: {len(files)} safetensors shard(s), {_gb(size)}, {dtype}; {tok}")
 
 
-def _tokenizer_dir(candidates: list[Path]) -> Path | None:
-    for c in candidates:
-        if c.is_dir() and any((c / n).is_file() for n in TOKENIZER_FILES if n != "generation_config.json"):
-            return c
-    return None
-
-
-def _train_tokenizer(ckpt: Path) -> Path | None:
-    """Tokenizer files for a training checkpoint: beside it, or where the run's ``model.init_from`` or
-    ``data.tokenizer`` points (when that is a local folder)."""
-    import yaml
-
-    candidates = [ckpt / "tokenizer"]
-    try:
-        run = yaml.safe_load((ckpt / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        run = {}
-    init = str((run.get("model") or {}).get("init_from") or "")
-    if init:
-        candidates += [Path(init) / TOKENIZER_DIR, Path(init)]
-    tok = str((run.get("data") or {}).get("tokenizer") or "")
-    if tok:
-        candidates.append(Path(tok))
-    return _tokenizer_dir(candidates)
+def _given_tokenizer(tokenizer: str | Path) -> TokenizerSource:
+    found = classify(Path(tokenizer).expanduser(), "--tokenizer")
+    if found is None:
+        raise ConvertError(
+            f"--tokenizer {tokenizer}: no tokenizer there (a Hugging Face tokenizer folder, a SentencePiece .model "
+            "file, or a folder holding tokenizer.model)"
+        )
+    return found
 
 
 def mcore_to_hf(
@@ -158,11 +148,12 @@ def mcore_to_hf(
     """An mcore folder, or a training checkpoint's module weights, to a Hugging Face folder."""
     src, dst = Path(src), Path(dst)
     limit = parse_size(max_shard_size)
+    given = _given_tokenizer(tokenizer) if tokenizer else None
     if (src / MCORE_META).exists():
         folder = McoreFolder(src)
         try:
             dtype = dtype or folder.cfg.dtype
-            tok = Path(tokenizer) if tokenizer else _tokenizer_dir([src / TOKENIZER_DIR])
+            tok = given or classify(src / TOKENIZER_DIR, "the mcore folder")
             view = HFView(
                 folder.get,
                 folder.cfg,
@@ -189,7 +180,7 @@ def mcore_to_hf(
             folder.close()
         _report(dst, files, dtype, tok)
         return dst
-    return _train_to_hf(src, dst, source="module", force=force, limit=limit, dtype=dtype, tokenizer=tokenizer)
+    return _train_to_hf(src, dst, source="module", force=force, limit=limit, dtype=dtype, tokenizer=given)
 
 
 def zero_to_hf(
@@ -203,8 +194,9 @@ def zero_to_hf(
 ) -> Path:
     """A training checkpoint's fp32 master weights (any ZeRO stage) to a Hugging Face folder."""
     limit = parse_size(max_shard_size)
+    given = _given_tokenizer(tokenizer) if tokenizer else None
     return _train_to_hf(
-        Path(src), Path(dst), source="fp32", force=force, limit=limit, dtype=dtype, tokenizer=tokenizer
+        Path(src), Path(dst), source="fp32", force=force, limit=limit, dtype=dtype, tokenizer=given
     )
 
 
@@ -216,15 +208,19 @@ def _train_to_hf(
     force: bool,
     limit: int,
     dtype: str | None,
-    tokenizer: str | Path | None,
+    tokenizer: TokenizerSource | None,
 ) -> Path:
+    """``tokenizer``: the one to write (default: the run's, ``run_tokenizer``)."""
     if not (src / TRAIN_META).exists() and not src.is_dir():
         raise ConvertError(f"{src}: no such checkpoint folder")
     ckpt = TrainCheckpoint(src, source=source)
     dtype = dtype or ckpt.cfg.dtype
-    tok = Path(tokenizer) if tokenizer else _train_tokenizer(ckpt.path)
     view = HFView(ckpt.get, ckpt.cfg, vocab_size=ckpt.vocab_size, tensor=ckpt.tensor, pipeline=ckpt.pipeline)
-    with staged_destination(dst, force=force, sources=(ckpt.path,)) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="gatedpo-tokenizer-") as scratch,
+        staged_destination(dst, force=force, sources=(ckpt.path,)) as tmp,
+    ):
+        tok = tokenizer or run_tokenizer(ckpt.path, scratch=Path(scratch))
         files = _write_hf(
             tmp,
             view,
@@ -323,7 +319,9 @@ def add_convert_commands(sub: Any) -> None:
         p.add_argument("--max-shard-size", default=DEFAULT_SHARD, help="largest output shard (default 2GB)")
         p.add_argument("--dtype", choices=("fp32", "bf16"), help="output dtype (default: the model's)")
         p.add_argument(
-            "--tokenizer", help="folder to copy tokenizer files from (default: found beside the source)"
+            "--tokenizer",
+            help="tokenizer to write: a Hugging Face tokenizer folder (copied) or a SentencePiece .model file "
+            "(converted); default: the one the source was trained with or came with",
         )
 
     p = cs.add_parser(

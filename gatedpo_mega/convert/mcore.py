@@ -31,8 +31,6 @@ from gatedpo_mega.families import SHAPE_FIELDS, first_difference
 from gatedpo_mega.formats import DTYPES, MCORE_FORMAT, MCORE_META, MCORE_VERSION
 from gatedpo_mega.megatron.model import padded_vocab_size
 
-TOKENIZER_DIR = "tokenizer"
-
 
 def rank_file(tp_rank: int, pp_rank: int) -> str:
     return f"tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"

@@ -22,7 +22,7 @@ from gatedpo_mega.data.errors import DataError
 from gatedpo_mega.data.records import BUILTIN_TEMPLATES, Drop, Example, Fields, Render, to_example
 from gatedpo_mega.data.sources import Bad, files_digest, read_records, resolve_files
 from gatedpo_mega.data.tokenized import DataReport, Pair, TokenizedPairs
-from gatedpo_mega.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from gatedpo_mega.data.tokenizer import SPM_FILE, Tokenizer, load_tokenizer, train_sentencepiece
 
 CACHE_VERSION = 1  # bump when tokenization or the cache layout changes
 CHUNK = 256  # examples per tokenizer call (and per task sent to a worker process)
@@ -51,19 +51,26 @@ def data_seed(cfg: DataConfig, seed: int) -> int:
 # Tokenizer
 
 
+def builtin_tokenizer_folder(cfg: DataConfig, seed: int) -> Path:
+    """Where the built-in tokenizer of ``cfg`` is kept: ``data.cache_dir/builtin/tokenizer-v1-seed0-vocab512/``."""
+    name = f"tokenizer-v{builtin.VERSION}-seed{data_seed(cfg, seed)}-vocab{cfg.builtin_vocab_size}"
+    return Path(cfg.cache_dir) / "builtin" / name
+
+
+def builtin_tokenizer_file(cfg: DataConfig, seed: int, *, folder: Path | None = None) -> Path:
+    """The built-in tokenizer's SentencePiece model in ``folder`` (default: its place in the cache), trained there
+    first when missing: deterministically, so every build gives the same file."""
+    model = (folder or builtin_tokenizer_folder(cfg, seed)) / SPM_FILE
+    if not model.is_file():
+        s = data_seed(cfg, seed)
+        train_sentencepiece(builtin.corpus(builtin.generate(4000, s)), vocab_size=cfg.builtin_vocab_size,
+                            out_dir=model.parent, seed=s)  # fmt: skip
+    return model
+
+
 def builtin_tokenizer(cfg: DataConfig, seed: int) -> Tokenizer:
     """The SentencePiece model trained on the built-in dataset, built once under ``data.cache_dir``."""
-    s = data_seed(cfg, seed)
-    folder = (
-        Path(cfg.cache_dir)
-        / "builtin"
-        / f"tokenizer-v{builtin.VERSION}-seed{s}-vocab{cfg.builtin_vocab_size}"
-    )
-    model = folder / "tokenizer.model"
-    if not model.is_file():
-        texts = builtin.corpus(builtin.generate(4000, s))
-        train_sentencepiece(texts, vocab_size=cfg.builtin_vocab_size, out_dir=folder, seed=s)
-    return load_tokenizer(str(model))
+    return load_tokenizer(str(builtin_tokenizer_file(cfg, seed)))
 
 
 def resolve_tokenizer(cfg: DataConfig, seed: int) -> Tokenizer:

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gatedpo_mega.data.errors import DataError
+from gatedpo_mega.formats import HF_TOKENIZER, HF_TOKENIZER_CONFIG, SPM_MODEL
 
-SPM_FILE = "tokenizer.model"
+SPM_FILE = SPM_MODEL
 # Ids of the specials in every model trained here (SentencePiece's own defaults, plus a pad).
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
@@ -135,7 +136,7 @@ def load_tokenizer(spec: str) -> SentencePieceTokenizer | HFTokenizer:
     if path.is_file():
         return SentencePieceTokenizer(path)
     if path.is_dir():
-        if any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if any((path / f).is_file() for f in (HF_TOKENIZER, HF_TOKENIZER_CONFIG)):
             return HFTokenizer(path)
         if (path / SPM_FILE).is_file():
             return SentencePieceTokenizer(path / SPM_FILE)

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gatedpo_mega.convert.tokenizer import config_tokenizer
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.hf.model import hf_forward, load_hf_model, save_hf_folder
 from gatedpo_mega.loss import LossContext, OutputRequest, output_request
@@ -54,8 +56,12 @@ class TransformersBackend:
 
     def save_final(self, engine: Any, layout: Layout) -> None:
         out = Path(self.cfg.train.output_dir) / "hf"
-        save_hf_folder(
-            engine, self.cfg.model.init_from, out, rank=layout.rank, zero_stage=self.cfg.parallel.zero_stage
-        )
+        with tempfile.TemporaryDirectory(prefix="gatedpo-tokenizer-") as scratch:
+            # Rank 0 writes the folder; the tokenizer training encoded with, which may not be init_from's own.
+            tok = config_tokenizer(self.cfg, scratch=Path(scratch)) if layout.rank == 0 else None
+            save_hf_folder(
+                engine, self.cfg.model.init_from, out, rank=layout.rank, zero_stage=self.cfg.parallel.zero_stage,
+                tokenizer=tok,
+            )  # fmt: skip
         if layout.rank == 0:
             print(f"wrote the trained model as a Hugging Face folder: {out}", flush=True)

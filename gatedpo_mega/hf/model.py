@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from gatedpo_mega.convert.tokenizer import TokenizerSource, write_tokenizer
 from gatedpo_mega.errors import UserError
 from gatedpo_mega.formats import DTYPES, TOKENIZER_FILES
 from gatedpo_mega.ops import fused_token_logprobs
@@ -76,9 +77,17 @@ def hf_forward(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Te
     return model(input_ids=input_ids, use_cache=False).logits
 
 
-def save_hf_folder(engine: Any, src: str | Path, dst: Path, *, rank: int, zero_stage: int) -> None:
-    """Write the trained model as a Hugging Face folder (safetensors, config, tokenizer files of ``src``) into
-    ``dst``, atomically. Collective under ZeRO-3 (the parameters are gathered)."""
+def save_hf_folder(
+    engine: Any,
+    src: str | Path,
+    dst: Path,
+    *,
+    rank: int,
+    zero_stage: int,
+    tokenizer: TokenizerSource | None = None,
+) -> None:
+    """Write the trained model as a Hugging Face folder (safetensors, config, and ``tokenizer``, else the tokenizer
+    files of ``src``) into ``dst``, atomically. Collective under ZeRO-3 (the parameters are gathered)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -103,7 +112,9 @@ def save_hf_folder(engine: Any, src: str | Path, dst: Path, *, rank: int, zero_s
             finally:
                 if fused:
                     model.set_output_embeddings(head)
-            for name in TOKENIZER_FILES:
+            if tokenizer is not None:
+                write_tokenizer(tokenizer, tmp)
+            for name in TOKENIZER_FILES if tokenizer is None else ("generation_config.json",):
                 if (Path(src) / name).is_file() and not (tmp / name).exists():
                     shutil.copy2(Path(src) / name, tmp / name)
             if dst.exists():
