@@ -32,7 +32,12 @@ def test_off_policy_pairs_keep_the_pairs_and_hedge_only_the_rejected_response():
 def test_the_main_job_gates_the_off_policy_tokens_and_reports_both_arms(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)  # the spec names configs/quickstart.yaml as a path from the checkout
     spec_tree = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    base = [*spec_tree["base"], "parallel.tensor=1", "parallel.pipeline=1", f"data.cache_dir={tmp_path / 'cache'}"]
+    base = [
+        *spec_tree["base"],
+        "parallel.tensor=1",
+        "parallel.pipeline=1",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     preference = [*spec_tree["preference"], "train.max_steps=3", "train.eval_every=3"]
     spec = load_spec(
         ROOT / "configs" / "demo.yaml",
