@@ -63,4 +63,4 @@ def test_the_main_job_gates_the_off_policy_tokens_and_reports_both_arms(tmp_path
     assert "| dpo gate=none |" in table and "| dpo gate=hard |" in table
     assert (out / "report" / "tiny" / "overview.png").read_bytes()[:4] == b"\x89PNG"
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last.startswith("[quickstart] the report: ") and str(report) in last
+    assert last.startswith("[demo] the report: ") and str(report) in last
