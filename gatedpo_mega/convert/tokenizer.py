@@ -115,7 +115,7 @@ def _builtin(cfg: Config, scratch: Path) -> TokenizerSource:
     about = f"the built-in tokenizer (data.seed {data_seed(cfg.data, cfg.train.seed)})"
     cached = builtin_tokenizer_folder(cfg.data, cfg.train.seed) / SPM_MODEL
     if cached.is_file():
-        return TokenizerSource(cached, "sentencepiece", f"{about}, {cached}")
+        return TokenizerSource(cached, "sentencepiece", about)
     rebuilt = builtin_tokenizer_file(cfg.data, cfg.train.seed, folder=scratch)
     return TokenizerSource(rebuilt, "sentencepiece", f"{about}, trained again: {cached} is gone")
 
