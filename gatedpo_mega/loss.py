@@ -13,8 +13,7 @@ A loss function has the signature of Megatron's ``loss_func`` once ``batch`` and
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,6 +36,8 @@ from gatedpo_mega.ops.streaming import PairObjective
 class NonFiniteLossError(NonFiniteError):
     """The loss of a micro-batch is NaN or infinite; the run stops and names it."""
 
+    every_rank = True  # found by a check every rank makes together, once per step (``training/step.py``)
+
 
 @dataclass(slots=True)
 class LossContext:
@@ -52,6 +53,9 @@ class LossContext:
     fused_objective: bool = False  # the output layer also computes the per-pair loss (fused_preference_loss)
     step: int = 0
     micro_batch: int = 0
+    # (micro-batch, detached loss, pair ids) of each micro-batch since the last check (``check_losses`` in
+    # training/step.py, once per step): the loss hook itself never waits for the device
+    losses: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -148,11 +152,8 @@ def response_stats(
     return chosen, rejected, logp[b:]
 
 
-def _finite(loss: torch.Tensor, batch: PreferenceBatch, ctx: LossContext) -> None:
-    if not math.isfinite(float(loss.detach())):
-        raise NonFiniteLossError(
-            f"loss is {float(loss.detach())} at step {ctx.step}, micro-batch {ctx.micro_batch} (pairs {batch.pair_ids.tolist()})"
-        )
+def _record(loss: torch.Tensor, batch: PreferenceBatch, ctx: LossContext) -> None:
+    ctx.losses.append((ctx.micro_batch, loss.detach(), batch.pair_ids))
 
 
 def sft_loss_func(
@@ -168,7 +169,7 @@ def sft_loss_func(
     nll_r = -sequence_logps(rejected.logp, rejected.mask, average=obj.nll_average)
     per_pair = sft_loss(nll_c, nll_r if obj.name == "sft_extended" else None)
     loss = per_pair.mean()
-    _finite(loss, batch, ctx)
+    _record(loss, batch, ctx)
     sums = metric_sums(
         beta=obj.beta, loss=per_pair, policy_chosen=pc, policy_rejected=pr, ref_chosen=None, ref_rejected=None,
         chosen=chosen, rejected=rejected, gate=None,
@@ -200,7 +201,7 @@ def preference_loss_func(
         label_smoothing=obj.label_smoothing, chosen_nll=nll, nll_weight=obj.nll_weight,
     )  # fmt: skip
     loss = per_pair.mean()
-    _finite(loss, batch, ctx)
+    _record(loss, batch, ctx)
     sums = metric_sums(
         beta=obj.beta, loss=per_pair, policy_chosen=pc, policy_rejected=pr, ref_chosen=ref[:, 0],
         ref_rejected=ref[:, 1], chosen=chosen, rejected=rejected, gate=g,

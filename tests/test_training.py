@@ -17,6 +17,7 @@ from distributed import run_distributed
 from gatedpo_mega.config import load_config
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.loss import LossContext, NonFiniteLossError, preference_loss_func
+from gatedpo_mega.training.step import check_losses
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -161,8 +162,33 @@ def test_non_finite_loss_names_step_and_micro_batch():
     )  # fmt: skip
     logits = torch.zeros(2, 3, 8)
     logits[0, 0, 0] = float("nan")
+    loss, _ = preference_loss_func(b, ctx, logits)  # recorded, not read: the hook never waits for the device
+    assert math.isnan(float(loss)) and len(ctx.losses) == 1
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 7, micro-batch 3 \(pairs \[0\]\)"):
-        preference_loss_func(b, ctx, logits)
+        check_losses(ctx, torch.device("cpu"))
+    assert ctx.losses == []
+    check_losses(ctx, torch.device("cpu"))  # nothing recorded since: nothing to stop
+
+
+def _loss_check_worker(rank, world, out):
+    ctx = LossContext(
+        objective=load_config().objective, gate=load_config().gate, tp_group=None, vocab_size=8,
+        reference=None, ref_tokens=None, step=5,
+    )  # fmt: skip
+    for mb in range(3):  # rank 1's third micro-batch is the bad one; rank 0's are all finite
+        value = float("inf") if (rank, mb) == (1, 2) else 0.5
+        ctx.losses.append((mb, torch.tensor(value), torch.tensor([10 * rank + mb])))
+    try:
+        check_losses(ctx, torch.device("cpu"))
+        Path(out, f"rank{rank}").write_text("no error")
+    except NonFiniteLossError as e:
+        Path(out, f"rank{rank}").write_text(str(e))
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_line(tmp_path):
+    run_distributed(_loss_check_worker, 2, str(tmp_path))
+    said = {(tmp_path / f"rank{r}").read_text() for r in range(2)}
+    assert said == {"loss is inf at step 5, micro-batch 2 (pairs [12])"}
 
 
 def test_bad_layout_is_refused_before_any_process_starts():

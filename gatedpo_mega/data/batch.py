@@ -22,6 +22,9 @@ class Packing:
     max_seqlen: int  # the longest document
     # [2B, W]: the position in the packed row of each token of the padded layout (-1: padding)
     unpack: torch.Tensor
+    bounds: tuple[
+        int, ...
+    ] = ()  # ``cu_seqlens`` on the host: attention splits documents without a device sync
 
     def rows(self, values: torch.Tensor) -> torch.Tensor:
         """Per-token ``values`` of the packed row, ``[T, ...]``, in the padded layout ``[2B, W, ...]`` (zero on
@@ -33,7 +36,7 @@ class Packing:
     def to(self, device: torch.device | str) -> Packing:
         return Packing(
             self.input_ids.to(device), self.targets.to(device), self.cu_seqlens.to(device), self.max_seqlen,
-            self.unpack.to(device),
+            self.unpack.to(device), self.bounds,
         )  # fmt: skip
 
 
@@ -98,5 +101,5 @@ def pack(batch: PreferenceBatch, lengths: list[int], *, pad_to_multiple: int, pa
     if total > real:
         starts.append(total)
     cu = torch.tensor(starts, dtype=torch.int32)
-    packing = Packing(input_ids, targets, cu, int((cu[1:] - cu[:-1]).max()), unpack)
+    packing = Packing(input_ids, targets, cu, int((cu[1:] - cu[:-1]).max()), unpack, tuple(starts))
     return PreferenceBatch(batch.input_ids, batch.labels, batch.pair_ids, packing)

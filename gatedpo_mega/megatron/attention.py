@@ -60,7 +60,8 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError("SDPAttention does not take an attention bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            bounds = packed_seq_params.cu_seqlens_q.tolist()
+            # The document bounds as the batch knew them on the host; reading cu_seqlens would wait for the device.
+            bounds = getattr(packed_seq_params, "host_bounds", ()) or packed_seq_params.cu_seqlens_q.tolist()
             out = torch.cat(
                 [
                     self._causal(query[a:b, None], key[a:b, None], value[a:b, None])

@@ -58,6 +58,7 @@ def model_forward(
             max_seqlen_q=p.max_seqlen,
             max_seqlen_kv=p.max_seqlen,
         )
+        packed.host_bounds = p.bounds  # type: ignore[attr-defined]  # read by SDPAttention: no device sync
         return model(ids, positions, attention_mask=None, packed_seq_params=packed)
     mask = causal_mask(ids.shape[1], ids.device) if uses_mask(model) else None
     return model(ids, positions, attention_mask=mask)

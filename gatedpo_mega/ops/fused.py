@@ -31,6 +31,7 @@ from gatedpo_mega.ops.collectives import ProcessGroup, copy_to_group, group_size
 from gatedpo_mega.ops.logprobs import (
     IGNORE_INDEX,
     acc_dtype,
+    check_on_device,
     default_chunk_size,
     resolve_shard,
     shard_logit_grad,
@@ -203,8 +204,8 @@ def scaled_stored_grads(ctx: Any, grad_loss: torch.Tensor, op: str) -> tuple[tor
     grad_hidden, grad_weight = ctx.grads
     ctx.grads = None
     scale = grad_loss.reshape(-1)
-    if not bool(torch.all(scale == scale[0])):
-        raise RuntimeError(f"{op}: the per-pair losses must be reduced with equal weights (sum or mean)")
+    unequal = f"{op}: the per-pair losses must be reduced with equal weights (sum or mean)"
+    check_on_device(torch.all(scale == scale[0]), unequal, lambda: unequal, error=RuntimeError)
     grad_hidden.mul_(scale[0].to(grad_hidden.dtype))
     grad_weight.mul_(scale[0].to(grad_weight.dtype))
     return grad_hidden, grad_weight

@@ -14,6 +14,7 @@ nor a full softmax ever exists.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +27,19 @@ IGNORE_INDEX = -100
 # V = 128k). Measured on CPU: much smaller chunks lose to per-chunk overhead (reductions over few rows
 # parallelise poorly), much larger ones only add memory.
 DEFAULT_CHUNK_ELEMENTS = 1 << 25
+
+
+def check_on_device(
+    ok: torch.Tensor, what: str, detail: Callable[[], str], *, error: type[Exception] = ValueError
+) -> None:
+    """Raise ``error(detail())`` unless the boolean tensor ``ok`` holds. On the CPU that reads one value; on an
+    accelerator, reading it would stall the stream until the device caught up (on every micro-batch), so there the
+    check is a device-side assertion: the step still fails, later, saying ``what``."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise error(detail())
+    else:
+        torch._assert_async(ok, f"gatedpo_mega: {what}")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -137,10 +151,10 @@ def resolve_shard(
         )
     flat = targets.reshape(-1).long()
     bad = (flat != IGNORE_INDEX) & ((flat < 0) | (flat >= total))
-    if bool(bad.any()):
-        raise ValueError(
-            f"target id {int(flat[bad][0])} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}"
-        )
+    check_on_device(
+        ~bad.any(), f"a target id is outside the vocabulary [0, {total})",
+        lambda: f"target id {int(flat[bad][0])} is outside the vocabulary [0, {total}) and is not {IGNORE_INDEX}",
+    )  # fmt: skip
     return flat, start, min(max(total - start, 0), local_vocab)
 
 

@@ -11,7 +11,7 @@ from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.metrics import reduce_metric_sums
 from gatedpo_mega.training.data import RunData
 from gatedpo_mega.training.reference import Reference
-from gatedpo_mega.training.step import run_forward
+from gatedpo_mega.training.step import check_losses, run_forward
 
 
 @torch.no_grad()
@@ -29,6 +29,7 @@ def evaluate(
         backend, model, batches, preference_loss_func, ctx, progress="eval" if layout.rank == 0 else ""
     )
     ctx.reference, ctx.ref_tokens, ctx.micro_batch = saved
+    check_losses(ctx, device)
     # Fillers (ranks with fewer micro-batches repeat one so ZeRO-3's gathers stay in step) are run, not counted.
     sums = [o["sums"] for o, counted in zip(out, data.eval_counted, strict=True) if counted] if out else []
     metrics = reduce_metric_sums(sums, layout.dp_group) if layout.last_stage else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ from gatedpo_mega.backend import Backend, LossFunc
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.deepspeed.engine import skips_nonfinite_steps
 from gatedpo_mega.errors import NonFiniteError
-from gatedpo_mega.loss import LossContext, output_request, preference_loss_func
+from gatedpo_mega.loss import LossContext, NonFiniteLossError, output_request, preference_loss_func
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.metrics import MetricSums
 
@@ -36,6 +37,7 @@ def train_step(
             loss, aux = preference_loss_func(batch, ctx, output, request=request)
             engine.backward(loss)  # the last one reduces the accumulated gradients
             if i == len(batches) - 1:
+                check_losses(ctx, batch.input_ids.device)
                 optimizer_step(engine, layout, ctx, batches)
             else:
                 engine.step()  # accumulation only
@@ -43,10 +45,33 @@ def train_step(
         return sums
     model = engine.module
     out = backend.schedule(model, batches, preference_loss_func, ctx, forward_only=False)
+    check_losses(ctx, batches[0].input_ids.device)
     backend.after_backward(model, layout)
     engine.allreduce_gradients()
     optimizer_step(engine, layout, ctx, batches)
     return [o["sums"] for o in out] if layout.last_stage else []
+
+
+def check_losses(ctx: LossContext, device: torch.device) -> None:
+    """Raise ``NonFiniteLossError`` on every rank when any rank recorded a NaN or infinite loss since the last
+    check, naming the step, the first such micro-batch and its pairs; then forget the recorded losses. One
+    all-reduce and one host synchronisation, once per step (every rank must call it: on a pipeline's other stages
+    the list is empty)."""
+    recorded, ctx.losses = ctx.losses, []
+    values = torch.stack([v.float().reshape(()) for _, v, _ in recorded]) if recorded else None
+    finite = torch.isfinite(values).all() if values is not None else torch.tensor(True)
+    flag = finite.to(device=device, dtype=torch.float32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if flag.item():
+        return
+    bad = next(((mb, float(v), ids.tolist()) for mb, v, ids in recorded if not math.isfinite(float(v))), None)
+    found = [bad]
+    if dist.is_initialized():
+        found = [None] * dist.get_world_size()
+        dist.all_gather_object(found, bad)
+    mb, value, pairs = next(f for f in found if f is not None)
+    raise NonFiniteLossError(f"loss is {value} at step {ctx.step}, micro-batch {mb} (pairs {pairs})")
 
 
 def optimizer_step(engine: Any, layout: Layout, ctx: LossContext, batches: list[PreferenceBatch]) -> None:
