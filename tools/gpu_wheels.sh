@@ -3,7 +3,8 @@
 # with its own torch (Python 3.12, CUDA, transformers 5.x, triton) lacks, for CPython 3.12 on linux x86_64, and
 # never torch itself (every download is --no-deps).
 #
-#   tools/gpu_wheels.sh [FOLDER]        # default: wheels/ in the repository root (git-ignored)
+#   tools/gpu_wheels.sh [FOLDER]        # default: wheels/ in the repository root (git-ignored); its wheels are replaced
+#   MCORE='megatron-core==0.16.1' tools/gpu_wheels.sh     # another megatron-core (0.16.1 has a CPython 3.12 wheel too)
 #
 # What goes in:
 #   megatron-core     $MCORE (default: the newest 0.19.x, the newest line for Python 3.12)
@@ -25,6 +26,7 @@ DEEPSPEED=${DEEPSPEED:-deepspeed>=0.19,<0.20}
 LIGER=${LIGER:-liger-kernel}
 PY=${PYTHON:-python}
 mkdir -p "$DEST"
+rm -f "$DEST"/*.whl  # one version of each: two would stop the offline install
 
 # Binary wheels for the GPU image's interpreter, not this one's.
 TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312
