@@ -223,10 +223,9 @@ def lmhead_step(method: str, rows: int) -> Callable:
         from gatedpo_mega.objectives import ObjectiveConfig
         from gatedpo_mega.ops.streaming import fused_preference_loss
 
-        ref = torch.zeros(rows // 2, 2, dtype=torch.float64)
-        objective = pair_objective(ref, ObjectiveConfig(name="dpo", beta=BETA), GateConfig(shape="none"))
-
         def fused_stream(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> float:
+            ref = torch.zeros(rows // 2, 2, dtype=torch.float64, device=h.device)  # on the inputs' device
+            objective = pair_objective(ref, ObjectiveConfig(name="dpo", beta=BETA), GateConfig(shape="none"))
             loss = fused_preference_loss(h.view(rows, -1, h.shape[-1]), w, y.view(rows, -1), objective)[
                 0
             ].mean()
