@@ -42,7 +42,7 @@ KNOWN_WARNINGS: list[tuple[str, type[Warning], str, str]] = [
     (
         r"MLP requires ffn_hidden_size, but it was not provided",
         DeprecationWarning,
-        r"megatron\.core\.transformer\.spec_utils",
+        r"megatron\.core\.transformer\.(spec_utils|mlp)",  # raised in spec_utils up to 0.16, in mlp from 0.19
         "the local layer spec builds its MLP from config.ffn_hidden_size, which is model.ffn_hidden_size",
     ),
     (

@@ -6,7 +6,7 @@ module lays them out per rank and fuses or splits the parts megatron-core keeps 
 Pure functions over tensors; the sources are callables or mappings, so a lazy mapping (a safetensors folder, a
 DeepSpeed checkpoint) streams one tensor at a time.
 
-megatron-core's layout (0.16, ``gpt_layer_specs.get_gpt_layer_local_spec``):
+megatron-core's layout (0.16.1 to 0.19.x, ``gpt_layer_specs.get_gpt_layer_local_spec``):
 - ``linear_qkv`` rows are per query group ``[q heads of the group; k; v]`` (``attention.py``
   ``get_query_key_value_tensors`` views ``[ng, (np/ng + 2) * hn]``), cut over TP along rows (stride 1), so each rank
   holds whole groups;

@@ -1,4 +1,4 @@
-"""Make megatron-core 0.16 run on a host without CUDA (CPU tensors, gloo groups). Applied only when CUDA is absent.
+"""Make megatron-core (0.16.1 to 0.19.x) run on a host without CUDA (CPU tensors, gloo groups).
 
 megatron-core's tensor-parallel layers run on CPU as-is (``use_cpu_initialization=True``); a few places of the
 model and the pipeline schedules assume CUDA:

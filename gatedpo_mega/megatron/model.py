@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from gatedpo_mega.config import ModelConfig
 from gatedpo_mega.families import LAYER, init_rule, init_rules, layer_spec_options, transformer_options
 from gatedpo_mega.formats import DTYPES
+from gatedpo_mega.megatron.compat import gpt_model, whole_layer_cuda_graphs
 from gatedpo_mega.megatron.cpu_shim import apply_cpu_shim
 from gatedpo_mega.megatron.output import install_fused_output
 from gatedpo_mega.megatron.parallel import shard
@@ -51,7 +52,7 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size,
-        cuda_graph_scope=[],  # the whole layer (no CUDA graphs are captured); the default "full" is deprecated
+        **whole_layer_cuda_graphs(TransformerConfig),  # none are captured; the default is deprecated
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
         gated_linear_unit=True,
@@ -103,12 +104,11 @@ def build_model(
     """This rank's stage of the model, initialised by ``init_parameters``; with ``cfg.fused_logprobs`` the last
     stage's output layer is ``FusedOutputLayer`` over ``tp_group``."""
     apply_cpu_shim()
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(seed)  # named RNG states for dropout regions (CPU generators on CPU)
     tconf = transformer_config(cfg, tensor=stage.tp_size, pipeline=pipeline)
-    model = GPTModel(
+    model = gpt_model(
         config=tconf,
         transformer_layer_spec=layer_spec(cfg),
         vocab_size=padded_vocab_size(vocab_size, cfg.make_vocab_size_divisible_by, stage.tp_size),
