@@ -77,6 +77,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return launch(load_config(args.config, overrides), args.nproc)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from gatedpo_mega import planner
+    from gatedpo_mega.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    for flag in ("nproc", "gpus", "vocab_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise UserError(f"--gpu-memory must be > 0 GiB, got {args.gpu_memory}")
+    if (args.gpus is None) != (args.gpu_memory is None):
+        raise UserError("--gpus and --gpu-memory go together: how many GPUs, and the memory of one in GiB")
+    target = args.target or ("cuda" if args.gpus else planner.host_target())
+    vocab = args.vocab_size or planner.plan_vocab_size(cfg)
+    world = args.nproc or args.gpus or cfg.parallel.tensor * cfg.parallel.pipeline
+    out: dict[str, object] = {}
+    text: list[str] = []
+    try:
+        plan = planner.plan_memory(cfg, world=world, vocab_size=vocab, target=target)
+        out = planner.plan_json(plan)
+        text.append(planner.format_plan(plan))
+    except UserError as e:
+        if args.gpus is None:
+            raise
+        text.append(f"the configured layout on {world} GPUs: {e}")
+        out["configured_layout_error"] = str(e)
+    code = 0
+    if args.gpus is not None:
+        limit = int(args.gpu_memory * planner.GiB)
+        found = planner.feasible(cfg, args.gpus, vocab, limit, target)
+        out["feasible"] = [vars_of(c) for c in found]
+        if found:
+            text += ["", planner.format_candidates(found, args.gpus, limit)]
+        else:
+            fit = planner.smallest_fit(cfg, args.gpus, vocab, limit, target)
+            out["smallest_gpu_count"] = fit
+            where = f"the smallest GPU count that fits is {fit}" if fit else "no count up to 4096 fits"
+            text += [
+                "",
+                f"gatedpo: error: this model does not fit any layout on {args.gpus} GPUs of {args.gpu_memory:g} GiB; {where}",
+            ]
+            code = 1
+    print(json.dumps(out, indent=1) if args.json else "\n".join(text))
+    return code
+
+
+def vars_of(c: object) -> dict[str, object]:
+    import dataclasses
+
+    return dataclasses.asdict(c)  # type: ignore[call-overload]
+
+
 def _cmd_checkpoint_verify(args: argparse.Namespace) -> int:
     from gatedpo_mega.training.checkpoint import verify_report
 
@@ -104,6 +159,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest complete checkpoint in train.output_dir",
     )
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser(
+        "plan",
+        help="the busiest rank's memory, part by part, for a config; with --gpus, the layouts that fit and their speed",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--nproc", type=int, help="ranks to plan for (default: tensor x pipeline, data-parallel 1)"
+    )
+    p.add_argument("--gpus", type=int, help="rank every layout of this many GPUs that fits --gpu-memory")
+    p.add_argument("--gpu-memory", type=float, metavar="GiB", help="memory of one GPU (with --gpus)")
+    p.add_argument(
+        "--target", choices=("cuda", "cpu"), help="what to predict: a GPU's allocator peak or a CPU process's "
+        "resident peak (default: cuda with --gpus or on a GPU host, else cpu)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="the vocabulary (default: the config's, init_from's or the tokenizer's)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object (per_rank_peak_bytes, the parts, the layouts)"
+    )
+    p.set_defaults(func=_cmd_plan)
     add_data_commands(sub)
     p = sub.add_parser("checkpoint", help="training checkpoints: verify their files")
     cs = p.add_subparsers(dest="checkpoint_command", required=True)

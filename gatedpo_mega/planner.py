@@ -1,0 +1,523 @@
+"""What a run needs before it starts: the busiest rank's memory, part by part, and the layouts that fit.
+
+Everything here is arithmetic on the config: parameter counts come from the same per-layer tensor table the model
+and the converters use (``families.layer_tensors``), cut by tensor parallelism as megatron-core cuts them and split
+over pipeline stages as the backend splits them; DeepSpeed's ZeRO stages hold what their optimizers allocate
+(``docs/planning.md`` says where each term comes from). No model is built and no process group started.
+
+Two targets:
+
+- ``cuda``: the allocator's peak (``torch.cuda.max_memory_allocated``), what ``memory/peak_mib_max_rank`` records on
+  a GPU. The CUDA context and the allocator's cache are outside it.
+- ``cpu``: the peak resident memory of the process (``ru_maxrss``), what ``memory/peak_mib_max_rank`` records on a
+  CPU host: the tensors plus the process baseline (Python, torch, megatron-core and DeepSpeed loaded, the data) and
+  the blocks the C allocator keeps after a free (``HOST_RETAINED``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from gatedpo_mega.config import Config, ParallelConfig
+from gatedpo_mega.errors import ConfigError
+from gatedpo_mega.families import layer_tensors
+from gatedpo_mega.ops.logprobs import DEFAULT_CHUNK_ELEMENTS
+
+MiB = 2**20
+GiB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+FP32 = 4
+
+# DeepSpeed's bucket sizes as gatedpo_mega/deepspeed/engine.py configures them (elements).
+REDUCE_BUCKET = 50_000_000
+ZERO3_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
+# The resident memory of a rank before its model exists, measured on this project's CPU set (constraints/cpu-py311.txt:
+# torch 2.13, megatron-core 0.16, DeepSpeed 0.19): a 2-layer, 64-wide model's peak over a whole run. A GPU's allocator
+# peak has no such term.
+CPU_BASELINE_BYTES = 590 * MiB
+MALLOC_MMAP_MAX = 32 * MiB  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    name: str
+    bytes: int
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class RankPlan:
+    """The memory of one pipeline stage's ranks (every tensor and data-parallel rank of a stage holds the same)."""
+
+    stage: int
+    parameters: int  # on this rank (its tensor-parallel share of its stage)
+    parts: tuple[Part, ...]  # resident through the step
+    peak_parts: tuple[Part, ...]  # the transient peak on top: the larger of backward and the optimizer step
+
+    @property
+    def total(self) -> int:
+        return sum(p.bytes for p in self.parts) + sum(p.bytes for p in self.peak_parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    cfg: Config
+    dp: int
+    vocab_size: int
+    target: str  # cuda | cpu
+    tokens: int  # per micro-batch row x rows (the longest rows data.max_length allows)
+    ranks: tuple[RankPlan, ...]  # one per pipeline stage
+
+    @property
+    def busiest(self) -> RankPlan:
+        return max(self.ranks, key=lambda r: r.total)
+
+    @property
+    def per_rank_peak_bytes(self) -> int:
+        return self.busiest.total
+
+    @property
+    def step_time(self) -> float:
+        return step_seconds(self.cfg, self.dp, self.vocab_size)
+
+
+# ------------------------------------------------------------------------------------------------- parameters
+
+
+def padded_vocab(cfg: Config, vocab_size: int) -> int:
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+def layer_parameters(cfg: Config) -> int:
+    """One decoder layer's parameters on one tensor rank."""
+    tp = cfg.parallel.tensor
+    return sum(math.prod(t.shape) // (tp if t.dim is not None else 1) for t in layer_tensors(cfg.model))
+
+
+def stage_parameters(cfg: Config, vocab_size: int, stage: int) -> int:
+    """Parameters on one tensor rank of pipeline stage ``stage``: its layers, the embedding on the first stage, the
+    final norm and the output layer on the last (a tied output layer is the embedding itself at pipeline 1 and a
+    copy of it on the last stage otherwise)."""
+    m, tp, pp = cfg.model, cfg.parallel.tensor, cfg.parallel.pipeline
+    table = padded_vocab(cfg, vocab_size) * m.hidden_size // tp
+    n = m.num_layers // pp * layer_parameters(cfg)
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        n += table
+    if last:
+        n += m.hidden_size
+        if not (m.tie_embeddings and first):
+            n += table
+    return n
+
+
+def total_parameters(cfg: Config, vocab_size: int) -> int:
+    """The model's parameters, counted once (the true vocabulary, no padding, a tied output layer once)."""
+    m = cfg.model
+    one = replace(cfg, parallel=ParallelConfig(tensor=1, pipeline=1, zero_stage=cfg.parallel.zero_stage))
+    table = vocab_size * m.hidden_size
+    return m.num_layers * layer_parameters(one) + m.hidden_size + table * (1 if m.tie_embeddings else 2)
+
+
+# ------------------------------------------------------------------------------------------------- activations
+
+
+def rows_tokens(cfg: Config) -> int:
+    """Tokens of one micro-batch at full length: chosen and rejected rows of ``micro_batch_size`` pairs."""
+    return 2 * cfg.train.micro_batch_size * cfg.data.max_length
+
+
+def layer_activation_bytes(cfg: Config, tokens: int) -> int:
+    """What one decoder layer keeps for backward for ``tokens`` tokens on one tensor rank (no sequence
+    parallelism: the norms' inputs are whole on every tensor rank; SDPA keeps q, k, v, its output and the
+    log-sum-exp, never [T, T] scores; ``attention=local`` keeps the scores and their softmax)."""
+    m, tp = cfg.model, cfg.parallel.tensor
+    b = DTYPE_BYTES[m.dtype]
+    h, f = m.hidden_size, m.ffn_hidden_size // tp
+    q = m.num_attention_heads * m.kv_channels // tp
+    kv = m.num_query_groups * m.kv_channels // tp
+    per_token = (
+        4 * h  # the two norms' inputs and the two projections' (normed) inputs
+        + q + 2 * kv  # attention's q, k, v
+        + 2 * q  # attention's output, and the same as the output projection's input
+        + 2 * f + f  # [gate; up] out (SwiGLU's input) and SwiGLU's output (fc2's input)
+    )  # fmt: skip
+    total = per_token * tokens * b
+    if m.attention == "local":
+        heads = m.num_attention_heads // tp
+        rows = 2 * cfg.train.micro_batch_size
+        total += 2 * heads * rows * cfg.data.max_length**2 * b
+    return total
+
+
+def in_flight(cfg: Config, stage: int) -> int:
+    """Micro-batches whose activations a stage holds at once under megatron-core's 1F1B schedule: the first stage
+    warms up with one per later stage."""
+    pp = cfg.parallel.pipeline
+    micro = micro_batches(cfg, 1)
+    return 1 if pp == 1 else min(pp - stage, micro)
+
+
+def micro_batches(cfg: Config, dp: int) -> int:
+    t = cfg.train
+    return max(1, t.global_batch_size // (t.micro_batch_size * dp))
+
+
+def output_temporaries(cfg: Config, vocab_size: int, tokens: int) -> tuple[int, str]:
+    """The output layer's logits and their float32 temporaries on the last stage, for one micro-batch."""
+    m, tp = cfg.model, cfg.parallel.tensor
+    local = padded_vocab(cfg, vocab_size) // tp
+    b = DTYPE_BYTES[m.dtype]
+    if m.fused_logprobs:
+        chunk = min(tokens, max(1, DEFAULT_CHUNK_ELEMENTS // (local * tp)))
+        # the chunk's logits and two float32 workspaces; fused_objective adds two [V/TP, H] float32 accumulators
+        extra = 2 * local * m.hidden_size * FP32 if m.fused_objective else 0
+        what = f"fused: {chunk} tokens of logits at a time" + (
+            " + 2 float32 [V/TP, H] accumulators" if extra else ""
+        )
+        return chunk * local * (b + 2 * FP32) + extra, what
+    # whole logits kept for backward, and the float32 log-softmax with its gradient
+    return tokens * local * (b + 3 * FP32), "unfused: the whole [rows x tokens, V/TP] logits"
+
+
+# ------------------------------------------------------------------------------------------------- memory
+
+
+def rank_tensors(cfg: Config, vocab_size: int, stage: int) -> list[int]:
+    """The element counts of a stage's parameters on one tensor rank."""
+    m, tp, pp = cfg.model, cfg.parallel.tensor, cfg.parallel.pipeline
+    layer = [math.prod(t.shape) // (tp if t.dim is not None else 1) for t in layer_tensors(m)]
+    out = layer * (m.num_layers // pp)
+    table = padded_vocab(cfg, vocab_size) * m.hidden_size // tp
+    if stage == 0:
+        out.append(table)
+    if stage == pp - 1:
+        out.append(m.hidden_size)
+        if not (m.tie_embeddings and stage == 0):
+            out.append(table)
+    return out
+
+
+def retained_by_malloc(cfg: Config, vocab_size: int, stage: int) -> int:
+    """Bytes of the parameters glibc's malloc keeps after they are freed: ZeRO flattens every parameter into one
+    buffer and frees the originals; blocks of 32 MiB and more (its largest mmap threshold) go back to the system, the
+    smaller ones stay in the heap the process holds."""
+    wb = DTYPE_BYTES[cfg.model.dtype]
+    return sum(n * wb for n in rank_tensors(cfg, vocab_size, stage) if n * wb < MALLOC_MMAP_MAX)
+
+
+def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) -> RankPlan:
+    """What DeepSpeed (gatedpo_mega/deepspeed/engine.py: torch's AdamW, no offload) and megatron-core hold on one
+    rank of ``stage``. Without ZeRO, DeepSpeed steps AdamW on the parameters (fp32) or on an fp32 copy of each
+    (bf16), unsharded; from stage 1 it flattens the parameters and steps one flat fp32 partition of 1/DP."""
+    m, par, t = cfg.model, cfg.parallel, cfg.train
+    zero = par.zero_stage
+    wb = DTYPE_BYTES[m.dtype]
+    n = stage_parameters(cfg, vocab_size, stage)
+    last = stage == par.pipeline - 1
+    split = dp if zero >= 1 else 1
+    part_n = math.ceil(n / split)
+    parts: list[Part] = []
+
+    def add(into: list[Part], name: str, nbytes: float, note: str) -> None:
+        if nbytes > 0:
+            into.append(Part(name, int(nbytes), note))
+
+    if zero == 3:
+        add(parts, "weights", part_n * wb, f"{m.dtype}, 1/{dp} of {n:,} (ZeRO-3)")
+    else:
+        add(parts, "weights", n * wb, f"{m.dtype}, {n:,} parameters")
+    if zero >= 1 or wb == 2:
+        add(parts, "optimizer: fp32 master weights", part_n * FP32, f"1/{split} of the weights")
+    add(parts, "optimizer: Adam moments", 2 * part_n * FP32, f"2 x fp32, 1/{split} of the weights")
+    if t.reference == "live":
+        add(
+            parts,
+            "reference model",
+            (part_n if zero == 3 else n) * wb,
+            "a frozen copy (train.reference=live)",
+        )
+    if target == "cpu":
+        add(
+            parts, "process baseline", CPU_BASELINE_BYTES, "Python, torch, megatron-core, DeepSpeed, the data"
+        )
+        if zero >= 1:
+            kept = retained_by_malloc(cfg, vocab_size, stage)
+            add(
+                parts,
+                "host allocator",
+                kept,
+                "freed weights under 32 MiB each, kept by malloc (DeepSpeed flattened them)",
+            )
+
+    # Gradients as they stand at the end of backward.
+    grads: list[Part] = []
+    if zero <= 1:
+        add(
+            grads, "gradients", n * wb, f"{m.dtype}, every parameter's .grad (accumulated over micro-batches)"
+        )
+    else:
+        add(
+            grads,
+            "gradients",
+            part_n * wb,
+            f"{m.dtype}, 1/{dp} (ZeRO-{zero} partitions them as they are reduced)",
+        )
+        add(
+            grads,
+            "communication: reduce bucket",
+            min(REDUCE_BUCKET, n) * wb,
+            "ZeRO's gradient reduction bucket",
+        )
+    if zero == 3:
+        # DeepSpeed keeps a gathered parameter until it has not been used for stage3_max_reuse_distance elements
+        # and holds at most stage3_max_live_parameters (both 1e9 by default): up to 1e9 parameters whole.
+        live = min(n, ZERO3_MAX_LIVE)
+        add(
+            grads,
+            "ZeRO-3 gathered weights",
+            live * wb,
+            f"{live:,} parameters whole between forward and backward",
+        )
+
+    tokens = rows_tokens(cfg)
+    layers = m.num_layers // par.pipeline
+    flight = in_flight(cfg, stage)
+    backward: list[Part] = list(grads)
+    if m.recompute == "full":
+        kept = layers * tokens * m.hidden_size * wb * flight + layer_activation_bytes(cfg, tokens)
+        add(
+            backward,
+            "activations",
+            kept,
+            f"layer inputs x {layers} layers x {flight} micro-batch(es) + one layer recomputed",
+        )
+    else:
+        add(
+            backward, "activations", layers * layer_activation_bytes(cfg, tokens) * flight,
+            f"{layers} layers x {tokens} tokens x {flight} micro-batch(es) in flight",
+        )  # fmt: skip
+    if last:
+        out, what = output_temporaries(cfg, vocab_size, tokens)
+        add(backward, "output layer + log-probs", out, what)
+
+    # The optimizer step: the gradients the optimizer reads in fp32, then AdamW's temporaries (torch's single-tensor
+    # and foreach AdamW each hold two of the stepped tensor's size at once: sqrt(v), then its quotient).
+    step: list[Part] = list(grads)
+    if zero == 0:
+        add(step, "communication: flattened gradients", n * wb, "DeepSpeed's all-reduce of the gradients")
+        if wb == 2:
+            add(step, "gradients: fp32 copies", n * FP32, "each gradient in fp32 for its master weight")
+        add(
+            step,
+            "optimizer step temporaries",
+            2 * max(rank_tensors(cfg, vocab_size, stage)) * FP32,
+            "AdamW's, one tensor at a time",
+        )
+    else:
+        if zero == 1 or wb == 2:
+            add(step, "gradients: fp32 partition", part_n * FP32, f"the flat 1/{split} DeepSpeed steps on")
+        add(step, "optimizer step temporaries", 2 * part_n * FP32, "AdamW's sqrt(v) and its quotient, flat")
+    peak = max((backward, step), key=lambda ps: sum(p.bytes for p in ps))
+    return RankPlan(stage=stage, parameters=n, parts=tuple(parts), peak_parts=tuple(peak))
+
+
+def plan_memory(cfg: Config, *, world: int, vocab_size: int, target: str = "cuda") -> Plan:
+    """The plan of ``cfg`` on ``world`` ranks; a layout that cannot run is refused as training refuses it."""
+    from gatedpo_mega.megatron.parallel import validate_layout
+
+    dp = validate_layout(cfg, world)
+    ranks = tuple(rank_plan(cfg, dp, vocab_size, s, target) for s in range(cfg.parallel.pipeline))
+    return Plan(cfg=cfg, dp=dp, vocab_size=vocab_size, target=target, tokens=rows_tokens(cfg), ranks=ranks)
+
+
+# ------------------------------------------------------------------------------------------------- step time
+
+
+# A GPU of the H100/H200 class, for ranking layouts only (the ratios between layouts are the result, not the
+# seconds): dense bf16 throughput as achieved by training (about 40% of the 989 TFLOP/s peak), NVLink within a node,
+# InfiniBand (400 Gb/s per GPU) between nodes, and a fixed cost per layer and micro-batch (kernel launches,
+# synchronisation) that makes very small micro-batches slow.
+ACHIEVED_FLOPS = 400e12
+NVLINK_BYTES_PER_S = 300e9
+NETWORK_BYTES_PER_S = 50e9
+GPUS_PER_NODE = 8
+LAYER_OVERHEAD_S = 60e-6
+
+
+def step_seconds(cfg: Config, dp: int, vocab_size: int) -> float:
+    """Seconds per step on the GPU above: the busiest stage's compute stretched by the pipeline bubble, a fixed cost
+    per layer and micro-batch, the tensor-parallel all-reduces (within a node) and the data-parallel gradient
+    traffic (across nodes once the job spans more than one)."""
+    m, par = cfg.model, cfg.parallel
+    tp, pp = par.tensor, par.pipeline
+    tokens = rows_tokens(cfg)
+    micro = micro_batches(cfg, dp)
+    params = max(stage_parameters(cfg, vocab_size, s) for s in range(pp))
+    layers = m.num_layers // pp
+    recompute = 4 / 3 if m.recompute == "full" else 1.0
+    compute = 6 * params * tokens * recompute / ACHIEVED_FLOPS + 3 * layers * LAYER_OVERHEAD_S
+    wb = DTYPE_BYTES[m.dtype]
+    # two all-reduces of [tokens, hidden] per layer forward and two backward, each moving 2 (tp-1)/tp of it
+    tp_bytes = 4 * layers * tokens * m.hidden_size * wb * 2 * (tp - 1) / tp
+    per_micro = compute + tp_bytes / NVLINK_BYTES_PER_S
+    world = tp * pp * dp
+    dp_rate = NETWORK_BYTES_PER_S if world > GPUS_PER_NODE else NVLINK_BYTES_PER_S
+    dp_bytes = 2 * params * wb * (dp - 1) / dp * (1.5 if par.zero_stage == 3 else 1.0)
+    return per_micro * (micro + pp - 1) + dp_bytes / dp_rate
+
+
+# ------------------------------------------------------------------------------------------------- layouts
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    tensor: int
+    pipeline: int
+    dp: int
+    zero_stage: int
+    micro_batch_size: int
+    peak_bytes: int
+    step_time: float
+
+
+def candidates(cfg: Config, gpus: int, vocab_size: int, target: str = "cuda") -> Iterator[Candidate]:
+    """Every layout of ``gpus`` ranks the model divides and the batch allows, with its plan."""
+    t = cfg.train
+    for tp in (1, 2, 4, 8):
+        for pp in (1, 2, 4):
+            if gpus % (tp * pp):
+                continue
+            dp = gpus // (tp * pp)
+            for zero in (0, 1, 2, 3):
+                for micro in (1, 2, 4, 8, 16):
+                    if t.global_batch_size % (micro * dp):
+                        continue
+                    try:
+                        trial = replace(
+                            cfg,
+                            parallel=ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero),
+                            train=replace(t, micro_batch_size=micro),
+                        )
+                        trial.__post_init__()
+                        plan = plan_memory(trial, world=gpus, vocab_size=vocab_size, target=target)
+                    except (ConfigError, ValueError):
+                        continue
+                    yield Candidate(tp, pp, dp, zero, micro, plan.per_rank_peak_bytes, plan.step_time)
+
+
+def feasible(
+    cfg: Config, gpus: int, vocab_size: int, limit_bytes: int, target: str = "cuda"
+) -> list[Candidate]:
+    """The layouts of ``gpus`` ranks that fit ``limit_bytes`` per rank, fastest first."""
+    fits = [c for c in candidates(cfg, gpus, vocab_size, target) if c.peak_bytes <= limit_bytes]
+    return sorted(fits, key=lambda c: (c.step_time, c.peak_bytes))
+
+
+def smallest_fit(
+    cfg: Config, gpus: int, vocab_size: int, limit_bytes: int, target: str = "cuda", most: int = 4096
+) -> int | None:
+    """The smallest GPU count above ``gpus`` on which some layout fits (counts of 1, 2, 4, then multiples of 8: whole
+    nodes); None up to ``most``."""
+    counts = [n for n in (1, 2, 4) if n > gpus] + list(range(max(8, (gpus // 8 + 1) * 8), most + 1, 8))
+    return next((n for n in counts if feasible(cfg, n, vocab_size, limit_bytes, target)), None)
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def host_target() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan_vocab_size(cfg: Config) -> int:
+    """The vocabulary a run of ``cfg`` gets, without reading the data: as configured, else ``model.init_from``'s,
+    else the tokenizer's (a tokenizer the run will train: the size it is asked for)."""
+    from pathlib import Path
+
+    from gatedpo_mega.data.tokenizer import load_tokenizer
+    from gatedpo_mega.training.initial_weights import source_vocab_size
+
+    d = cfg.data
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    if cfg.model.init_from:
+        return source_vocab_size(cfg.model.init_from)
+    if d.tokenizer == "builtin":
+        return d.builtin_vocab_size
+    if not Path(d.tokenizer).exists() and d.train_tokenizer_if_missing:
+        return d.tokenizer_vocab_size
+    return load_tokenizer(d.tokenizer).vocab_size
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:,.0f}"
+
+
+def format_plan(plan: Plan) -> str:
+    cfg, r = plan.cfg, plan.busiest
+    par = cfg.parallel
+    stage = f"pipeline stage {r.stage} of {par.pipeline}" if par.pipeline > 1 else "every rank"
+    head = (
+        f"plan: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, vocabulary {plan.vocab_size:,}, "
+        f"{total_parameters(cfg, plan.vocab_size) / 1e9:.3g}B parameters; TP {par.tensor} x PP {par.pipeline} x DP "
+        f"{plan.dp}, ZeRO {par.zero_stage}, {cfg.model.dtype}, micro-batch {cfg.train.micro_batch_size} pairs x "
+        f"{cfg.data.max_length} tokens; target {plan.target}"
+    )
+    lines = [head, f"busiest rank: {stage} ({r.parameters:,} parameters on it)", ""]
+    lines.append(f"| {'part':<38} | {'MiB':>9} | where it comes from")
+    lines.append(f"|{'-' * 40}|{'-' * 11}|{'-' * 30}")
+    for p in r.parts:
+        lines.append(f"| {p.name:<38} | {_mib(p.bytes):>9} | {p.note}")
+    peak_name = "backward" if any(p.name == "activations" for p in r.peak_parts) else "optimizer step"
+    for p in r.peak_parts:
+        lines.append(f"| {p.name + ' (' + peak_name + ')':<38} | {_mib(p.bytes):>9} | {p.note}")
+    what = "peak resident memory" if plan.target == "cpu" else "allocator peak"
+    lines.append(f"| {'total (' + what + ')':<38} | {_mib(r.total):>9} | {r.total / GiB:.2f} GiB")
+    return "\n".join(lines)
+
+
+def format_candidates(found: list[Candidate], gpus: int, limit_bytes: int, top: int = 12) -> str:
+    if not found:
+        return ""
+    best = found[0].step_time
+    lines = [
+        f"layouts on {gpus} GPUs of {limit_bytes / GiB:g} GiB that fit, fastest first (step time relative to the "
+        f"first; {len(found)} fit):",
+        "| TP | PP | DP | ZeRO | micro-batch | peak GiB | relative step time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in found[:top]:
+        lines.append(
+            f"| {c.tensor} | {c.pipeline} | {c.dp} | {c.zero_stage} | {c.micro_batch_size} | "
+            f"{c.peak_bytes / GiB:.1f} | {c.step_time / best:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plan_json(plan: Plan) -> dict[str, object]:
+    r = plan.busiest
+    return {
+        "per_rank_peak_bytes": plan.per_rank_peak_bytes,
+        "target": plan.target,
+        "busiest_stage": r.stage,
+        "parameters_on_rank": r.parameters,
+        "total_parameters": total_parameters(plan.cfg, plan.vocab_size),
+        "vocab_size": plan.vocab_size,
+        "layout": {
+            "tensor": plan.cfg.parallel.tensor,
+            "pipeline": plan.cfg.parallel.pipeline,
+            "data": plan.dp,
+            "zero_stage": plan.cfg.parallel.zero_stage,
+            "micro_batch_size": plan.cfg.train.micro_batch_size,
+        },
+        "parts": {p.name: p.bytes for p in r.parts},
+        "peak_parts": {p.name: p.bytes for p in r.peak_parts},
+        "stages": [{"stage": s.stage, "parameters": s.parameters, "peak_bytes": s.total} for s in plan.ranks],
+        "step_seconds_h100_class": plan.step_time,
+    }
