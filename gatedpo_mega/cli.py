@@ -61,20 +61,25 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from gatedpo_mega.config import dump_config, load_config
+    from gatedpo_mega.config import dump_config
+    from gatedpo_mega.training.preflight import load_run_config
 
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    cfg, notes = load_run_config(args.config, args.overrides)
+    for note in notes:  # on stderr: stdout stays the YAML a run reads
+        print(f"gatedpo config: {note}", file=sys.stderr)
+    print(dump_config(cfg), end="")
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from gatedpo_mega.config import load_config
     from gatedpo_mega.training.launch import launch
+    from gatedpo_mega.training.preflight import load_run_config
 
     if args.nproc is not None and args.nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {args.nproc}")
     overrides = [*args.overrides, "train.resume=true"] if args.resume else args.overrides
-    return launch(load_config(args.config, overrides), args.nproc)
+    cfg, notes = load_run_config(args.config, overrides)
+    return launch(cfg, args.nproc, notes=notes)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:

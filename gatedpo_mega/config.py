@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,7 +85,9 @@ class ModelConfig:
     # Start from these weights instead of the seeded initialisation: a Hugging Face folder (config.json +
     # safetensors), a folder written by ``gatedpo convert hf-to-mcore``/``reshard``, or a training checkpoint
     # (``OUTPUT/checkpoints/step-N``, or ``OUTPUT`` for its latest), or a Hugging Face Hub model id
-    # (``org/name[@revision]``, read from the local Hugging Face cache). The shape fields above must match it.
+    # (``org/name[@revision]``, read from the local Hugging Face cache). ``gatedpo train`` reads the shape fields
+    # above, norm_epsilon and rotary_base from it (leave them out; a written one must agree), max_position_embeddings
+    # where not written, and an mcore folder's or checkpoint's make_vocab_size_divisible_by (its embedding is padded).
     init_from: str = ""
     backend: str = "megatron"  # megatron | transformers (a Hugging Face causal LM from init_from, under ZeRO)
 
@@ -443,9 +446,10 @@ def _load_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     return merge_trees(merged, tree)
 
 
-def load_config(paths: ConfigPaths = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved configuration: defaults, then each YAML file in order (later files win; mappings merge, lists
-    are replaced; a file's ``include:`` comes before its own keys), then ``key.sub=value`` overrides."""
+def load_tree(paths: ConfigPaths = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """What the user wrote, as one tree: each YAML file in order (later files win; mappings merge, lists are
+    replaced; a file's ``include:`` comes before its own keys), then ``key.sub=value`` overrides. A key absent from
+    it was not written (the default applies)."""
     if paths is None:
         paths = []
     elif isinstance(paths, str | Path):
@@ -455,7 +459,24 @@ def load_config(paths: ConfigPaths = None, overrides: list[str] | tuple[str, ...
         tree = merge_trees(tree, _load_file(Path(path)))
     for text in overrides:
         _set_path(tree, *parse_override(text))
+    return tree
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """The resolved configuration of ``tree``: defaults where it has no key, every value checked."""
     return _build(Config, tree)
+
+
+def load_config(paths: ConfigPaths = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved configuration of the YAML files ``paths`` and the ``overrides`` (``load_tree``), as written: a
+    run's config from the user's files also takes the model fields ``model.init_from`` fixes
+    (``gatedpo_mega.training.preflight.load_run_config``)."""
+    return build_config(load_tree(paths, overrides))
+
+
+def read_field(cls: type, prefix: str, name: str, value: Any) -> Any:
+    """``value`` written for the field ``name`` of ``cls`` (at ``prefix.name``) as ``build_config`` reads it."""
+    return _coerce(f"{prefix}.{name}", value, typing.get_type_hints(cls)[name])
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -73,14 +73,19 @@ def family_of(cfg: ModelConfig) -> Family | None:
 _DEFAULTS = dataclasses.asdict(ModelConfig())
 
 
+def saved_value(saved: Mapping[str, Any], key: str) -> Any:
+    """The value of the ModelConfig field ``key`` in a saved model config; a field missing from it (written before
+    the field existed) reads as ModelConfig's default."""
+    return saved.get(key, _DEFAULTS[key])
+
+
 def differences(
     saved: Mapping[str, Any], mine: Mapping[str, Any], fields: tuple[str, ...]
 ) -> list[tuple[str, Any, Any]]:
-    """Each of ``fields`` whose values differ, as (field, saved value, mine); a field missing from ``saved``
-    (written before the field existed) reads as ModelConfig's default."""
+    """Each of ``fields`` whose values differ, as (field, saved value (``saved_value``), mine)."""
     out = []
     for key in fields:
-        theirs = saved.get(key, _DEFAULTS[key])
+        theirs = saved_value(saved, key)
         if theirs != mine[key]:
             out.append((key, theirs, mine[key]))
     return out

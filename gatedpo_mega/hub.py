@@ -142,3 +142,14 @@ def resolve(ident: HubId, *, field: str, repo_type: str, patterns: Sequence[str]
         line = explain(e, ident, repo_type, cache=_cache(), offline=_offline())
         raise UserError(f"{field}={ident}: {line}") from None
     return Path(folder)
+
+
+def resolve_model(ident: HubId, patterns: Sequence[str] = MODEL_FILES) -> Path:
+    """The cache folder of the model ``ident`` of ``model.init_from`` (``patterns``: the files it must hold),
+    refused when the repository has no ``config.json``."""
+    folder = resolve(ident, field="model.init_from", repo_type="model", patterns=patterns)
+    if not (folder / "config.json").is_file():
+        raise UserError(
+            f"model.init_from={ident}: the Hub repository has no config.json (a Hugging Face model is needed)"
+        )
+    return folder

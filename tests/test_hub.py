@@ -17,7 +17,7 @@ from gatedpo_mega.config import load_config
 from gatedpo_mega.data.sources import resolve_files, split_files
 from gatedpo_mega.errors import UserError
 from gatedpo_mega.hub import HubId, hub_id, parse_hub_id
-from gatedpo_mega.training.preflight import resolve_hub_ids
+from gatedpo_mega.training.preflight import load_run_config, resolve_hub_ids
 
 TIMING = {"tokens_per_second", "real_tokens_per_second", "step_seconds", "memory/peak_mib_max_rank"}
 
@@ -162,6 +162,18 @@ def test_ids_resolve_to_their_cache_folders_offline(offline):
     assert pinned.model.init_from == resolved.model.init_from
     with pytest.raises(UserError, match=r"^data\.source org/tiny-prefs: no files of split 'validation'"):
         resolve_files("org/tiny-prefs", "validation")
+
+
+def test_a_model_id_gives_a_run_config_its_shapes_from_the_cache(offline):
+    """Read from the snapshot's config.json; the id stays in the config (``launch`` resolves it for the ranks)."""
+    cfg, notes = load_run_config(None, ["model.init_from=org/tiny-llama"])
+    m = cfg.model
+    assert (m.num_layers, m.rotary_base, m.init_from, notes) == (2, 500000.0, "org/tiny-llama", [])
+    with pytest.raises(UserError) as e:
+        load_run_config(None, ["model.init_from=org/tiny-llama", "model.num_layers=4"])
+    assert str(e.value) == (
+        "model.init_from=org/tiny-llama disagrees with the config: model.num_layers 2 (source) vs 4 (config)"
+    )
 
 
 def test_an_id_that_is_not_cached_offline_is_one_line(offline):

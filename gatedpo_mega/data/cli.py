@@ -94,9 +94,9 @@ def inspect_data(cfg: Any, seed: int) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from gatedpo_mega.config import load_config
+    from gatedpo_mega.training.preflight import load_run_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, _ = load_run_config(args.config, args.overrides)
     print(inspect_data(cfg, _run_seed(cfg)))
     return 0
 
@@ -111,9 +111,9 @@ def train_tokenizer(cfg: Any, *, vocab_size: int, output: str | None, seed: int)
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from gatedpo_mega.config import load_config
+    from gatedpo_mega.training.preflight import load_run_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, _ = load_run_config(args.config, args.overrides)
     if args.vocab_size < 300:
         raise UserError(
             f"--vocab-size {args.vocab_size} must be >= 300 (256 byte pieces plus specials and words)"

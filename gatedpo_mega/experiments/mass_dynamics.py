@@ -79,12 +79,14 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ign
 
 
 def _resolved(spec: Spec, overrides: list[str], out: Path) -> Any:
-    from gatedpo_mega.config import load_config
+    """A run's config, as ``gatedpo train`` builds it (the model fields of ``model.init_from`` read from it)."""
+    from gatedpo_mega.training.preflight import load_run_config
 
-    return load_config(
+    cfg, _ = load_run_config(
         spec.config or None,
         [*overrides, f"train.output_dir={out}", "train.resume=auto", "train.keep_checkpoints=1"],
     )
+    return cfg
 
 
 def _same_run(a: Any, b: Any) -> bool:
@@ -123,14 +125,14 @@ def _train(spec: Spec, overrides: list[str], out: Path, *, nproc: int | None = N
 
 def _tokenizer(spec: Spec, out: Path) -> list[str]:
     """The overrides that name the experiment's tokenizer: one trained on the data (once), or none (0 pieces)."""
-    from gatedpo_mega.config import load_config
     from gatedpo_mega.data.cli import train_tokenizer
+    from gatedpo_mega.training.preflight import load_run_config
 
     if not spec.tokenizer_vocab_size:
         return []
     path = out / "tokenizer" / "tokenizer.model"
     if not path.exists():
-        cfg = load_config(spec.config or None, spec.base)
+        cfg, _ = load_run_config(spec.config or None, spec.base)
         train_tokenizer(cfg, vocab_size=spec.tokenizer_vocab_size, output=str(path.parent), seed=0)
     return [f"data.tokenizer={path}"]
 

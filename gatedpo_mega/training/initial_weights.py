@@ -1,8 +1,10 @@
 """Initial weights from ``model.init_from``: a training checkpoint of this project, a megatron-core folder written by
 ``gatedpo convert``, or a Hugging Face model folder (converted for this rank on the way in).
 
-Whether a source fits the config is decided from its metadata alone (``read_source`` then ``check_source_fits``):
-``launch`` asks before any process starts, and every rank asks again before it reads a tensor.
+The model fields a source fixes are read from its metadata alone: ``adopt_source_shapes`` fills them into the
+config the user wrote (``gatedpo train``, ``gatedpo config``), refusing a written one that disagrees. Whether a source
+fits a config is decided the same way (``read_source`` then ``check_source_fits``): ``launch`` asks before any
+process starts, and every rank asks again before it reads a tensor.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from typing import Any
 
 import torch
 
-from gatedpo_mega.config import Config
+from gatedpo_mega.config import Config, ModelConfig, read_field
 from gatedpo_mega.errors import UserError
-from gatedpo_mega.families import SHAPE_FIELDS, differences
+from gatedpo_mega.families import SHAPE_FIELDS, differences, saved_value
 from gatedpo_mega.formats import MCORE_META, module_states_file
+from gatedpo_mega.hub import hub_id, resolve_model
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.training.checkpoint import RESUME_FIELDS, CheckpointError, read_meta, resolve_checkpoint
 
-# A Hugging Face folder also fixes the function the weights compute: its norm epsilon and rotary base.
-HF_FIELDS = (*SHAPE_FIELDS, "norm_epsilon", "rotary_base")
+# Besides the shapes, a source fixes the function its weights compute: their norm epsilon and rotary base.
+FUNCTION_FIELDS = ("norm_epsilon", "rotary_base")
+HF_FIELDS = (*SHAPE_FIELDS, *FUNCTION_FIELDS)
 
 
 def source_kind(path: Path) -> str:
@@ -91,6 +95,14 @@ def _show(value: Any) -> str:
     return json.dumps(value) if isinstance(value, bool) or value is None else str(value)
 
 
+def _mismatch(what: str, theirs: Any, mine: Any, whose: str = "config") -> str:
+    return f"{what} {_show(theirs)} (source) vs {_show(mine)} ({whose})"
+
+
+def _disagrees(where: Any, found: list[str]) -> UserError:
+    return UserError(f"model.init_from={where} disagrees with the config: " + "; ".join(found))
+
+
 def source_mismatches(cfg: Config, src: InitSource, vocab_size: int) -> list[str]:
     """Every way ``src`` disagrees with the config (none: it fits), each as ``what A (source) vs B (config)``."""
     if cfg.model.backend != "megatron":
@@ -105,11 +117,11 @@ def source_mismatches(cfg: Config, src: InitSource, vocab_size: int) -> list[str
     else:  # a checkpoint's module weights also depend on the padded vocabulary, their dtype and backend
         saved, fields = src.meta["model"], RESUME_FIELDS
     out = [
-        f"model.{key} {_show(theirs)} (source) vs {_show(mine)} (config)"
+        _mismatch(f"model.{key}", theirs, mine)
         for key, theirs, mine in differences(saved, asdict(cfg.model), fields)
     ]
     if src.vocab_size != vocab_size:
-        out.append(f"vocabulary {src.vocab_size} (source) vs {vocab_size} (this run)")
+        out.append(_mismatch("vocabulary", src.vocab_size, vocab_size, "this run"))
     if src.kind == "mcore":
         from gatedpo_mega.megatron.model import padded_vocab_size
 
@@ -133,7 +145,65 @@ def check_source_fits(cfg: Config, src: InitSource, vocab_size: int) -> None:
     """One ``UserError`` naming every mismatch between ``model.init_from`` and the config."""
     found = source_mismatches(cfg, src, vocab_size)
     if found:
-        raise UserError(f"model.init_from={src.path} disagrees with the config: " + "; ".join(found))
+        raise _disagrees(src.path, found)
+
+
+def source_fields(src: InitSource) -> dict[str, Any]:
+    """What ``src`` says of the ``ModelConfig`` fields its weights fix: the shapes, the function they compute (an mcore
+    folder's or checkpoint's when its saved model config has them), ``max_position_embeddings`` (where known) and,
+    for an mcore folder or a checkpoint, whose embedding is padded already, ``make_vocab_size_divisible_by``."""
+    if src.kind == "hf":
+        from gatedpo_mega.convert import hf_model_config
+
+        model = asdict(hf_model_config(src.meta, where=str(src.path / "config.json"))[0])
+        return {k: model[k] for k in (*HF_FIELDS, "max_position_embeddings")}
+    saved = src.meta["model"]
+    out = {k: saved_value(saved, k) for k in SHAPE_FIELDS}
+    extra = (*FUNCTION_FIELDS, "max_position_embeddings", "make_vocab_size_divisible_by")
+    return out | {k: saved[k] for k in extra if k in saved}
+
+
+def adopt_source_shapes(tree: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``tree`` (what the user wrote: ``load_tree``) with the model fields ``model.init_from`` fixes taken from it, and
+    a line for each written value it replaced.
+
+    - The fields its weights fix (``source_fields``): filled in where not written; every written one that disagrees
+      (and a written ``model.vocab_size``) is named in one ``UserError``.
+    - ``max_position_embeddings``: filled in where not written (a limit, not a shape: a written one is kept).
+    - An mcore folder's or checkpoint's ``make_vocab_size_divisible_by`` replaces the written one: a run from those
+      weights cannot pad them again (the config's applies to a model initialised here, and to a Hugging Face folder,
+      padded on the way in).
+
+    A Hub id is read from its ``config.json`` in the cache (``launch`` fetches the weights for the ranks)."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or not isinstance(text := model.get("init_from"), str) or not text:
+        return tree, []  # a value of the wrong type is refused when the config is built
+    if model.get("backend", "megatron") != "megatron":
+        return tree, []  # the transformers backend builds its model from the folder itself
+    ident = hub_id(text)
+    src = read_source(str(resolve_model(ident, ["config.json"])) if ident else text)
+    fixed = source_fields(src)
+    limit = fixed.pop("max_position_embeddings", None)
+    padding = fixed.pop("make_vocab_size_divisible_by", None)
+    keys = (*fixed, "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by")
+    written = {k: read_field(ModelConfig, "model", k, model[k]) for k in keys if k in model}
+    found = [_mismatch(f"model.{k}", v, written[k]) for k, v in fixed.items() if written.get(k, v) != v]
+    if written.get("vocab_size", 0) not in (0, src.vocab_size):
+        found.append(_mismatch("model.vocab_size", src.vocab_size, written["vocab_size"]))
+    if found:
+        raise _disagrees(ident or src.path, found)
+    adopted, notes = dict(fixed), []
+    if limit is not None and "max_position_embeddings" not in written:
+        adopted["max_position_embeddings"] = limit
+    if padding is not None:
+        mine = written.get("make_vocab_size_divisible_by", padding)
+        if mine != padding:
+            notes.append(
+                f"model.make_vocab_size_divisible_by {padding} from model.init_from, whose embedding is padded "
+                f"already (the config's {mine} applies to models initialised here)"
+            )
+        adopted["make_vocab_size_divisible_by"] = padding
+    return {**tree, "model": {**model, **adopted}}, notes
 
 
 def source_identity(path_text: str) -> str:

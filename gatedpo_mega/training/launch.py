@@ -15,6 +15,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from multiprocessing import connection
 from typing import Any
 
@@ -217,9 +218,10 @@ def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
     return first, failed[first]
 
 
-def summary(cfg: Config, world: int, hub_notes: list[str] | None = None) -> str:
-    """The run in one line, after a line per Hugging Face Hub id and the cache folder it was read from; the whole
-    resolved config goes to ``<output_dir>/config.yaml`` (``gatedpo config`` prints it)."""
+def summary(cfg: Config, world: int, hub_notes: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
+    """The run in one line, after a line per Hugging Face Hub id and the cache folder it was read from and a line
+    per note (what the config took from ``model.init_from``); the whole resolved config goes to
+    ``<output_dir>/config.yaml`` (``gatedpo config`` prints it)."""
     o, g, m, p, t = cfg.objective, cfg.gate, cfg.model, cfg.parallel, cfg.train
     gate = "gate none" if g.shape == "none" else f"gate {g.shape} (tau {g.tau:g})"
     model = (
@@ -229,17 +231,20 @@ def summary(cfg: Config, world: int, hub_notes: list[str] | None = None) -> str:
         + (f" from {m.init_from}" if m.init_from else "")
     )
     dp = world // (p.tensor * p.pipeline)
-    hub = "".join(f"gatedpo train: Hugging Face cache: {note}\n" for note in hub_notes or [])
-    return hub + (
+    lines = [*(f"Hugging Face cache: {note}" for note in hub_notes), *notes]
+    return "".join(f"gatedpo train: {line}\n" for line in lines) + (
         f"gatedpo train: objective {o.name}, {gate}, {model}, TP {p.tensor} x PP {p.pipeline} x DP {dp}, "
         f"ZeRO {p.zero_stage}, {t.max_steps} steps of {t.global_batch_size} pairs -> {t.output_dir} "
         "(config.yaml there)"
     )
 
 
-def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool = False) -> int:
+def launch(
+    cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool = False, notes: Sequence[str] = ()
+) -> int:
     """Run ``cfg`` to the end; returns the exit code. ``make_data(cfg, layout) -> RunData`` replaces the data
-    pipeline (a module-level function: it is pickled into the processes)."""
+    pipeline (a module-level function: it is pickled into the processes). ``notes``: lines about the config
+    (``load_run_config``'s), printed with the summary by the launching process only."""
     os.environ.update(launcher_env(os.environ))  # a task of srun: SLURM's variables as torch's (cluster.py)
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else (nproc or 1)
@@ -253,10 +258,10 @@ def launch(cfg: Config, nproc: int | None, make_data: Any = None, *, quiet: bool
         preflight(cfg, data=make_data is None)
     if under_launcher:
         if int(os.environ["RANK"]) == 0:
-            print(summary(cfg, world, hub_notes), flush=True)
+            print(summary(cfg, world, hub_notes, notes), flush=True)
         return _run_this_process(cfg, make_data)
     if not quiet:
-        print(summary(cfg, world, hub_notes), flush=True)
+        print(summary(cfg, world, hub_notes, notes), flush=True)
     port = _free_port()
     if world == 1:
         saved = dict(os.environ)  # in this process: leave no RANK/WORLD_SIZE behind for a later launch

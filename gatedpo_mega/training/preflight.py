@@ -1,5 +1,9 @@
 """What a run reads, checked in the launching process before any worker or process group starts.
 
+First the config itself: ``load_run_config`` builds it from the user's files with the model fields that
+``model.init_from`` fixes read from the source (``adopt_source_shapes``), so that the user writes none of them and a
+written one that disagrees is refused in one line before anything else is read.
+
 Each check is the one the ranks run later, called early: the data pipeline itself (every record read and validated,
 tokenized into the cache the ranks then read), the packages of the ``train.report_to`` trackers, the tokenizer (trained here first when the config asks for it), and ``model.init_from`` against the config (every
 mismatch in one message). A refusal is one ``UserError`` line, seconds after launch, with no peer to stop.
@@ -11,17 +15,24 @@ local files and none asks the Hub.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 
-from gatedpo_mega.config import Config
+from gatedpo_mega.config import Config, ConfigPaths, build_config, load_tree
 from gatedpo_mega.data import load_preference_data
 from gatedpo_mega.data.pipeline import ensure_tokenizer
 from gatedpo_mega.data.sources import hub_dataset
-from gatedpo_mega.errors import UserError
-from gatedpo_mega.hub import MODEL_FILES, hub_id, resolve
+from gatedpo_mega.hub import hub_id, resolve_model
 from gatedpo_mega.training.data import run_vocab_size
-from gatedpo_mega.training.initial_weights import check_source_fits, read_source
+from gatedpo_mega.training.initial_weights import adopt_source_shapes, check_source_fits, read_source
 from gatedpo_mega.training.reporters import check_installed
+
+
+def load_run_config(paths: ConfigPaths, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
+    """A run's config from the user's YAML files and ``key=value`` overrides, the fields ``model.init_from`` fixes
+    read from the source; and the lines to show about written values the source replaced."""
+    tree, notes = adopt_source_shapes(load_tree(paths, overrides))
+    return build_config(tree), notes
 
 
 def preflight(cfg: Config, *, data: bool = True) -> None:
@@ -44,11 +55,7 @@ def resolve_hub_ids(cfg: Config, *, data: bool = True) -> tuple[Config, list[str
     (``.../models--org--name/snapshots/<commit>``): the saved config.yaml reruns the same files, offline too."""
     model, data_cfg, notes = cfg.model, cfg.data, []
     if model.init_from and (ident := hub_id(model.init_from)):
-        folder = resolve(ident, field="model.init_from", repo_type="model", patterns=MODEL_FILES)
-        if not (folder / "config.json").is_file():
-            raise UserError(
-                f"model.init_from={ident}: the Hub repository has no config.json (a Hugging Face model is needed)"
-            )
+        folder = resolve_model(ident)
         model = replace(model, init_from=str(folder))
         notes.append(f"model.init_from {ident}: {folder}")
     if data and data_cfg.source != "builtin" and hub_id(data_cfg.source):
