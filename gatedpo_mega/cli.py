@@ -86,9 +86,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from gatedpo_mega import planner
-    from gatedpo_mega.config import load_config
+    from gatedpo_mega.training.preflight import load_run_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg, notes = load_run_config(
+        args.config, args.overrides
+    )  # model.init_from's shapes, as training reads them
+    for line in notes:
+        print(f"gatedpo: {line}", file=sys.stderr)
     for flag in ("nproc", "gpus", "vocab_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:

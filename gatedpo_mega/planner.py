@@ -304,23 +304,27 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
         out, what = output_temporaries(cfg, vocab_size, tokens)
         add(backward, "output layer + log-probs", out, what)
 
-    # The optimizer step: the gradients the optimizer reads in fp32, then AdamW's temporaries (torch's single-tensor
-    # and foreach AdamW each hold two of the stepped tensor's size at once: sqrt(v), then its quotient).
+    # The optimizer step: the gradients the optimizer reads in fp32, then AdamW's temporaries: on a GPU torch's
+    # foreach AdamW takes sqrt(v) of every tensor it steps at once (one temporary of their size); on a CPU its
+    # single-tensor AdamW holds sqrt(v) and its quotient for one tensor at a time. From ZeRO 1 that tensor is the
+    # flat partition.
     step: list[Part] = list(grads)
     if zero == 0:
         add(step, "communication: flattened gradients", n * wb, "DeepSpeed's all-reduce of the gradients")
         if wb == 2:
             add(step, "gradients: fp32 copies", n * FP32, "each gradient in fp32 for its master weight")
-        add(
-            step,
-            "optimizer step temporaries",
-            2 * max(rank_tensors(cfg, vocab_size, stage)) * FP32,
-            "AdamW's, one tensor at a time",
-        )
+        largest = max(rank_tensors(cfg, vocab_size, stage))
+        temps = n * FP32 if target == "cuda" else 2 * largest * FP32
     else:
         if zero == 1 or wb == 2:
             add(step, "gradients: fp32 partition", part_n * FP32, f"the flat 1/{split} DeepSpeed steps on")
-        add(step, "optimizer step temporaries", 2 * part_n * FP32, "AdamW's sqrt(v) and its quotient, flat")
+        temps = (1 if target == "cuda" else 2) * part_n * FP32
+    how = (
+        "foreach: sqrt(v) of every tensor at once"
+        if target == "cuda"
+        else "sqrt(v) and its quotient, per tensor"
+    )
+    add(step, "optimizer step temporaries", temps, f"AdamW's {how}")
     peak = max((backward, step), key=lambda ps: sum(p.bytes for p in ps))
     return RankPlan(stage=stage, parameters=n, parts=tuple(parts), peak_parts=tuple(peak))
 

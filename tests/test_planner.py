@@ -106,8 +106,8 @@ def test_zero_stages_shard_the_optimizer_state_as_the_zero_paper_counts():
         return sum(p.bytes for p in (*r.parts, *r.peak_parts) if p.name in states) / n
 
     assert model_states(1) == pytest.approx(2 + 2 + 12 / 64, rel=1e-3)
-    assert model_states(2) == pytest.approx(2 + (4 + 12) / 64, rel=1e-3)  # gradients kept in fp32 partitions
-    assert model_states(3) == pytest.approx((2 + 4 + 12) / 64, rel=1e-3)
+    assert model_states(2) == pytest.approx(2 + (2 + 12) / 64, rel=1e-3)
+    assert model_states(3) == pytest.approx((2 + 2 + 12) / 64, rel=1e-3)
 
 
 def test_more_parallelism_and_recompute_need_less_memory():
