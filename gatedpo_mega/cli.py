@@ -83,6 +83,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from gatedpo_mega import planner
@@ -115,30 +116,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             raise
         text.append(f"the configured layout on {world} GPUs: {e}")
         out["configured_layout_error"] = str(e)
-    code = 0
+    refusal = ""
     if args.gpus is not None:
         limit = int(args.gpu_memory * planner.GiB)
         found = planner.feasible(cfg, args.gpus, vocab, limit, target)
-        out["feasible"] = [vars_of(c) for c in found]
+        out["feasible"] = [dataclasses.asdict(c) for c in found]
         if found:
             text += ["", planner.format_candidates(found, args.gpus, limit)]
         else:
             fit = planner.smallest_fit(cfg, args.gpus, vocab, limit, target)
             out["smallest_gpu_count"] = fit
             where = f"the smallest GPU count that fits is {fit}" if fit else "no count up to 4096 fits"
-            text += [
-                "",
-                f"gatedpo: error: this model does not fit any layout on {args.gpus} GPUs of {args.gpu_memory:g} GiB; {where}",
-            ]
-            code = 1
+            refusal = f"this model does not fit any layout on {args.gpus} GPUs of {args.gpu_memory:g} GiB; {where}"
     print(json.dumps(out, indent=1) if args.json else "\n".join(text))
-    return code
-
-
-def vars_of(c: object) -> dict[str, object]:
-    import dataclasses
-
-    return dataclasses.asdict(c)  # type: ignore[call-overload]
+    if refusal:
+        print(f"gatedpo: error: {refusal}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_checkpoint_verify(args: argparse.Namespace) -> int:

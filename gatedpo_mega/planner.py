@@ -54,11 +54,24 @@ class RankPlan:
     stage: int
     parameters: int  # on this rank (its tensor-parallel share of its stage)
     parts: tuple[Part, ...]  # resident through the step
-    peak_parts: tuple[Part, ...]  # the transient peak on top: the larger of backward and the optimizer step
+    backward: tuple[Part, ...]  # on top, at the end of backward: gradients, activations, output temporaries
+    step: tuple[Part, ...]  # on top, during the optimizer step: gradients, their fp32 copies, AdamW's temporaries
+
+    @property
+    def peak_phase(self) -> str:
+        return "backward" if _sum(self.backward) >= _sum(self.step) else "optimizer step"
+
+    @property
+    def peak_parts(self) -> tuple[Part, ...]:
+        return self.backward if self.peak_phase == "backward" else self.step
 
     @property
     def total(self) -> int:
-        return sum(p.bytes for p in self.parts) + sum(p.bytes for p in self.peak_parts)
+        return _sum(self.parts) + _sum(self.peak_parts)
+
+
+def _sum(parts: tuple[Part, ...]) -> int:
+    return sum(p.bytes for p in parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,8 +338,7 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
         else "sqrt(v) and its quotient, per tensor"
     )
     add(step, "optimizer step temporaries", temps, f"AdamW's {how}")
-    peak = max((backward, step), key=lambda ps: sum(p.bytes for p in ps))
-    return RankPlan(stage=stage, parameters=n, parts=tuple(parts), peak_parts=tuple(peak))
+    return RankPlan(stage=stage, parameters=n, parts=tuple(parts), backward=tuple(backward), step=tuple(step))
 
 
 def plan_memory(cfg: Config, *, world: int, vocab_size: int, target: str = "cuda") -> Plan:
@@ -478,9 +490,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"|{'-' * 40}|{'-' * 11}|{'-' * 30}")
     for p in r.parts:
         lines.append(f"| {p.name:<38} | {_mib(p.bytes):>9} | {p.note}")
-    peak_name = "backward" if any(p.name == "activations" for p in r.peak_parts) else "optimizer step"
     for p in r.peak_parts:
-        lines.append(f"| {p.name + ' (' + peak_name + ')':<38} | {_mib(p.bytes):>9} | {p.note}")
+        lines.append(f"| {p.name + ' (' + r.peak_phase + ')':<38} | {_mib(p.bytes):>9} | {p.note}")
     what = "peak resident memory" if plan.target == "cpu" else "allocator peak"
     lines.append(f"| {'total (' + what + ')':<38} | {_mib(r.total):>9} | {r.total / GiB:.2f} GiB")
     return "\n".join(lines)
@@ -521,6 +532,7 @@ def plan_json(plan: Plan) -> dict[str, object]:
             "micro_batch_size": plan.cfg.train.micro_batch_size,
         },
         "parts": {p.name: p.bytes for p in r.parts},
+        "peak_phase": r.peak_phase,
         "peak_parts": {p.name: p.bytes for p in r.peak_parts},
         "stages": [{"stage": s.stage, "parameters": s.parameters, "peak_bytes": s.total} for s in plan.ranks],
         "step_seconds_h100_class": plan.step_time,
