@@ -279,7 +279,7 @@ def judge(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="work folder (replaced); ~7 GB at the full shape")
+    ap.add_argument("--out", required=True, help="work folder (replaced); 11 GB at the full shape")
     ap.add_argument("--layers", type=int, default=QWEN25_05B["num_hidden_layers"])
     ap.add_argument(
         "--hidden", type=int, default=QWEN25_05B["hidden_size"], help="a multiple of the 14 heads"
