@@ -53,27 +53,34 @@ def make_hf_folder(kind: str, root: Path, *, seed: int = 0, **overrides: Any) ->
     return path
 
 
-def hf_logits(path: Path | str, tokens: list[list[int]] = TOKENS) -> torch.Tensor:
+def hf_logits(
+    path: Path | str, tokens: list[list[int]] = TOKENS, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The logits of the folder's model loaded by transformers in ``dtype``, returned as float32."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     with torch.no_grad():
-        return model(torch.tensor(tokens)).logits
+        return model(torch.tensor(tokens)).logits.float()
 
 
-def stage_logits(model: Any, lay: Any, rank: int, hidden_size: int, vocab_size: int) -> torch.Tensor | None:
-    """TOKENS through this rank's pipeline stage (hidden states passed by send/recv); the full unpadded logits on
-    the last stage, None elsewhere."""
+def stage_logits(
+    model: Any, lay: Any, rank: int, hidden_size: int, vocab_size: int, tokens: list[list[int]] = TOKENS
+) -> torch.Tensor | None:
+    """``tokens`` (rows of equal length) through this rank's pipeline stage (hidden states passed by send/recv);
+    the full unpadded logits on the last stage, None elsewhere."""
     import torch.distributed as dist
 
     from gatedpo_mega.megatron.backend import causal_mask
 
     model.eval()
-    ids = torch.tensor(TOKENS)
+    ids = torch.tensor(tokens)
     pos = torch.arange(ids.shape[1])[None].expand_as(ids)
     with torch.no_grad():
         if not lay.first_stage:
-            hidden = torch.empty(ids.shape[1], ids.shape[0], hidden_size)
+            hidden = torch.empty(
+                ids.shape[1], ids.shape[0], hidden_size, dtype=next(model.parameters()).dtype
+            )
             dist.recv(
                 hidden, src=rank - lay.tp
             )  # megatron-core's order: tensor fastest, then data, then pipeline
@@ -175,30 +182,46 @@ def train_worker(rank: int, world: int, overrides: list[str]) -> None:
     train(load_config(None, overrides), make_run_data)
 
 
-def trained_logits_worker(rank: int, world: int, ckpt: str, out: str) -> None:
+def trained_logits_worker(
+    rank: int,
+    world: int,
+    ckpt: str,
+    out: str,
+    tokens: list[list[int]] = TOKENS,
+    dtypes: tuple[str, ...] = ("fp32",),
+) -> None:
     """The trained model's logits, its weights read by ``load_state_dict`` from DeepSpeed's own model-states files
-    (not through the converter): the reference the exported Hugging Face model must reproduce."""
+    (not through the converter): the reference the exported Hugging Face model must reproduce. The model is built
+    at the checkpoint's layout in each of ``dtypes`` (its weights cast to it); ``out`` gets ``{dtype: logits}``,
+    float32."""
     from gatedpo_mega.convert.hf_config import model_config_from_dict
     from gatedpo_mega.formats import module_states_file
     from gatedpo_mega.megatron.model import StageInfo, build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
 
     meta = json.loads((Path(ckpt) / "meta.json").read_text())
-    cfg = model_config_from_dict({**meta["model"], "fused_logprobs": False, "init_from": ""}, ckpt)
     tp, pp = meta["layout"]["tensor"], meta["layout"]["pipeline"]
     lay = initialize_layout(tp, pp)
-    stage = StageInfo(
-        pre_process=lay.first_stage, post_process=lay.last_stage,
-        layer_offset=lay.pp_rank * (cfg.num_layers // pp), tp_rank=lay.tp_rank, tp_size=tp,
-    )  # fmt: skip
-    model = build_model(
-        cfg, vocab_size=meta["vocab_size"], stage=stage, pipeline=pp, seed=7, tp_group=lay.tp_group
-    )
     mp = lay.pp_rank * tp + lay.tp_rank
     state = torch.load(module_states_file(Path(ckpt), mp, meta["layout"]["zero_stage"]), weights_only=False)
-    result = model.load_state_dict(state["module"], strict=False)
-    assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
-    assert not result.unexpected_keys, result.unexpected_keys
-    full = stage_logits(model, lay, rank, cfg.hidden_size, meta["vocab_size"])
-    if full is not None and lay.tp_rank == 0:
-        torch.save(full, out)
+    results = {}
+    for dtype in dtypes:
+        cfg = model_config_from_dict(
+            {**meta["model"], "fused_logprobs": False, "init_from": "", "dtype": dtype}, ckpt
+        )
+        stage = StageInfo(
+            pre_process=lay.first_stage, post_process=lay.last_stage,
+            layer_offset=lay.pp_rank * (cfg.num_layers // pp), tp_rank=lay.tp_rank, tp_size=tp,
+        )  # fmt: skip
+        model = build_model(
+            cfg, vocab_size=meta["vocab_size"], stage=stage, pipeline=pp, seed=7, tp_group=lay.tp_group
+        )
+        result = model.load_state_dict(state["module"], strict=False)
+        assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
+        assert not result.unexpected_keys, result.unexpected_keys
+        full = stage_logits(model, lay, rank, cfg.hidden_size, meta["vocab_size"], tokens)
+        del model
+        if full is not None:
+            results[dtype] = full.float()
+    if lay.last_stage and lay.tp_rank == 0:
+        torch.save(results, out)
