@@ -127,7 +127,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             fit = planner.smallest_fit(cfg, args.gpus, vocab, limit, target)
             out["smallest_gpu_count"] = fit
             where = f"the smallest GPU count that fits is {fit}" if fit else "no count up to 4096 fits"
-            refusal = f"this model does not fit any layout on {args.gpus} GPUs of {args.gpu_memory:g} GiB; {where}"
+            refusal = (
+                f"this model does not fit any layout on {args.gpus} GPUs of {args.gpu_memory:g} GiB; {where}"
+            )
     print(json.dumps(out, indent=1) if args.json else "\n".join(text))
     if refusal:
         print(f"gatedpo: error: {refusal}", file=sys.stderr)

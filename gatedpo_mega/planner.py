@@ -55,7 +55,9 @@ class RankPlan:
     parameters: int  # on this rank (its tensor-parallel share of its stage)
     parts: tuple[Part, ...]  # resident through the step
     backward: tuple[Part, ...]  # on top, at the end of backward: gradients, activations, output temporaries
-    step: tuple[Part, ...]  # on top, during the optimizer step: gradients, their fp32 copies, AdamW's temporaries
+    step: tuple[
+        Part, ...
+    ]  # on top, during the optimizer step: gradients, their fp32 copies, AdamW's temporaries
 
     @property
     def peak_phase(self) -> str:

@@ -116,10 +116,18 @@ def test_zero2_model_states_equal_deepspeeds_own_estimate(gpus):
     data-parallel ranks: 2 + 18 / N bytes a parameter) on the same parameter count."""
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    cfg = _cfg("parallel.tensor=1", "parallel.pipeline=1", "parallel.zero_stage=2", "train.global_batch_size=64")
+    cfg = _cfg(
+        "parallel.tensor=1", "parallel.pipeline=1", "parallel.zero_stage=2", "train.global_batch_size=64"
+    )
     n = stage_parameters(cfg, 32000, 0)
     r = plan_memory(cfg, world=gpus, vocab_size=32000).busiest
-    names = ("weights", "gradients", "gradients: fp32 partition", "optimizer: fp32 master weights", "optimizer: Adam moments")
+    names = (
+        "weights",
+        "gradients",
+        "gradients: fp32 partition",
+        "optimizer: fp32 master weights",
+        "optimizer: Adam moments",
+    )
     ours = sum(p.bytes for p in (*r.parts, *r.step) if p.name in names)
     _, theirs = estimate_zero2_model_states_mem_needs(n, num_gpus_per_node=gpus, cpu_offload=False)
     assert ours == pytest.approx(theirs, rel=1e-6)

@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,24 +72,6 @@ QWEN25_05B = dict(
 # moves the logits by O(1).
 TOLERANCES = {"fp32": 1e-5, "bf16": 2.0**-4}
 LN2_TOLERANCE = 1e-3  # bf16: the step-1 loss as tests/test_training.py checks it
-
-
-# ------------------------------------------------------------------------------------------------------ TEMPORARY
-# SHAPE_FROM_SOURCE: until ``model.init_from`` gives the run its shape by itself (another branch, "shapes from the
-# source"), the run must be told the shape fields, and they must match the folder; they are read here from the
-# mcore folder's gatedpo_mcore.json. Once that lands, drop this block and its one use in ``run_chain``.
-SHAPE_KEYS = (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "head_dim",
-    "tie_embeddings", "qkv_bias", "qk_norm", "rotary_base", "norm_epsilon", "max_position_embeddings",
-    "make_vocab_size_divisible_by",  # configs/qwen2.5-0.5b.yaml's 128 is refused against hf-to-mcore's 64
-)  # fmt: skip
-
-
-def shape_overrides(mcore: Path) -> list[str]:
-    model = json.loads((mcore / "gatedpo_mcore.json").read_text())["model"]
-    return [
-        f"model.{k}={str(model[k]).lower() if isinstance(model[k], bool) else model[k]}" for k in SHAPE_KEYS
-    ]
 
 
 # ------------------------------------------------------------------------------------------------------ the stages
@@ -197,6 +180,7 @@ class Chain:
         )
         self.stages: dict[str, dict[str, float]] = {}
         self.commands: list[str] = []
+        self.plan: dict[str, Any] = {}
 
     def command(self, name: str, *args: str) -> None:
         """``gatedpo ARGS`` in a child process: its wall time and peak RSS (of its process tree)."""
@@ -223,8 +207,16 @@ def run_chain(c: Chain, shape: dict[str, Any], seed: int) -> tuple[int, Path]:
     overrides = [
         f"model.init_from={c.mcore}", f"train.output_dir={c.run}", f"parallel.tensor={TENSOR}",
         f"data.tokenizer={c.out / 'tokenizers' / 'hh-8000'}", f"data.cache_dir={c.out / 'cache'}",
-        *shape_overrides(c.mcore),  # SHAPE_FROM_SOURCE (temporary)
     ]  # fmt: skip
+    # The planner's prediction for the same run, beside what the run measures.
+    plan = subprocess.run(
+        _cli("plan", "--config", str(CONFIG.relative_to(ROOT)), "--nproc", str(TENSOR), "--target", "cpu", "--json",
+             *overrides),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if plan.returncode:
+        raise SystemExit(f"real_shape: gatedpo plan failed: {plan.stderr.strip()[-500:]}")
+    c.plan = json.loads(plan.stdout)
     c.command("train: 3 Gate-DPO steps, bf16, TP 2, 2 processes",
               "train", "--config", str(CONFIG.relative_to(ROOT)), "--nproc", str(TENSOR), *overrides)  # fmt: skip
     ckpt = latest_checkpoint(c.run)
@@ -312,6 +304,8 @@ def main() -> int:
         "shape": shape, "parameters": n_params, "tensor": TENSOR, "processes": TENSOR, "steps": steps,
         "step_seconds": [r["step_seconds"] for r in steps],
         "peak_mib_max_rank": max(r["memory/peak_mib_max_rank"] for r in steps),
+        "planned_peak_mib": round(chain.plan["per_rank_peak_bytes"] / 2**20, 1),
+        "planned_parts_mib": {k: round(v / 2**20, 1) for k, v in {**chain.plan["parts"], **chain.plan["peak_parts"]}.items()},
         "step1_loss_minus_ln2": steps[0]["loss"] - math.log(2.0), "stages": chain.stages, "logits": logits,
         "tolerances": TOLERANCES, "weights": weights, "checks": judge(steps, weights, logits, dtype),
         "commands": chain.commands,
@@ -339,6 +333,11 @@ def print_summary(r: dict[str, Any]) -> None:
             f"| {x['step']} | {x['loss']:.6f} | {x['grad_norm']:.4g} | {x['step_seconds']:.1f} | "
             f"{x['memory/peak_mib_max_rank']:.0f} |"
         )
+    measured, planned = r["peak_mib_max_rank"], r["planned_peak_mib"]
+    print(
+        f"\npeak memory of the busiest rank: measured {measured:,.0f} MiB, gatedpo plan {planned:,.0f} MiB "
+        f"({100 * (planned - measured) / measured:+.1f}%)"
+    )
     print(
         "\n| logits | max abs diff | max abs logit | rel max | rel L2 | top-1 agree |\n|---|---|---|---|---|---|"
     )
