@@ -154,7 +154,7 @@ def test_more_parallelism_and_recompute_need_less_memory():
     ],
 )  # fmt: skip
 def test_a_layout_that_cannot_work_is_refused_as_training_refuses_it(overrides, message):
-    proc = _cli("--config", "configs/llama2-7b.yaml", "--vocab-size", "32000", *overrides)
+    proc = _cli("--config", "configs/llama2-7b.yaml", *overrides)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"gatedpo: error: {message}" or (
         proc.stderr.startswith("gatedpo: error: ") and message in proc.stderr and proc.stderr.count("\n") == 1
@@ -162,10 +162,10 @@ def test_a_layout_that_cannot_work_is_refused_as_training_refuses_it(overrides, 
 
 
 def test_the_plan_command_prints_the_parts_and_one_json_object():
-    proc = _cli("--config", "configs/llama2-7b.yaml", "--vocab-size", "32000", "--target", "cuda")
+    proc = _cli("--config", "configs/llama2-7b.yaml", "--target", "cuda")
     assert proc.returncode == 0, proc.stderr
     assert "busiest rank: pipeline stage " in proc.stdout and "| weights " in proc.stdout
-    proc = _cli("--config", "configs/llama2-7b.yaml", "--vocab-size", "32000", "--target", "cuda", "--json")
+    proc = _cli("--config", "configs/llama2-7b.yaml", "--target", "cuda", "--json")
     out = json.loads(proc.stdout)
     expected = plan_memory(_cfg(), world=8, vocab_size=32000).per_rank_peak_bytes
     assert out["per_rank_peak_bytes"] == expected
@@ -186,7 +186,7 @@ def test_the_layout_search_ranks_what_fits_and_names_the_smallest_gpu_count():
     assert need is not None and feasible(cfg, need, 32000, 24 * GiB)
     assert not any(feasible(cfg, n, 32000, 24 * GiB) for n in (4,) if n < need)
     proc = _cli(
-        "--config", "configs/llama2-7b.yaml", "--vocab-size", "32000", "--gpus", "2", "--gpu-memory", "24"
+        "--config", "configs/llama2-7b.yaml", "--gpus", "2", "--gpu-memory", "24"
     )
     assert proc.returncode == 1
     assert proc.stderr == (
