@@ -120,6 +120,10 @@ def build_model(
         rotary_base=int(cfg.rotary_base),
     )
     init_parameters(model, cfg, stage=stage, seed=seed)
+    # megatron-core builds its norms in fp32 whatever params_dtype says (WrappedTorchNorm); DeepSpeed casts the whole
+    # trained module to the run's dtype. Casting here too makes every copy of the model (the policy, a live or
+    # precomputed reference, a converter's) the same function: at step 1 the policy is the reference, to the bit.
+    model.to(DTYPES[cfg.dtype])
     if cfg.tie_embeddings and pipeline > 1 and stage.post_process and not stage.pre_process:
         # The last stage's copy of the tied embedding: its gradient is summed with the first stage's, and
         # DeepSpeed must count the shared weight once in the gradient norm.
