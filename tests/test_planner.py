@@ -185,9 +185,7 @@ def test_the_layout_search_ranks_what_fits_and_names_the_smallest_gpu_count():
     need = smallest_fit(cfg, 2, 32000, 24 * GiB)
     assert need is not None and feasible(cfg, need, 32000, 24 * GiB)
     assert not any(feasible(cfg, n, 32000, 24 * GiB) for n in (4,) if n < need)
-    proc = _cli(
-        "--config", "configs/llama2-7b.yaml", "--gpus", "2", "--gpu-memory", "24"
-    )
+    proc = _cli("--config", "configs/llama2-7b.yaml", "--gpus", "2", "--gpu-memory", "24")
     assert proc.returncode == 1
     assert proc.stderr == (
         "gatedpo: error: this model does not fit any layout on 2 GPUs of 24 GiB; the smallest GPU count that fits "
