@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from gatedpo_mega.config import Config, ParallelConfig
-from gatedpo_mega.errors import ConfigError
+from gatedpo_mega.errors import ConfigError, UserError
 from gatedpo_mega.families import layer_tensors
 from gatedpo_mega.ops.logprobs import DEFAULT_CHUNK_ELEMENTS
 
@@ -347,6 +347,11 @@ def plan_memory(cfg: Config, *, world: int, vocab_size: int, target: str = "cuda
     """The plan of ``cfg`` on ``world`` ranks; a layout that cannot run is refused as training refuses it."""
     from gatedpo_mega.megatron.parallel import validate_layout
 
+    if cfg.model.backend != "megatron":
+        raise UserError(
+            f"gatedpo plan: model.backend={cfg.model.backend} is not planned (its layers are the Hugging Face "
+            "model's own); plan the same weights with model.backend=megatron, which trains them at any TP x PP"
+        )
     dp = validate_layout(cfg, world)
     ranks = tuple(rank_plan(cfg, dp, vocab_size, s, target) for s in range(cfg.parallel.pipeline))
     return Plan(cfg=cfg, dp=dp, vocab_size=vocab_size, target=target, tokens=rows_tokens(cfg), ranks=ranks)

@@ -14,7 +14,7 @@ from convert_helpers import FAMILIES, hf_config
 from distributed import run_distributed
 
 from gatedpo_mega.config import Config, ModelConfig, ParallelConfig, load_config
-from gatedpo_mega.errors import ConfigError
+from gatedpo_mega.errors import ConfigError, UserError
 from gatedpo_mega.planner import (
     GiB,
     feasible,
@@ -200,6 +200,9 @@ def test_bad_arguments_are_one_line():
     )
     with pytest.raises(ConfigError):
         plan_memory(_cfg(), world=12, vocab_size=32000)
+    hf = Config(model=ModelConfig(backend="transformers", init_from="HF_DIR"))
+    with pytest.raises(UserError, match="model.backend=transformers is not planned"):
+        plan_memory(hf, world=1, vocab_size=32000)
 
 
 @pytest.mark.slow
