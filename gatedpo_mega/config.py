@@ -155,8 +155,10 @@ class TrainConfig:
     resume: bool | str = False
     # A damaged latest checkpoint on resume: fall back to the newest that verifies (false: refuse the resume).
     resume_fallback: bool = True
-    eval_every: int = 0  # steps between evaluations on the held-out split (0: none; also after the last step)
-    eval_max_pairs: int = 0  # evaluate on the first N held-out pairs (0: all)
+    eval_every: int = (
+        0  # steps between evaluations (hash split, data.eval_sets) (0: none; also after the last step)
+    )
+    eval_max_pairs: int = 0  # evaluate on the first N pairs of each evaluation set (0: all)
     reference: str = (
         "precomputed"  # precomputed | live (a frozen copy of the initial model, forward per step)
     )

@@ -186,7 +186,8 @@ def test_each_set_is_logged_by_name_and_the_hash_split_as_a_file_gives_its_numbe
         *BASE, "train.eval_every=2", f"data.eval_sets.split={split}", f"data.eval_sets.other={other}"])))  # fmt: skip
     run = load_run(tmp_path / "named")
     assert run.eval[2]["split/rewards/accuracies"] == named[2]["eval/split/rewards/accuracies"]
-    write_report(group_runs([run]), tmp_path / "report")
+    paths = write_report(group_runs([run]), tmp_path / "report")
+    assert {"eval_split_loss", "eval_other_loss", "eval_heldout_loss"} <= set(paths), sorted(paths)
 
 
 @pytest.mark.slow
