@@ -327,10 +327,12 @@ def _series(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """(steps, mean, min, max) over the group's seeds at every step where at least one seed logged ``key``."""
     by_step: dict[int, list[float]] = {}
+    # kind "eval/<set>": that evaluation set's metrics (data.eval_sets), logged as eval/<set>/<key>
+    name = f"{kind.removeprefix('eval/')}/{key}" if kind.startswith("eval/") else key
     for run in group.runs:
         for step, rec in (run.train if kind == "train" else run.eval).items():
-            if key in rec and math.isfinite(rec[key]):
-                by_step.setdefault(step, []).append(rec[key])
+            if name in rec and math.isfinite(rec[name]):
+                by_step.setdefault(step, []).append(rec[name])
     if not by_step:
         return None
     steps = sorted(by_step)
@@ -363,7 +365,15 @@ def _draw(
 
 
 def _plot_name(kind: str, key: str) -> str:
-    return f"{kind}_{key.replace('/', '_')}.png"
+    return f"{kind.replace('/', '_')}_{key.replace('/', '_')}.png"
+
+
+def eval_set_names(groups: Sequence[Group]) -> list[str]:
+    """The ``data.eval_sets`` names of the runs (and ``heldout``, the hash split beside them), in order."""
+    names = [
+        k.split(".")[2] for g in groups for r in g.runs for k in r.config if k.startswith("data.eval_sets.")
+    ]
+    return list(dict.fromkeys([*names, "heldout"] if names else []))
 
 
 def _colors(n: int) -> list[Any]:
@@ -413,7 +423,7 @@ def _legend_below(fig: Any, handles: list[Any], *, fontsize: float = 8) -> float
 
 
 def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
-    """One PNG per (train | eval, quantity) that some run logged, and ``overview.png`` with a panel per quantity."""
+    """One PNG per (train | eval | eval/<set>, quantity) that some run logged, and ``overview.png`` with a panel per quantity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -433,7 +443,7 @@ def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
         fig.set_size_inches(6, 4 + below)
     height = 4 + below
     fig.subplots_adjust(left=0.16, right=0.97, bottom=(0.48 + below) / height, top=1 - 0.32 / height)
-    for kind in ("train", "eval"):
+    for kind in ("train", "eval", *(f"eval/{n}" for n in eval_set_names(groups))):
         for key, title in QUANTITIES.items():
             ax.clear()
             if _draw(ax, groups, kind, key, colors):

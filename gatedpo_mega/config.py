@@ -155,8 +155,10 @@ class TrainConfig:
     resume: bool | str = False
     # A damaged latest checkpoint on resume: fall back to the newest that verifies (false: refuse the resume).
     resume_fallback: bool = True
-    eval_every: int = 0  # steps between evaluations on the held-out split (0: none; also after the last step)
-    eval_max_pairs: int = 0  # evaluate on the first N held-out pairs (0: all)
+    eval_every: int = (
+        0  # steps between evaluations (hash split, data.eval_sets) (0: none; also after the last step)
+    )
+    eval_max_pairs: int = 0  # evaluate on the first N pairs of each evaluation set (0: all)
     reference: str = (
         "precomputed"  # precomputed | live (a frozen copy of the initial model, forward per step)
     )
@@ -262,6 +264,11 @@ class Config:
                 f"data.packing=true with model.attention={self.model.attention}: that attention core cannot keep the "
                 "documents of a packed row apart; use model.attention=sdpa"
             )
+        if self.data.eval_sets and not self.train.eval_every:
+            raise ValueError(
+                f"data.eval_sets ({', '.join(self.data.eval_sets)}) are evaluated every train.eval_every steps; "
+                "set train.eval_every > 0"
+            )
         if self.objective.name in SFT_OBJECTIVES and self.train.reference == "live":
             raise ValueError(f"train.reference=live: objective.name={self.objective.name} uses no reference")
         if self.model.max_position_embeddings < self.data.max_length:
@@ -283,6 +290,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotated type ``tp``; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        shorthand = getattr(tp, "SHORTHAND", None)  # a section written as the value of one of its fields
+        if shorthand is not None and isinstance(value, str):
+            value = {shorthand: value}
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping of {_allowed_keys(tp)}; got {value!r}")
         return _build(tp, value, key)
@@ -295,6 +305,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if isinstance(a, type) and isinstance(value, a) and not (a is int and isinstance(value, bool)):
                 return _coerce(key, value, a)
         return _coerce(key, value, inner[0])
+    if origin is dict:  # a mapping of names the user chooses (data.eval_sets)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of names to values; got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
     if origin is list:
         (item,) = typing.get_args(tp)
         if item is str and isinstance(value, str):  # ``key=a,b`` on the command line; "" is the empty list

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from gatedpo_mega.validate import choice, not_empty, valid_seed
 
 FORMATS = ("auto", "hh", "plain", "chat")
 CHAT_TEMPLATES = ("auto", "tokenizer", "hh", "chatml")
 ON_BAD_RECORD = ("error", "skip")
+# The name the training data's hash split (data.eval_fraction) is evaluated under beside named eval sets.
+HELDOUT = "heldout"
+# How an eval set reads its records: these fields of ``data``, each overridable per set.
+EVAL_SET_FIELDS = ("format", "split", "prompt_field", "chosen_field", "rejected_field", "chat_template")
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalSetConfig:
+    """One evaluation set of ``data.eval_sets``: its own source; every field left null reads as ``data``'s."""
+
+    SHORTHAND: ClassVar[str] = "source"  # ``data.eval_sets.NAME=path``: the set written as its source alone
+
+    source: str = ""  # a data file or folder, or a Hugging Face Hub dataset id (not "builtin")
+    format: str | None = None  # null: data.format
+    split: str | None = None  # null: data.split
+    prompt_field: str | None = None  # null: data.prompt_field
+    chosen_field: str | None = None  # null: data.chosen_field
+    rejected_field: str | None = None  # null: data.rejected_field
+    chat_template: str | None = None  # null: data.chat_template
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,6 +57,11 @@ class DataConfig:
     packing: bool = False
     on_bad_record: str = "error"  # error: stop at the first bad record | skip: count, report and go on
     eval_fraction: float = 0.05  # held-out share, chosen by a hash of the prompt text (0: no eval split)
+    # Evaluation sets of their own, by name: ``{hh: data/hh_test.jsonl, mine: {source: m.jsonl, format: plain}}``
+    # (each an EvalSetConfig, or its source alone). Metrics are logged as eval/<name>/<metric>; the hash split
+    # above, when data.eval_fraction > 0, is evaluated beside them as eval/heldout/<metric>. Empty: only the hash
+    # split, as eval/<metric>.
+    eval_sets: dict[str, EvalSetConfig] = field(default_factory=dict)
     num_proc: int = 1  # tokenizer processes
     builtin_pairs: int = 4000  # size of the generated built-in dataset
     builtin_vocab_size: int = 512  # vocabulary of the built-in SentencePiece tokenizer
@@ -93,3 +118,26 @@ class DataConfig:
         if self.seed is not None:
             valid_seed("data.seed", self.seed)
         not_empty("data.cache_dir", self.cache_dir)
+        for name, spec in self.eval_sets.items():
+            check_eval_set(name, spec, self)
+
+
+def check_eval_set(name: str, spec: EvalSetConfig, data: DataConfig) -> None:
+    """Raise ``ValueError`` naming ``data.eval_sets.<name>`` when the set's name or options are unusable."""
+    key = f"data.eval_sets.{name}"
+    if not name or "/" in name or name != name.strip():
+        raise ValueError(f"{key}: a set name must be non-empty, without '/' or surrounding spaces")
+    if name == HELDOUT:
+        raise ValueError(f"{key}: '{HELDOUT}' names the data.eval_fraction split; choose another name")
+    if not spec.source or spec.source == "builtin":
+        raise ValueError(f"{key}.source must name a data file, folder or Hub dataset")
+    if spec.format is not None:
+        choice(f"{key}.format", spec.format, FORMATS)
+    if spec.chat_template is not None:
+        choice(f"{key}.chat_template", spec.chat_template, CHAT_TEMPLATES)
+    for f in ("split", "prompt_field", "chosen_field", "rejected_field"):
+        if getattr(spec, f) is not None:
+            not_empty(f"{key}.{f}", getattr(spec, f))
+    chosen = spec.chosen_field or data.chosen_field
+    if chosen == (spec.rejected_field or data.rejected_field):
+        raise ValueError(f"{key}: chosen_field and rejected_field are both {chosen!r}")

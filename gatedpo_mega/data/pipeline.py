@@ -13,11 +13,11 @@ import multiprocessing as mp
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from gatedpo_mega.data import builtin
-from gatedpo_mega.data.config import DataConfig
+from gatedpo_mega.data.config import EVAL_SET_FIELDS, DataConfig
 from gatedpo_mega.data.errors import DataError
 from gatedpo_mega.data.records import BUILTIN_TEMPLATES, Drop, Example, Fields, Render, to_example
 from gatedpo_mega.data.sources import Bad, files_digest, read_records, resolve_files
@@ -29,7 +29,7 @@ CHUNK = 256  # examples per tokenizer call (and per task sent to a worker proces
 # Settings that do not change the tokenized pairs, so they stay out of the cache key.
 _NOT_IN_KEY = (
     "cache_dir", "num_proc", "pad_to_multiple", "packing", "tokenizer", "source", "train_tokenizer_if_missing",
-    "tokenizer_vocab_size",
+    "tokenizer_vocab_size", "eval_sets",
 )  # fmt: skip
 
 
@@ -243,7 +243,7 @@ def fingerprint(cfg: DataConfig, tok: Tokenizer, *, seed: int) -> str:
 
 
 def tokenize(
-    cfg: DataConfig, tok: Tokenizer, *, seed: int
+    cfg: DataConfig, tok: Tokenizer, *, seed: int, purpose: str = "training"
 ) -> tuple[TokenizedPairs, TokenizedPairs, DataReport]:
     report = DataReport(source=cfg.source)
     indexed = list(iter_examples(cfg, report, seed=seed, render=chat_renderer(cfg, tok)))
@@ -264,7 +264,7 @@ def tokenize(
     train, evals = (TokenizedPairs.from_pairs(*splits[k]) for k in (False, True))
     report.kept, report.train, report.eval = len(train) + len(evals), len(train), len(evals)
     if len(train) == 0:
-        raise DataError(f"data.source {cfg.source}: no usable training pairs ({_summary(report)})")
+        raise DataError(f"data.source {cfg.source}: no usable {purpose} pairs ({_summary(report)})")
     return train, evals, report
 
 
@@ -273,19 +273,43 @@ def _summary(report: DataReport) -> str:
     return f"{report.records} records read, {report.kept} kept; dropped: {drops}"
 
 
-def load_preference_data(cfg: DataConfig, *, seed: int) -> PreferenceData:
+def load_preference_data(cfg: DataConfig, *, seed: int, purpose: str = "training") -> PreferenceData:
     """Tokenized train (and eval) pairs for ``cfg``; the second call with the same files, tokenizer and settings
     re-uses the cache under ``data.cache_dir``."""
     tok = resolve_tokenizer(cfg, seed)
     fp = fingerprint(cfg, tok, seed=seed)
     path = Path(cfg.cache_dir) / "pairs" / fp[:20]
     if not (path / "report.json").is_file():
-        train, evals, report = tokenize(cfg, tok, seed=seed)
+        train, evals, report = tokenize(cfg, tok, seed=seed, purpose=purpose)
         _write_cache(path, train, evals, report)
     report = DataReport.from_json((path / "report.json").read_text())
     train = TokenizedPairs.load(path / "train.npz")
     evals = TokenizedPairs.load(path / "eval.npz")
     return PreferenceData(tok, train, evals if len(evals) else None, report, fp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation sets of their own (data.eval_sets)
+
+
+def eval_set_config(cfg: DataConfig, name: str) -> DataConfig:
+    """``cfg`` reading eval set ``name``: its source and the reading options it gives (the rest as ``cfg``'s), every
+    pair kept (no hash split)."""
+    spec = cfg.eval_sets[name]
+    given = {f: getattr(spec, f) for f in EVAL_SET_FIELDS if getattr(spec, f) is not None}
+    return replace(cfg, source=spec.source, **given, eval_fraction=0.0, eval_sets={})
+
+
+def load_eval_set(cfg: DataConfig, name: str, *, seed: int) -> PreferenceData:
+    """Eval set ``name`` read, validated and tokenized (cached) as training data is, its pairs in ``.train``; a
+    problem is one line naming the set."""
+    set_cfg = eval_set_config(cfg, name)
+    try:
+        return load_preference_data(set_cfg, seed=seed, purpose="evaluation")
+    except DataError as e:
+        # The pipeline names its source as data.source; here the set is what the user wrote.
+        message = str(e).replace(f"data.source {set_cfg.source}", set_cfg.source)
+        raise DataError(f"data.eval_sets.{name}: {message}") from None
 
 
 def _write_cache(path: Path, train: TokenizedPairs, evals: TokenizedPairs, report: DataReport) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,7 +14,9 @@ import torch.distributed as dist
 from gatedpo_mega.config import Config
 from gatedpo_mega.data import PreferenceLoader, load_preference_data
 from gatedpo_mega.data.batch import PreferenceBatch
+from gatedpo_mega.data.config import HELDOUT
 from gatedpo_mega.data.loader import collate
+from gatedpo_mega.data.pipeline import PreferenceData, load_eval_set
 from gatedpo_mega.data.tokenized import TokenizedPairs
 from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.megatron.parallel import Layout
@@ -34,6 +36,18 @@ class StepSource(Protocol):
 
 
 @dataclass(slots=True)
+class EvalData:
+    """One evaluation set: this DP rank's micro-batches (the same number on every rank; ``counted`` False marks the
+    fillers that even them out, which are run but not counted)."""
+
+    prefix: str  # of its metric names: "eval/" (the hash split alone, as always) or "eval/<name>/"
+    batches: list[PreferenceBatch]
+    counted: list[bool]
+    num_pairs: int
+    reference_file: Path | None = None  # cached reference log-probs of its pairs (None: always compute)
+
+
+@dataclass(slots=True)
 class RunData:
     steps: StepSource  # this DP rank's micro-batches, one list per optimizer step
     reference_batches: list[PreferenceBatch]  # this DP rank's share of every pair, for the reference pass
@@ -41,12 +55,7 @@ class RunData:
     vocab_size: int
     reference_file: Path | None  # cached reference log-probs (None: always compute)
     report: str = ""
-    # Held-out pairs: this DP rank's micro-batches (the same number on every rank; ``eval_counted`` False marks
-    # the fillers that even them out, which are run but not counted).
-    eval_batches: list[PreferenceBatch] | None = None
-    eval_counted: list[bool] | None = None
-    num_eval_pairs: int = 0
-    eval_reference_file: Path | None = None
+    evals: list[EvalData] = field(default_factory=list)  # the evaluation sets (train.eval_every > 0)
 
 
 def reference_key(cfg: Config, vocab_size: int) -> str:
@@ -102,15 +111,20 @@ def run_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
 
 
 def make_run_data(cfg: Config, layout: Layout) -> RunData:
-    # Rank 0 tokenizes and writes the cache; the others wait, then read it.
+    t = cfg.train
+
+    def load() -> tuple[PreferenceData, list[tuple[str, TokenizedPairs, Path]]]:
+        data = load_preference_data(cfg.data, seed=t.seed)
+        return data, eval_sets(cfg, data.eval, data.cache_path, seed=t.seed) if t.eval_every else []
+
+    # Rank 0 tokenizes and writes the caches; the others wait, then read them.
     if layout.rank == 0:
-        data = load_preference_data(cfg.data, seed=cfg.train.seed)
+        data, sets = load()
     dist.barrier()
     if layout.rank != 0:
-        data = load_preference_data(cfg.data, seed=cfg.train.seed)
+        data, sets = load()
     tok = data.tokenizer
     vocab = run_vocab_size(cfg, tok.vocab_size)
-    t = cfg.train
     try:
         steps = PreferenceLoader(
             data.train, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
@@ -141,16 +155,38 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
         reference_file=data.cache_path / f"reference-{key}.pt",
         report=report,
     )
-    if t.eval_every:
-        if data.eval is None or not len(data.eval):
-            raise ConfigError(
-                f"train.eval_every={t.eval_every} needs held-out pairs; data.eval_fraction={cfg.data.eval_fraction} "
-                "left none"
-            )
-        evals = data.eval
-        if t.eval_max_pairs and len(evals) > t.eval_max_pairs:
-            evals = evals.subset(np.arange(t.eval_max_pairs))
-        run.eval_batches, run.eval_counted = eval_micro_batches(evals, cfg, layout, tok.pad_id)
-        run.num_eval_pairs = len(evals)
-        run.eval_reference_file = data.cache_path / f"reference-eval{len(evals)}-{key}.pt"
+    run.evals = [eval_data(prefix, pairs, path, cfg, layout, tok.pad_id, key) for prefix, pairs, path in sets]
+    if cfg.data.eval_sets:
+        run.report += "".join(f"\n{prefix[:-1]}: {len(pairs)} pairs" for prefix, pairs, _ in sets)
     return run
+
+
+def eval_sets(
+    cfg: Config, heldout: TokenizedPairs | None, cache_path: Path, *, seed: int
+) -> list[tuple[str, TokenizedPairs, Path]]:
+    """``(metric prefix, pairs, cache folder)`` of each evaluation set: the hash split alone as ``eval/``, or each
+    of ``data.eval_sets`` as ``eval/<name>/`` with the hash split (when it holds pairs) as ``eval/heldout/``."""
+    if not cfg.data.eval_sets:
+        if heldout is None or not len(heldout):
+            raise ConfigError(
+                f"train.eval_every={cfg.train.eval_every} needs held-out pairs; "
+                f"data.eval_fraction={cfg.data.eval_fraction} left none (or name data.eval_sets)"
+            )
+        return [("eval/", heldout, cache_path)]
+    sets = [(f"eval/{HELDOUT}/", heldout, cache_path)] if heldout is not None and len(heldout) else []
+    for name in cfg.data.eval_sets:
+        loaded = load_eval_set(cfg.data, name, seed=seed)
+        sets.append((f"eval/{name}/", loaded.train, loaded.cache_path))
+    return sets
+
+
+def eval_data(
+    prefix: str, pairs: TokenizedPairs, cache_path: Path, cfg: Config, layout: Layout, pad_id: int, key: str
+) -> EvalData:
+    """One set's first ``train.eval_max_pairs`` pairs (0: all) as this rank's micro-batches."""
+    limit = cfg.train.eval_max_pairs
+    if limit and len(pairs) > limit:
+        pairs = pairs.subset(np.arange(limit))
+    batches, counted = eval_micro_batches(pairs, cfg, layout, pad_id)
+    ref = cache_path / f"reference-eval{len(pairs)}-{key}.pt"
+    return EvalData(prefix, batches, counted, len(pairs), ref)

@@ -68,7 +68,7 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     log = MetricsLog(cfg, active=layout.rank == 0, start_step=start)
     history = []
     t = cfg.train
-    evaluating = data.eval_batches is not None and t.eval_every > 0
+    evaluating = bool(data.evals) and t.eval_every > 0
     hf_config = source_hf_config(cfg.model.init_from)  # kept in checkpoints, so an export writes it back
     try:
         # Step 0: the initial model, where every change the analysis shows starts.

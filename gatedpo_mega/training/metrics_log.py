@@ -55,7 +55,9 @@ class MetricsLog:
         shown = {
             "loss": record.get("loss"),
             "acc": record.get("rewards/accuracies"),
-            "eval": record.get("eval/loss"),
+            "eval": next(
+                (v for k, v in record.items() if k.startswith("eval/") and k.endswith("/loss")), None
+            ),
         }
         self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items() if v is not None}, refresh=False)
         if record["step"] > 0:  # the step-0 row is the evaluation before training

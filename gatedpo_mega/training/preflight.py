@@ -4,11 +4,12 @@ First the config itself: ``load_run_config`` builds it from the user's files wit
 ``model.init_from`` fixes read from the source (``adopt_source_shapes``), so that the user writes none of them and a
 written one that disagrees is refused in one line before anything else is read.
 
-Each check is the one the ranks run later, called early: the data pipeline itself (every record read and validated,
-tokenized into the cache the ranks then read), the packages of the ``train.report_to`` trackers, the tokenizer (trained here first when the config asks for it), and ``model.init_from`` against the config (every
+Each check is the one the ranks run later, called early: the data pipeline itself (every record of the training data
+and of each ``data.eval_sets`` set read and validated, tokenized into the cache the ranks then read), the packages of the ``train.report_to`` trackers, the tokenizer (trained here first when the config asks for it), and ``model.init_from`` against the config (every
 mismatch in one message). A refusal is one ``UserError`` line, seconds after launch, with no peer to stop.
 
-Before those, ``resolve_hub_ids`` turns Hugging Face Hub ids in ``model.init_from`` and ``data.source`` into their
+Before those, ``resolve_hub_ids`` turns Hugging Face Hub ids in ``model.init_from``, ``data.source`` and
+``data.eval_sets`` into their
 folders in the local Hugging Face cache (downloading what is missing), once, so that every rank reads the same
 local files and none asks the Hub.
 """
@@ -20,7 +21,7 @@ from dataclasses import replace
 
 from gatedpo_mega.config import Config, ConfigPaths, build_config, load_tree
 from gatedpo_mega.data import load_preference_data
-from gatedpo_mega.data.pipeline import ensure_tokenizer
+from gatedpo_mega.data.pipeline import ensure_tokenizer, load_eval_set
 from gatedpo_mega.data.sources import hub_dataset
 from gatedpo_mega.hub import hub_id, resolve_model
 from gatedpo_mega.training.data import run_vocab_size
@@ -43,6 +44,8 @@ def preflight(cfg: Config, *, data: bool = True) -> None:
     if data:
         ensure_tokenizer(cfg.data, seed=cfg.train.seed)
         tokenizer = load_preference_data(cfg.data, seed=cfg.train.seed).tokenizer
+        for name in cfg.data.eval_sets:  # each read, validated and tokenized into the cache as well
+            load_eval_set(cfg.data, name, seed=cfg.train.seed)
         vocab = run_vocab_size(cfg, tokenizer.vocab_size)
     if cfg.model.init_from:
         src = read_source(cfg.model.init_from)
@@ -50,7 +53,8 @@ def preflight(cfg: Config, *, data: bool = True) -> None:
 
 
 def resolve_hub_ids(cfg: Config, *, data: bool = True) -> tuple[Config, list[str]]:
-    """``cfg`` with each Hub id of ``model.init_from`` and ``data.source`` (``data=False``: not read) replaced by its
+    """``cfg`` with each Hub id of ``model.init_from``, ``data.source`` and ``data.eval_sets`` (``data=False``: not
+    read) replaced by its
     folder in the Hugging Face cache, and one line per id saying so. The folder names the repository and the commit
     (``.../models--org--name/snapshots/<commit>``): the saved config.yaml reruns the same files, offline too."""
     model, data_cfg, notes = cfg.model, cfg.data, []
@@ -62,4 +66,12 @@ def resolve_hub_ids(cfg: Config, *, data: bool = True) -> tuple[Config, list[str
         folder = hub_dataset(data_cfg.source)
         notes.append(f"data.source {data_cfg.source}: {folder}")
         data_cfg = replace(data_cfg, source=str(folder))
+    if data:
+        sets = dict(data_cfg.eval_sets)
+        for name, spec in sets.items():
+            if hub_id(spec.source):
+                folder = hub_dataset(spec.source)
+                notes.append(f"data.eval_sets.{name} {spec.source}: {folder}")
+                sets[name] = replace(spec, source=str(folder))
+        data_cfg = replace(data_cfg, eval_sets=sets)
     return replace(cfg, model=model, data=data_cfg), notes

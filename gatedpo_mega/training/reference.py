@@ -17,7 +17,7 @@ from gatedpo_mega.errors import UserError
 from gatedpo_mega.loss import LossContext, reference_loss_func
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.objectives import SFT_OBJECTIVES
-from gatedpo_mega.training.data import RunData
+from gatedpo_mega.training.data import EvalData, RunData
 from gatedpo_mega.training.step import run_forward
 
 
@@ -100,7 +100,7 @@ class Reference:
         self.live: torch.nn.Module | None = None
         self.needed = cfg.objective.name not in SFT_OBJECTIVES
         self.train_table: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.eval_table: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.eval_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # by the set's metric prefix
         if not self.needed:
             return
         self.ctx = LossContext(
@@ -121,22 +121,24 @@ class Reference:
             data.reference_file,
             device,
         )
-        if data.eval_batches is not None:
-            self.eval_table = load_or_compute_reference(
-                backend, model, layout, self.ctx, data.eval_batches, data.num_eval_pairs,
-                data.eval_reference_file, device, name="reference (eval pairs)",
-            )  # fmt: skip
+        for e in data.evals:
+            shown = "reference (eval pairs)" if e.prefix == "eval/" else f"reference ({e.prefix[:-1]})"
+            self.eval_tables[e.prefix] = load_or_compute_reference(
+                backend, model, layout, self.ctx, e.batches, e.num_pairs, e.reference_file, device, name=shown
+            )
 
-    def prepare(self, ctx: LossContext, batches: list[PreferenceBatch], *, split: str = "train") -> None:
-        """Point ``ctx`` at the reference log-probs of ``batches`` (pairs of ``split``)."""
+    def prepare(
+        self, ctx: LossContext, batches: list[PreferenceBatch], *, evals: EvalData | None = None
+    ) -> None:
+        """Point ``ctx`` at the reference log-probs of ``batches``: training pairs, or pairs of the set ``evals``."""
         if not self.needed:
             return
         if self.live is not None:
-            n = self.data.num_pairs if split == "train" else self.data.num_eval_pairs
+            n = self.data.num_pairs if evals is None else evals.num_pairs
             ctx.reference, ctx.ref_tokens = reference_pass(
                 self.backend, self.live, self.layout, self.ctx, batches, n, reduce=False
             )
             return
-        table = self.train_table if split == "train" else self.eval_table
+        table = self.train_table if evals is None else self.eval_tables[evals.prefix]
         assert table is not None
         ctx.reference, ctx.ref_tokens = table
