@@ -201,7 +201,7 @@ def test_bad_arguments_are_one_line():
     with pytest.raises(ConfigError):
         plan_memory(_cfg(), world=12, vocab_size=32000)
     hf = Config(model=ModelConfig(backend="transformers", init_from="HF_DIR"))
-    with pytest.raises(UserError, match="model.backend=transformers is not planned"):
+    with pytest.raises(UserError, match=r"model\.backend=transformers is not planned"):
         plan_memory(hf, world=1, vocab_size=32000)
 
 
