@@ -49,16 +49,13 @@ def test_total_parameters_equal_the_hugging_face_model(kind):
 def _count_worker(rank: int, world: int, model_fields: dict, tp: int, pp: int, vocab: int, out: str) -> None:
     import torch
 
-    from gatedpo_mega.megatron.model import StageInfo, build_model
+    from gatedpo_mega.megatron.backend import stage_info
+    from gatedpo_mega.megatron.model import build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
 
     cfg = Config(model=ModelConfig(**model_fields), parallel=ParallelConfig(tensor=tp, pipeline=pp))
     lay = initialize_layout(tp, pp)
-    per = cfg.model.num_layers // pp
-    stage = StageInfo(
-        pre_process=lay.first_stage, post_process=lay.last_stage, layer_offset=lay.pp_rank * per,
-        tp_rank=lay.tp_rank, tp_size=tp,
-    )  # fmt: skip
+    stage = stage_info(cfg, lay)  # as training builds each rank's stage
     model = build_model(cfg.model, vocab_size=vocab, stage=stage, pipeline=pp, seed=0, tp_group=lay.tp_group)
     counted = sum(p.numel() for p in model.parameters())
     torch.save((lay.pp_rank, counted, stage_parameters(cfg, vocab, lay.pp_rank)), f"{out}.{rank}")

@@ -48,26 +48,20 @@ def main() -> None:
     n7 = stage_parameters(layout(llama2, 1, 1, 1), vocab, 0)
 
     # 1. The ZeRO paper, Figure 1: model states per device of a 7.5B model at data-parallel 64 (K = 12).
-    scale = 7.5e9 / n7
-    for zero, published in ((1, 31.4), (2, 16.6), (3, 1.9)):
-        p = plan_memory(layout(llama2, 1, 1, zero), world=64, vocab_size=vocab)
-        rows.append((
-            f"7.5B, DP 64, ZeRO-{zero}: model states per GPU",
-            f"{published} GB",
-            f"{states(p) * scale / 1e9:.1f} GB (Llama-2-7B's {n7 / 1e9:.2f}B scaled to 7.5B)",
-            "Rajbhandari et al. 2020 (ZeRO), Figure 1",
-        ))  # fmt: skip
-
-    # 2. xtuner's DeepSpeed guide: 7B on 8 GPUs, model states per GPU.
-    scale = 7e9 / n7
-    for zero, published in ((1, 38.5), (2, 26.25), (3, 14.0)):
-        p = plan_memory(layout(llama2, 1, 1, zero), world=8, vocab_size=vocab)
-        rows.append((
-            f"7B, DP 8, ZeRO-{zero}: model states per GPU",
-            f"{published} GB",
-            f"{states(p) * scale / 1e9:.2f} GB (scaled to 7B)",
-            "InternLM/xtuner docs/zh_cn/acceleration/deepspeed.rst",
-        ))  # fmt: skip
+    # 2. xtuner's DeepSpeed guide: 7B on 8 GPUs, model states per GPU. Both: Llama-2-7B's count scaled to theirs.
+    published_states = (
+        (7.5e9, 64, (31.4, 16.6, 1.9), "Rajbhandari et al. 2020 (ZeRO), Figure 1"),
+        (7e9, 8, (38.5, 26.25, 14.0), "InternLM/xtuner docs/zh_cn/acceleration/deepspeed.rst"),
+    )
+    for size, world, figures, source in published_states:
+        for zero, published in zip((1, 2, 3), figures, strict=True):
+            p = plan_memory(layout(llama2, 1, 1, zero), world=world, vocab_size=vocab)
+            rows.append((
+                f"{size / 1e9:g}B, DP {world}, ZeRO-{zero}: model states per GPU",
+                f"{published} GB",
+                f"{states(p) * size / n7 / 1e9:.2f} GB (Llama-2-7B's {n7 / 1e9:.2f}B scaled to {size / 1e9:g}B)",
+                source,
+            ))  # fmt: skip
 
     # 3. DeepSpeed's own estimator (the installed package), ZeRO-2 without offload, Llama-2-7B on 8 GPUs.
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
