@@ -148,7 +148,9 @@ def test_a_lost_node_stops_the_other_with_one_line_and_leaves_whole_checkpoints(
     code = procs[0].wait(timeout=90)
     assert code != 0 and time.monotonic() - lost < 30 + 20  # within the collective time-out
     ours = re.findall(r"gatedpo: [^\r\n]*", logs[0].read_text())
-    assert len(ours) == 2, ours  # one line from each of node 0's ranks
+    # One line from each of node 0's ranks that got to say it: torchrun's agent stops a node's other ranks as soon as
+    # one exits, so the second may be terminated before its collective fails.
+    assert 1 <= len(ours) <= 2, ours
     for line in ours:
         assert re.fullmatch(r"gatedpo: rank [01]: a peer stopped \(.*127\.0\.0\.1.*\)", line) or re.fullmatch(
             r"gatedpo: error: rank [01]: a collective waited longer than .*", line
