@@ -252,13 +252,22 @@ def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
             "RUNNING",
         ), show
         time.sleep(0.05)
-    subprocess.run(["scontrol", "requeue", job], check=True, env=slurm, timeout=60)
-    # A requeued job waits ~2 minutes before it may start again (its BeginTime): start it as soon as it is pending.
+    # Requeued held, released once the node has finished the first run: a requeued job the scheduler starts again
+    # at once can reach slurmd while it still holds the job as killed ("Job 3 already killed, do not launch batch
+    # job": FAILED 1:0 with nothing in its log). Production requeues wait out a BeginTime delay for the same reason.
+    subprocess.run(["scontrol", "requeuehold", job], check=True, env=slurm, timeout=60)
     while "JobState=PENDING" not in (show := subprocess.run(["scontrol", "show", "job", job], capture_output=True,
                                                             text=True, env=slurm).stdout):  # fmt: skip
         assert time.monotonic() < deadline and "JobState=COMPLETED" not in show, show
         time.sleep(0.1)
+    while (state := subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                                   env=slurm).stdout.split()) != ["idle"]:  # fmt: skip
+        assert time.monotonic() < deadline, f"the node did not become idle after the requeue: {state}"
+        time.sleep(0.2)
+    time.sleep(2)
+    # A requeued job also waits ~2 minutes before it may start again (its BeginTime): start it now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm, timeout=60)
+    subprocess.run(["scontrol", "release", job], check=True, env=slurm, timeout=60)
     show = _wait_for_end(slurm, job, restarts=1, timeout=600)
     logs = work / "logs-srun"
     ranks = [logs / f"gatedpo-srun-{job}-{r}.out" for r in range(WORLD)]
