@@ -425,7 +425,6 @@ def candidates(cfg: Config, gpus: int, vocab_size: int, target: str = "cuda") ->
                             parallel=ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero),
                             train=replace(t, micro_batch_size=micro),
                         )
-                        trial.__post_init__()
                         plan = plan_memory(trial, world=gpus, vocab_size=vocab_size, target=target)
                     except (ConfigError, ValueError):
                         continue

@@ -181,7 +181,7 @@ def test_the_layout_search_ranks_what_fits_and_names_the_smallest_gpu_count():
     assert not feasible(cfg, 2, 32000, 24 * GiB)
     need = smallest_fit(cfg, 2, 32000, 24 * GiB)
     assert need is not None and feasible(cfg, need, 32000, 24 * GiB)
-    assert not any(feasible(cfg, n, 32000, 24 * GiB) for n in (4,) if n < need)
+    assert not any(feasible(cfg, n, 32000, 24 * GiB) for n in (4, *range(8, need, 8)))  # none smaller fits
     proc = _cli("--config", "configs/llama2-7b.yaml", "--gpus", "2", "--gpu-memory", "24")
     assert proc.returncode == 1
     assert proc.stderr == (
