@@ -187,6 +187,8 @@ def _show(v: Any) -> str:
 def _label(config: dict[str, Any], keys: Sequence[str]) -> str:
     parts = []
     for k in keys:
+        if k.startswith("gate.") and k != "gate.shape" and config.get("gate.shape") == "none":
+            continue  # no gate: its other fields are read by nothing
         v = _show(config.get(k))
         parts.append(v if k == "objective.name" else f"gate={v}" if k == "gate.shape" else f"{k}={v}")
     return " ".join(parts)
@@ -242,17 +244,31 @@ def _stats(values: list[float]) -> dict[str, Any] | None:
     return {"mean": float(a.mean()), "std": std, "n": len(a), "values": a.tolist()}
 
 
-def _endpoints(run: Run) -> tuple[str, dict[str, float], dict[str, float]]:
+def _eval_records(run: Run, eval_set: str | None) -> dict[int, dict[str, float]]:
+    """The run's evaluation records; of one ``data.eval_sets`` set (its ``<set>/`` prefix removed) when named."""
+    if eval_set is None:
+        return run.eval
+    prefix = f"{eval_set}/"
+    out = {}
+    for step, rec in run.eval.items():
+        sub = {k.removeprefix(prefix): v for k, v in rec.items() if k.startswith(prefix)}
+        if sub:
+            out[step] = sub
+    return out
+
+
+def _endpoints(run: Run, eval_set: str | None = None) -> tuple[str, dict[str, float], dict[str, float]]:
     """The records the table compares: (source, first, last). Eval rows if any evaluation followed training."""
-    if any(step > 0 for step in run.eval) or (run.eval and not run.train):
-        rows = list(run.eval.values())
+    evals = _eval_records(run, eval_set)
+    if any(step > 0 for step in evals) or (evals and not run.train):
+        rows = list(evals.values())
         return "eval", rows[0], rows[-1]
     rows = list(run.train.values())
     return "train", rows[0], rows[-1]
 
 
-def _run_numbers(run: Run) -> tuple[str, dict[str, float]]:
-    source, first, last = _endpoints(run)
+def _run_numbers(run: Run, eval_set: str | None = None) -> tuple[str, dict[str, float]]:
+    source, first, last = _endpoints(run, eval_set)
     out: dict[str, float] = {}
     for col, key in _LAST_VALUE.items():
         if key in last:
@@ -267,17 +283,19 @@ def _run_numbers(run: Run) -> tuple[str, dict[str, float]]:
     return source, out
 
 
-def summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
+def summary_rows(groups: Sequence[Group], eval_set: str | None = None) -> list[dict[str, Any]]:
     """One row per group: seeds, then each column as ``{"mean", "std", "n", "values"}`` over seeds (or None).
 
-    Last-evaluation numbers; ``source`` is ``"train"`` when a run had no evaluation after step 0 and its last
+    Last-evaluation numbers, of the evaluation set ``eval_set`` when named (``data.eval_sets``, or ``heldout``, the
+    hash split beside them); ``source`` is ``"train"`` when a run had no such evaluation after step 0 and its last
     (and, for changes, first) train record stood in.
     """
     rows = []
     for g in groups:
-        per_run = [_run_numbers(r) for r in g.runs]
+        per_run = [_run_numbers(r, eval_set) for r in g.runs]
         row: dict[str, Any] = {
             "label": g.label,
+            "eval_set": eval_set,
             "seeds": len(g.runs),
             "seed_values": [r.seed for r in g.runs],
             "runs": [str(r.path) for r in g.runs],
@@ -305,8 +323,11 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         cells = [_fmt(row[col], signed=col != "accuracy" and col != "frac_attenuated") for col, _ in _COLUMNS]
         lines.append(f"| {label} | {row['seeds']} | " + " | ".join(cells) + " |")
     lines.append("")
+    named = rows[0].get("eval_set") if rows else None
     lines.append(
-        "Last evaluation; Δ top-1 / entropy: last evaluation minus the first (step 0 when present); "
+        ("Last evaluation" + (f" on `{named}`" if named else ""))
+        + "; Δ top-1 / entropy: last evaluation minus "
+        "the first (step 0 when present); "
         "mean ± std over seeds (ddof=1); – : not logged by these runs."
     )
     fallback = [f"{r['label']} ({r['train_fallback']} of {r['seeds']})" for r in rows if r["train_fallback"]]
@@ -422,6 +443,40 @@ def _legend_below(fig: Any, handles: list[Any], *, fontsize: float = 8) -> float
     return float(box.height / fig.dpi) + 0.05
 
 
+def write_grid(
+    rows: dict[str, Sequence[Group]], keys: Sequence[str], path: str | Path, *, kind: str = "eval"
+) -> Path:
+    """One figure: a row of panels per entry of ``rows`` (e.g. a model size: its arms), a column per quantity of
+    ``keys`` (``QUANTITIES`` names); each arm's mean over seeds as a line, min..max as a band. The same arm label
+    has the same colour in every row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(g.label for groups in rows.values() for g in groups))
+    colour = dict(zip(labels, _colors(len(labels)), strict=True))
+    fig, axes = plt.subplots(
+        len(rows), len(keys), figsize=(4.2 * len(keys), 3.2 * len(rows)), dpi=80, squeeze=False
+    )
+    for r, (name, groups) in enumerate(rows.items()):
+        for c, key in enumerate(keys):
+            ax = axes[r][c]
+            _draw(ax, groups, kind, key, [colour[g.label] for g in groups])
+            ax.set_title(f"{name}: {QUANTITIES.get(key, key)}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colour[label], lw=1.5, label=label) for label in labels]
+    below = _legend_below(fig, handles)
+    fig.tight_layout(rect=(0, below / fig.get_size_inches()[1], 1, 1))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
     """One PNG per (train | eval | eval/<set>, quantity) that some run logged, and ``overview.png`` with a panel per quantity."""
     import matplotlib
@@ -491,14 +546,25 @@ def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
+def summary_tables(groups: Sequence[Group]) -> str:
+    """The table; with ``data.eval_sets``, one table per evaluation set, each under its name."""
+    names = eval_set_names(groups)
+    if not names:
+        return format_table(summary_rows(groups))
+    return "\n\n".join(f"### Evaluation set `{n}`\n\n" + format_table(summary_rows(groups, n)) for n in names)
+
+
 def write_report(groups: Sequence[Group], out_dir: str | Path) -> dict[str, Path]:
     """``summary.md``, ``summary.json`` and the plots in ``out_dir``; returns name -> path (``table``, ``json``, ...)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = summary_rows(groups)
     paths = {"table": out / "summary.md", "json": out / "summary.json"}
-    paths["table"].write_text(format_table(rows) + "\n")
+    paths["table"].write_text(summary_tables(groups) + "\n")
     arms = [{"label": g.label, "config": {k: _show(v) for k, v in g.config.items()}} for g in groups]
-    paths["json"].write_text(json.dumps({"rows": rows, "arms": arms}, indent=1) + "\n")
+    sets = {name: summary_rows(groups, name) for name in eval_set_names(groups)}
+    data: dict[str, Any] = {"rows": summary_rows(groups), "arms": arms} | (
+        {"eval_sets": sets} if sets else {}
+    )
+    paths["json"].write_text(json.dumps(data, indent=1) + "\n")
     paths.update(write_plots(groups, out))
     return paths

@@ -47,14 +47,14 @@ def _cmd_squeeze(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from gatedpo_mega.analysis import format_table, group_runs, load_run, summary_rows, write_report
+    from gatedpo_mega.analysis import group_runs, load_run, summary_tables, write_report
 
     label_by = [k.strip() for k in args.label_by.split(",") if k.strip()] if args.label_by else None
     groups = group_runs([load_run(d) for d in args.run_dirs], label_by=label_by)
     for g in groups:
         print(f"{g.label}: {len(g.runs)} run(s), seeds {', '.join(str(r.seed) for r in g.runs)}")
     paths = write_report(groups, Path(args.out))
-    print(format_table(summary_rows(groups)))
+    print(summary_tables(groups))
     n_plots = len(paths) - 3  # besides summary.md, summary.json and overview.png
     print(f"wrote {paths['table']}, {paths['json']}, {paths['overview']} and {n_plots} plots")
     return 0

@@ -4,6 +4,8 @@ Per rejected token the inputs are ``logp_y`` (target log-prob) and ``logp_max`` 
 both detached. The family (DESIGN.md):
 
     signal       absolute: s = logp_y            relative: s = logp_y - logp_max   (<= 0, distance below the peak)
+                 uniform:  s = logp_y + log V    (the probability in units of the uniform 1/V: tau is a fraction
+                                                  of 1/V, so one tau means the same at every vocabulary size)
     granularity  token: one s per token          sequence: s is the response's length-normalised mean
     shape        sigmoid: g = sigmoid((s - log tau) / temperature)
                  hard:    g = 1[s >= log tau]
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 SHAPES = ("none", "sigmoid", "hard", "power")
-SIGNALS = ("absolute", "relative")
+SIGNALS = ("absolute", "relative", "uniform")
 GRANULARITIES = ("token", "sequence")
 # A rejected token counts as "attenuated" in the metrics when its gate is below this value.
 ATTENUATED_BELOW = 0.5
@@ -33,10 +35,11 @@ ATTENUATED_BELOW = 0.5
 class GateConfig:
     """Gate family parameters; see the module docstring for the formulas."""
 
-    shape: str = "hard"  # one of SHAPES; "none" is plain DPO. Default chosen by the mass-dynamics sweep
+    # The default is the mass-dynamics sweep's pick (docs/mass-dynamics.md), by a rule fixed before the runs.
+    shape: str = "hard"  # one of SHAPES; "none" is plain DPO
     granularity: str = "token"  # one of GRANULARITIES
-    signal: str = "absolute"  # one of SIGNALS
-    tau: float = 1e-4  # probability threshold: the gate closes as the signal falls below log(tau)
+    signal: str = "uniform"  # one of SIGNALS
+    tau: float = 0.01  # threshold: the gate closes as the signal falls below log(tau) (uniform: p < tau / V)
     temperature: float = 1.0  # sigmoid width, in nats
     alpha: float = 1.0  # power exponent
 
@@ -58,11 +61,24 @@ class GateConfig:
 
 
 def gate_signal(
-    logp_target: torch.Tensor, logp_max: torch.Tensor, mask: torch.Tensor, *, signal: str, granularity: str
+    logp_target: torch.Tensor,
+    logp_max: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    signal: str,
+    granularity: str,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """The signal ``s`` per token, ``[B, T]``; with ``granularity='sequence'`` every token of a row shares it."""
-    s = logp_target if signal == "absolute" else logp_target - logp_max
-    s = s.detach().float()
+    """The signal ``s`` per token, ``[B, T]``; with ``granularity='sequence'`` every token of a row shares it.
+    ``signal='uniform'`` needs ``vocab_size``, the true vocabulary (padding columns excluded)."""
+    if signal == "relative":
+        s = (logp_target - logp_max).detach().float()
+    elif signal == "uniform":
+        if not vocab_size:
+            raise ValueError("gate.signal=uniform needs the vocabulary size")
+        s = logp_target.detach().float() + math.log(vocab_size)
+    else:
+        s = logp_target.detach().float()
     if granularity == "sequence":
         m = mask.to(s.dtype)
         s = ((s * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None].expand_as(s)
@@ -86,10 +102,18 @@ def gate_from_signal(
 
 
 def gate_values(
-    logp_target: torch.Tensor, logp_max: torch.Tensor, mask: torch.Tensor, cfg: GateConfig
+    logp_target: torch.Tensor,
+    logp_max: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GateConfig,
+    *,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
-    """Detached gate per rejected token, ``[B, T]`` float32; 1 outside the response mask."""
-    s = gate_signal(logp_target, logp_max, mask, signal=cfg.signal, granularity=cfg.granularity)
+    """Detached gate per rejected token, ``[B, T]`` float32; 1 outside the response mask. ``vocab_size``: the
+    true vocabulary, needed by ``signal='uniform'``."""
+    s = gate_signal(
+        logp_target, logp_max, mask, signal=cfg.signal, granularity=cfg.granularity, vocab_size=vocab_size
+    )
     g = gate_from_signal(s, shape=cfg.shape, tau=cfg.tau, temperature=cfg.temperature, alpha=cfg.alpha)
     return torch.where(mask.bool(), g, 1.0)
 

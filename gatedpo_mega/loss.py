@@ -83,9 +83,12 @@ def pair_reference(
     return ref
 
 
-def pair_objective(reference: torch.Tensor, objective: ObjectiveConfig, gate: GateConfig) -> PairObjective:
+def pair_objective(
+    reference: torch.Tensor, objective: ObjectiveConfig, gate: GateConfig, *, vocab_size: int | None = None
+) -> PairObjective:
     """The objective and gate as ``fused_preference_loss`` calls them; ``reference`` ``[B, 2]`` as
-    ``pair_reference`` gives it. The same formulas as ``preference_loss_func``."""
+    ``pair_reference`` gives it; ``vocab_size`` the true vocabulary (``gate.signal=uniform``). The same formulas
+    as ``preference_loss_func``."""
 
     def loss(i: int, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         seq = sums / counts.clamp(min=1) if objective.average_logps else sums
@@ -104,10 +107,10 @@ def pair_objective(reference: torch.Tensor, objective: ObjectiveConfig, gate: Ga
         return -(n[0] / n[1]) if objective.average_logps else -torch.ones((), dtype=n.dtype, device=n.device)
 
     def token_gate(logp: torch.Tensor, logp_max: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return gate_values(logp[None], logp_max[None], keep[None], gate)[0]
+        return gate_values(logp[None], logp_max[None], keep[None], gate, vocab_size=vocab_size)[0]
 
     def row_gate(logp: torch.Tensor, logp_max: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return gate_values(logp[None], logp_max[None], keep[None], gate)[0][keep][0]
+        return gate_values(logp[None], logp_max[None], keep[None], gate, vocab_size=vocab_size)[0][keep][0]
 
     return PairObjective(
         loss=loss,
@@ -121,7 +124,9 @@ def output_request(ctx: LossContext | None, batch: PreferenceBatch) -> OutputReq
     """The request for the output layer: the targets, and with ``ctx.fused_objective`` (training) the objective."""
     objective = None
     if ctx is not None and ctx.fused_objective and ctx.reference is not None and torch.is_grad_enabled():
-        objective = pair_objective(pair_reference(ctx, batch), ctx.objective, ctx.gate)
+        objective = pair_objective(
+            pair_reference(ctx, batch), ctx.objective, ctx.gate, vocab_size=ctx.vocab_size
+        )
     p = batch.packing
     if p is None:
         return OutputRequest(batch.labels, objective=objective)
@@ -189,7 +194,7 @@ def preference_loss_func(
     chosen, rejected, rejected_logp = response_stats(output, batch, ctx)
     g = None
     if gate.enabled:
-        g = gate_values(rejected.logp, rejected.logp_max, rejected.mask, gate)
+        g = gate_values(rejected.logp, rejected.logp_max, rejected.mask, gate, vocab_size=ctx.vocab_size)
         rejected_logp = apply_gate(rejected_logp, g)
     pc = sequence_logps(chosen.logp, chosen.mask, average=obj.average_logps)
     pr = sequence_logps(rejected_logp, rejected.mask, average=obj.average_logps)

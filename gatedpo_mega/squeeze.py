@@ -143,7 +143,8 @@ def train_cell(
         logp_c, _, _ = token_logprobs(torch.einsum("skd,sd->sk", w, state["x_w"])[:, None], c)
         logp_r, logp_r_max, _ = token_logprobs(torch.einsum("skd,sd->sk", w, state["x_l"])[:, None], r)
         if gate.enabled:
-            logp_r = apply_gate(logp_r, gate_values(logp_r, logp_r_max, mask, gate))
+            g = gate_values(logp_r, logp_r_max, mask, gate, vocab_size=cfg.labels)
+            logp_r = apply_gate(logp_r, g)
         loss = preference_loss(logp_c[:, 0], logp_r[:, 0], ref_c, ref_r, objective="dpo", beta=cfg.beta)
         (grad,) = torch.autograd.grad(loss.sum(), w)  # seeds are independent: the sum separates
         with torch.no_grad():

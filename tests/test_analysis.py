@@ -126,12 +126,12 @@ def test_grouping_and_labels(runs_root: Path) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     runs = [load_run(p) for p in [*_all_runs(runs_root)[:4], run]]
     assert [g.label for g in group_runs(runs)] == [
-        "dpo gate=none gate.tau=0.0001",
+        "dpo gate=none",  # without a gate its other fields say nothing
         "dpo gate=sigmoid gate.tau=0.0001",
         "dpo gate=sigmoid gate.tau=0.001",
     ]
     assert [g.label for g in group_runs(runs, label_by=["gate.shape", "gate.tau"])] == [
-        "gate=none gate.tau=0.0001",
+        "gate=none",
         "gate=sigmoid gate.tau=0.0001",
         "gate=sigmoid gate.tau=0.001",
     ]

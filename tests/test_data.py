@@ -80,6 +80,20 @@ def test_cache_is_reused_and_keyed(builtin_data, cache_dir: Path) -> None:
     assert load_preference_data(other, seed=0).fingerprint != builtin_data.fingerprint
 
 
+def test_max_train_pairs_keeps_the_first_training_pairs_and_shares_the_cache(
+    builtin_data, cache_dir: Path
+) -> None:
+    few = load_preference_data(
+        DataConfig(cache_dir=str(cache_dir), builtin_pairs=1000, max_train_pairs=10), seed=0
+    )
+    assert few.cache_path == builtin_data.cache_path and len(few.train) == 10
+    full = builtin_data.train
+    assert np.array_equal(few.train.tokens, full.subset(np.arange(10)).tokens)
+    assert np.array_equal(few.eval.tokens, builtin_data.eval.tokens)  # the held-out pairs are not cut
+    with pytest.raises(ValueError, match=r"data\.max_train_pairs=-1 must be >= 0"):
+        DataConfig(max_train_pairs=-1)
+
+
 def test_truncation_keeps_prompt_end_and_counts(cache_dir: Path) -> None:
     cfg = DataConfig(cache_dir=str(cache_dir), builtin_pairs=300, max_length=24, max_prompt_length=16)
     d = load_preference_data(cfg, seed=0)

@@ -99,9 +99,9 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def _load(cache: Path, source: Path, fmt: str = "auto"):
+def _load(cache: Path, source: Path, fmt: str = "auto", *extra: str):
     mine = f"data.eval_sets.mine={{source: {source}, format: {fmt}}}"
-    cfg = load_config(None, [*BASE, f"data.cache_dir={cache}", "train.eval_every=1", mine])
+    cfg = load_config(None, [*BASE, f"data.cache_dir={cache}", "train.eval_every=1", mine, *extra])
     return load_eval_set(cfg.data, "mine", seed=cfg.train.seed)
 
 
@@ -113,6 +113,8 @@ def test_a_set_is_read_tokenized_and_cached(cache, tmp_path):
     assert again.cache_path == first.cache_path and again.fingerprint == first.fingerprint
     # Other reading options: another cache entry; the training data's key does not see the sets.
     assert _load(cache, source, "plain").cache_path != first.cache_path
+    # data.max_train_pairs cuts the training pairs only: a set is evaluated whole.
+    assert len(_load(cache, source, "auto", "data.max_train_pairs=1").train) == 2
 
 
 @pytest.mark.parametrize(
@@ -188,6 +190,20 @@ def test_each_set_is_logged_by_name_and_the_hash_split_as_a_file_gives_its_numbe
     assert run.eval[2]["split/rewards/accuracies"] == named[2]["eval/split/rewards/accuracies"]
     paths = write_report(group_runs([run]), tmp_path / "report")
     assert {"eval_split_loss", "eval_other_loss", "eval_heldout_loss"} <= set(paths), sorted(paths)
+    # The table: one per set, each from that set's own evaluations; the hash split's equals the plain run's.
+    from gatedpo_mega.analysis import summary_rows
+
+    plain_run = load_run(tmp_path / "plain")
+    table = paths["table"].read_text()
+    for s in ("split", "other", "heldout"):
+        assert f"### Evaluation set `{s}`" in table and f"Last evaluation on `{s}`" in table
+    rows = {s: summary_rows(group_runs([run]), s)[0] for s in ("split", "other", "heldout")}
+    expected = summary_rows(group_runs([plain_run]))[0]
+    for col in ("accuracy", "chosen_delta_per_token", "d_top1_rejected", "d_entropy_chosen"):
+        assert rows["heldout"][col]["mean"] == pytest.approx(expected[col]["mean"], rel=1e-5, abs=1e-6), col
+        assert rows["split"][col]["mean"] == pytest.approx(expected[col]["mean"], rel=1e-5, abs=1e-6), col
+    assert rows["other"]["train_fallback"] == 0 and rows["other"]["accuracy"] is not None
+    assert rows["other"]["d_top1_rejected"]["mean"] != rows["split"]["d_top1_rejected"]["mean"]
 
 
 @pytest.mark.slow

@@ -138,7 +138,7 @@ def test_fused_pair_loss_matches_the_unfused_objective(gated, pairs_per_chunk):
     from gatedpo_mega.ops import fused_pair_loss
 
     hidden, weight, labels, ref = _pair_case()
-    gate = GateConfig(tau=0.05, temperature=0.5) if gated else None
+    gate = GateConfig(signal="absolute", tau=0.05, temperature=0.5) if gated else None
     fn = _dpo_loss_fn(labels, ref, gate)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, logp, logp_max, entropy = fused_pair_loss(
@@ -174,7 +174,7 @@ def _pair_tp_case(rank, world, dtype):
 
     group = dist.new_group(list(range(world)))
     hidden, weight, labels, ref = _pair_case(v=40, vocab=38, dtype=dtype)
-    fn = _dpo_loss_fn(labels, ref, GateConfig(tau=0.05))
+    fn = _dpo_loss_fn(labels, ref, GateConfig(signal="absolute", tau=0.05))
     width = 40 // world
     shard = weight[rank * width : (rank + 1) * width].clone().requires_grad_()
     h = hidden.clone().requires_grad_()

@@ -33,16 +33,19 @@ def _reference_gate(s: float, cfg: GateConfig) -> float:
 
 
 @pytest.mark.parametrize("shape", ["sigmoid", "hard", "power", "none"])
-@pytest.mark.parametrize("signal", ["absolute", "relative"])
+@pytest.mark.parametrize("signal", ["absolute", "relative", "uniform"])
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_gate_values_match_the_formulas(shape, signal, granularity):
     cfg = GateConfig(
         shape=shape, signal=signal, granularity=granularity, tau=0.02, temperature=0.7, alpha=1.5
     )
     logp, logp_max, mask = _stats()
-    g = gate_values(logp, logp_max, mask, cfg)
+    v = 30  # _stats' vocabulary
+    g = gate_values(logp, logp_max, mask, cfg, vocab_size=v)
     for i in range(logp.shape[0]):
-        sig = (logp[i] - logp_max[i]) if signal == "relative" else logp[i]
+        sig = {"relative": logp[i] - logp_max[i], "uniform": logp[i] + math.log(v), "absolute": logp[i]}[
+            signal
+        ]
         seq = float(sig[mask[i]].sum() / mask[i].sum())
         for j in range(logp.shape[1]):
             if not mask[i, j]:
@@ -65,6 +68,36 @@ def test_gate_values_are_in_unit_interval(logp, shape, tau, temperature, alpha):
     cfg = GateConfig(shape=shape, tau=tau, temperature=temperature, alpha=alpha, signal="relative")
     g = gate_values(lp, torch.zeros_like(lp), torch.ones_like(lp, dtype=torch.bool), cfg)
     assert torch.all((g >= 0) & (g <= 1)) and torch.isfinite(g).all()
+
+
+def test_uniform_signal_needs_the_vocabulary_size():
+    logp, logp_max, mask = _stats()
+    with pytest.raises(ValueError, match="vocabulary size"):
+        gate_values(logp, logp_max, mask, GateConfig(signal="uniform"))
+
+
+@pytest.mark.parametrize(
+    ("vocab", "fixed_closed"), [(512, (0.0, 0.0)), (8000, (0.05, 0.6)), (151_936, (1.0, 1.0))]
+)
+def test_the_default_gate_stays_open_on_a_random_model_at_every_vocabulary_size(vocab, fixed_closed):
+    """A freshly initialised model gives every token about 1/V. The default threshold is a fraction of 1/V, so the
+    default gate leaves such a model's rejected gradient alone at any vocabulary size, where a fixed probability
+    (tau 1e-4) closes on part of them near V = 1e4 and on every one at V = 151,936."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 32, vocab) * 0.5  # a random output layer: logits of a few tenths of a nat
+    targets = torch.randint(0, vocab, (4, 32))
+    logp, logp_max, _ = token_logprobs(logits, targets)
+    mask = torch.ones_like(targets, dtype=torch.bool)
+    default = gate_values(logp, logp_max, mask, GateConfig(), vocab_size=vocab)
+    fixed = gate_values(logp, logp_max, mask, GateConfig(signal="absolute", tau=1e-4), vocab_size=vocab)
+    assert float((default < 0.5).float().mean()) < 0.01
+    assert fixed_closed[0] <= float((fixed < 0.5).float().mean()) <= fixed_closed[1]
+    # One distribution, every vocabulary: a token at a thousandth of the uniform probability is gated by the default.
+    low = torch.full((1, 1), math.log(1e-3 / vocab))
+    assert (
+        gate_values(low, low, torch.ones(1, 1, dtype=torch.bool), GateConfig(), vocab_size=vocab).item()
+        == 0.0
+    )
 
 
 def test_apply_gate_is_identity_forward_and_scales_the_gradient_exactly():
@@ -107,7 +140,7 @@ def test_gate_none_is_plain_dpo_to_the_bit():
 
 def test_gate_leaves_loss_and_chosen_untouched_and_scales_rejected_by_g():
     plain = _dpo_grads(None)
-    gated = _dpo_grads(GateConfig(shape="sigmoid", tau=0.05, temperature=0.5))
+    gated = _dpo_grads(GateConfig(shape="sigmoid", signal="absolute", tau=0.05, temperature=0.5))
     g = gated[3]
     assert 0 < float((g < 0.5).float().mean()) < 1, "the case must exercise both regimes of the gate"
     assert torch.equal(plain[0], gated[0]), "loss value must be bit-identical"

@@ -46,7 +46,9 @@ def _equivalence_worker(rank, world, folder, fused, out):
     from gatedpo_mega.megatron.model import StageInfo, build_model
     from gatedpo_mega.megatron.parallel import initialize_layout
 
-    cfg = load_config(None, [f"model.fused_logprobs={fused}", "gate.tau=0.01"])  # a gate that does close here
+    cfg = load_config(
+        None, [f"model.fused_logprobs={fused}", "gate.signal=absolute", "gate.tau=0.01"]
+    )  # closes here
     hf_cfg = json.loads((Path(folder) / "config.json").read_text())
     mcfg, vocab = hf_model_config(hf_cfg)
     mcfg.fused_logprobs = fused

@@ -1,6 +1,7 @@
 """The mass-dynamics pipeline end to end, scaled down: tokenizer, extended SFT, arms x seeds, sweep, TP check,
 report; and a second invocation that finds every run done."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,23 @@ def _spec(tmp_path: Path, source: str) -> Path:
             "model.max_position_embeddings=64",
             *([] if source == "builtin" else ["data.format=hh"]),
         ],
-        "sft": ["objective.name=sft_extended", "gate.shape=none", "train.max_steps=2", "train.lr=3e-3"],
-        "preference": ["train.max_steps=3", "train.lr=1e-3"],
+        "starts": {
+            "sft": ["objective.name=sft", "gate.shape=none", "train.max_steps=2", "train.lr=3e-3"],
+            "ext": ["objective.name=sft_extended", "gate.shape=none", "train.max_steps=2", "train.lr=3e-3"],
+        },
+        "start_arms": {"ext": ["dpo+gate"]},
+        "preference": ["train.max_steps=3", "train.lr=1e-3", "data.max_train_pairs=24"],
         "arms": {"dpo": ["gate.shape=none"], "dpo+gate": ["gate.shape=sigmoid", "gate.tau=1e-2"]},
         "sizes": {"tiny": tiny},
-        "sweep": {"hard": ["gate.shape=hard", "gate.tau=1e-2"]},
+        # hard-0.01 is the default gate; sigmoid-0.01 is the dpo+gate arm's config, whose runs it reuses
+        "sweep": {
+            "hard-0.01": ["gate.shape=hard", "gate.tau=0.01"],
+            "sigmoid-0.01": ["gate.shape=sigmoid", "gate.tau=1e-2"],
+        },
         "tensor_parallel_check": True,
     }
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the first start hosts the sweep
     return path
 
 
@@ -58,14 +67,27 @@ def test_scaled_down_experiment_runs_end_to_end_and_tp2_rows_equal_tp1(tmp_path,
     spec = load_spec(_spec(tmp_path, source))
     report = run_experiment(spec)
     text = report.read_text()
-    for section in ("## Arms, model size `tiny`", "## Gate sweep", "## Tensor parallelism"):
+    for section in ("## The SFT checkpoints", "## Arms, model size `tiny`, from `sft`",
+                    "## Arms, model size `tiny`, from `ext`", "## Gate sweep", "## Tensor parallelism"):  # fmt: skip
         assert section in text, section
     assert "Pick: **" in text or "no pick" in text
     out = Path(spec.output_dir)
-    assert (out / "report" / "tiny" / "summary.md").exists()
-    assert (out / "report" / "tiny" / "overview.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "report" / "tiny-sft" / "summary.md").exists()
+    assert (out / "report" / "tiny-sft" / "overview.png").read_bytes()[:4] == b"\x89PNG"
+    # the ext start runs only the arm start_arms names; the sweep point equal to an arm is that arm's run
+    assert (
+        not (out / "tiny" / "ext" / "dpo").exists() and (out / "tiny" / "ext" / "dpo+gate" / "seed1").is_dir()
+    )
+    assert not (out / "tiny" / "sweep" / "sigmoid-0.01").exists()
+    assert (out / "tiny" / "sweep" / "hard-0.01" / "seed2").is_dir()
     import json
 
+    sft = json.loads((out / "report" / "sft.json").read_text())
+    assert set(sft) == {"tiny/sft", "tiny/ext"}
+    for row in sft.values():  # an SFT model of the eval text: better than a uniform guess over the vocabulary
+        assert (
+            1 < row["perplexity"] < 600 and 0 < row["entropy"] < math.log(400) + 0.1 and row["parameters"] > 0
+        )
     tp1, tp2 = json.loads((out / "report" / "tp_check.json").read_text())
     for key in ("accuracy", "chosen_delta_per_token", "rejected_delta_per_token", "d_top1_rejected",
                 "d_entropy_chosen", "frac_attenuated"):  # fmt: skip
@@ -90,14 +112,27 @@ def _row(label, acc, chosen, top1, chosen_std=None):
             "d_top1_rejected": stat(top1), "d_entropy_rejected": stat(0.0)}  # fmt: skip
 
 
-def test_the_sweep_rule_keeps_accuracy_and_chosen_likelihood_then_least_squeezing():
-    rows = [
+def test_the_sweep_rule_keeps_accuracy_and_chosen_likelihood_at_every_size_then_least_squeezing():
+    small = [
         _row("gate=none", 0.60, -0.20, +0.03, chosen_std=0.02),
         _row("gate=a", 0.56, -0.10, 0.000),  # accuracy below 0.60 - 0.03: out
         _row("gate=b", 0.59, -0.23, 0.001),  # chosen below -0.20 - 0.02: out
         _row("gate=c", 0.58, -0.21, -0.010),
         _row("gate=d", 0.62, -0.15, +0.020),
+        _row("gate=e", 0.60, -0.20, +0.005),
     ]
-    text = pick_default(rows)
-    assert "Pick: **gate=c**" in text and "2 of 4 gates are eligible" in text
-    assert "no pick" in pick_default([_row("gate=sigmoid", 0.5, 0.0, 0.0)])
+    large = [
+        _row("gate=none", 0.70, -0.30, +0.04, chosen_std=0.01),
+        _row("gate=a", 0.70, -0.30, 0.000),
+        _row("gate=b", 0.70, -0.30, 0.000),
+        _row("gate=c", 0.70, -0.30, -0.030),  # its worst size: 0.030
+        _row("gate=d", 0.70, -0.30, +0.010),  # its worst size: 0.020
+        _row("gate=e", 0.60, -0.30, +0.001),  # accuracy below 0.70 - 0.03 at this size: out
+    ]
+    text = pick_default({"small": small, "large": large})
+    assert "Pick: **gate=d**" in text and "2 of 5 gates are eligible at every size" in text
+    assert "Pick: **gate=e**" in pick_default({"small": small})  # small alone: e (0.005) beats c (0.010)
+    assert "no pick" in pick_default(
+        {"small": [_row("gate=none", 0.6, 0.0, 0.0), _row("gate=x", 0.5, 0.0, 0.0)]}
+    )
+    assert "no pick" in pick_default({"small": [_row("gate=sigmoid", 0.5, 0.0, 0.0)]})

@@ -53,7 +53,7 @@ def _tp_case(rank, world, tp, padded_vocab, vocab, dtype, chunk):
     torch.testing.assert_close(shard.grad.double(), ref_grad, **tol)
 
     # Every rank of the group holds bit-identical statistics, hence bit-identical gates.
-    g = gate_values(out[0].detach(), out[1], targets != -100, GateConfig(tau=0.05))
+    g = gate_values(out[0].detach(), out[1], targets != -100, GateConfig(signal="absolute", tau=0.05))
     mine = torch.stack([*out, g]).detach().float()
     gathered = [torch.empty_like(mine) for _ in range(tp)]
     dist.all_gather(gathered, mine, group=group)

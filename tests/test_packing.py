@@ -64,14 +64,14 @@ def test_packed_equals_padded_at_every_layout(world, layout, padded, cache, tmp_
 COMPOSED = {
     "unfused-sequence-gate-ipo": (
         2, ["parallel.tensor=2"],
-        ["model.fused_logprobs=false", "gate.granularity=sequence", "gate.shape=sigmoid", "gate.tau=0.02",
+        ["model.fused_logprobs=false", "gate.granularity=sequence", "gate.shape=sigmoid", "gate.signal=absolute", "gate.tau=0.02",
          "objective.name=ipo", "objective.average_logps=true"],
     ),
     "fused-objective-cal-dpo-nll": (
         4, ["parallel.tensor=2", "parallel.pipeline=2"],
-        ["model.fused_objective=true", "objective.name=cal_dpo", "objective.nll_weight=0.5", "gate.tau=0.02"],
+        ["model.fused_objective=true", "objective.name=cal_dpo", "objective.nll_weight=0.5", "gate.signal=absolute", "gate.tau=0.02"],
     ),
-    "hinge-pp2": (2, ["parallel.pipeline=2"], ["objective.name=hinge", "gate.tau=0.02"]),
+    "hinge-pp2": (2, ["parallel.pipeline=2"], ["objective.name=hinge", "gate.signal=absolute", "gate.tau=0.02"]),
     "sft-extended-dp2-zero2": (
         2, ["parallel.zero_stage=2"], ["objective.name=sft_extended", "gate.shape=none"],
     ),

@@ -38,6 +38,9 @@ def test_reduced_real_shape_chain(tmp_path: Path) -> None:
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert steps[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-3)  # policy = reference, bf16
     assert all(math.isfinite(s["loss"]) for s in steps) and steps[-1]["loss"] != steps[0]["loss"]
+    # The default gate (p < 0.01 / V) leaves a random model's rejected tokens alone at this vocabulary, where a fixed
+    # p < 1e-4 would close on most of them (1 / 12,000 = 8.3e-5).
+    assert steps[0]["gate/frac_attenuated"] < 0.01
     assert res["weights"]["export_equals_module"] and res["weights"]["export_dtype"] == "bfloat16"
     moved = res["weights"]["elements_moved"] / res["weights"]["elements"]
     assert moved > 0.1  # the export is the trained model, not the initial one

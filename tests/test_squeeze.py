@@ -13,7 +13,7 @@ GATES = ("sigmoid", "hard", "power")
 @pytest.fixture(scope="module")
 def rows():
     cfg = SqueezeConfig(rejected_probs=[0.2, 1e-6], seeds=32, steps=200, shapes=["none", *GATES])
-    out = run_squeeze(cfg, GateConfig(tau=1e-4))
+    out = run_squeeze(cfg, GateConfig(signal="absolute", tau=1e-4))
     return {(r["rejected_prob"], r["shape"]): r for r in out}
 
 

@@ -143,13 +143,17 @@ def test_gate_that_never_closes_is_plain_dpo_to_the_bit(cache, tmp_path):
     plain = run(1, ["gate.shape=none"], cache, tmp_path, "plain")
     # tau = 1e-30: sigmoid((log p + 69) / 0.1) is exactly 1.0 in float32 for every token here.
     open_gate = run(
-        1, ["gate.shape=sigmoid", "gate.tau=1e-30", "gate.temperature=0.1"], cache, tmp_path, "open"
+        1,
+        ["gate.shape=sigmoid", "gate.signal=absolute", "gate.tau=1e-30", "gate.temperature=0.1"],
+        cache,
+        tmp_path,
+        "open",
     )
     for a, b in zip(plain, open_gate, strict=True):
         for k in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins"):
             assert a[k] == b[k], (a["step"], k)
     assert open_gate[0]["gate/mean"] == 1.0
-    closing = run(1, ["gate.shape=hard", "gate.tau=0.02"], cache, tmp_path, "closing")
+    closing = run(1, ["gate.shape=hard", "gate.signal=absolute", "gate.tau=0.02"], cache, tmp_path, "closing")
     assert closing[0]["loss"] == plain[0]["loss"]  # the value never changes ...
     assert closing[0]["gate/frac_attenuated"] > 0.05  # ... the gradient does
     assert closing[-1]["loss"] != plain[-1]["loss"]

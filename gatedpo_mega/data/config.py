@@ -57,6 +57,7 @@ class DataConfig:
     packing: bool = False
     on_bad_record: str = "error"  # error: stop at the first bad record | skip: count, report and go on
     eval_fraction: float = 0.05  # held-out share, chosen by a hash of the prompt text (0: no eval split)
+    max_train_pairs: int = 0  # train on the first N training pairs (after the hash split) only; 0: all
     # Evaluation sets of their own, by name: ``{hh: data/hh_test.jsonl, mine: {source: m.jsonl, format: plain}}``
     # (each an EvalSetConfig, or its source alone). Metrics are logged as eval/<name>/<metric>; the hash split
     # above, when data.eval_fraction > 0, is evaluated beside them as eval/heldout/<metric>. Empty: only the hash
@@ -104,6 +105,8 @@ class DataConfig:
             raise ValueError(f"data.pad_to_multiple={self.pad_to_multiple} must be >= 1")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.max_train_pairs < 0:
+            raise ValueError(f"data.max_train_pairs={self.max_train_pairs} must be >= 0 (0: every pair)")
         if self.num_proc < 1:
             raise ValueError(f"data.num_proc={self.num_proc} must be >= 1")
         if not 0.0 <= self.builtin_off_policy <= 1.0:

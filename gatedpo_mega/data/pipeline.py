@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from gatedpo_mega.data import builtin
 from gatedpo_mega.data.config import EVAL_SET_FIELDS, DataConfig
 from gatedpo_mega.data.errors import DataError
@@ -29,7 +31,7 @@ CHUNK = 256  # examples per tokenizer call (and per task sent to a worker proces
 # Settings that do not change the tokenized pairs, so they stay out of the cache key.
 _NOT_IN_KEY = (
     "cache_dir", "num_proc", "pad_to_multiple", "packing", "tokenizer", "source", "train_tokenizer_if_missing",
-    "tokenizer_vocab_size", "eval_sets",
+    "tokenizer_vocab_size", "eval_sets", "max_train_pairs",
 )  # fmt: skip
 
 
@@ -284,6 +286,8 @@ def load_preference_data(cfg: DataConfig, *, seed: int, purpose: str = "training
         _write_cache(path, train, evals, report)
     report = DataReport.from_json((path / "report.json").read_text())
     train = TokenizedPairs.load(path / "train.npz")
+    if cfg.max_train_pairs and len(train) > cfg.max_train_pairs:
+        train = train.subset(np.arange(cfg.max_train_pairs))  # the loader's line reports the pairs it uses
     evals = TokenizedPairs.load(path / "eval.npz")
     return PreferenceData(tok, train, evals if len(evals) else None, report, fp, path)
 
@@ -297,7 +301,7 @@ def eval_set_config(cfg: DataConfig, name: str) -> DataConfig:
     pair kept (no hash split)."""
     spec = cfg.eval_sets[name]
     given = {f: getattr(spec, f) for f in EVAL_SET_FIELDS if getattr(spec, f) is not None}
-    return replace(cfg, source=spec.source, **given, eval_fraction=0.0, eval_sets={})
+    return replace(cfg, source=spec.source, **given, eval_fraction=0.0, eval_sets={}, max_train_pairs=0)
 
 
 def load_eval_set(cfg: DataConfig, name: str, *, seed: int) -> PreferenceData:

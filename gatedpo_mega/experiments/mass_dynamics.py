@@ -3,25 +3,30 @@
     gatedpo mass-dynamics --config configs/mass_dynamics.yaml
 
 1. a SentencePiece tokenizer trained on the preference data's text;
-2. per model size, extended SFT (chosen and rejected responses) from a seeded initialisation;
-3. from that one checkpoint, every arm (objective x gate) with every seed: the same data order per seed, the same
-   steps, the reference = the SFT model;
-4. a sweep over the gate family on the ``dpo`` arm of the first size;
+2. per model size, one SFT checkpoint per start (``starts``: e.g. SFT on chosen responses, the standard pipeline,
+   and extended SFT on chosen and rejected responses), from a seeded initialisation;
+3. the gate sweep on the ``sweep_arm`` arm of every size, from the first start;
+4. from each checkpoint, every arm (objective x gate; ``start_arms`` may name fewer for a start) with every seed: the
+   same data order per seed, the same steps, the reference = that SFT model;
 5. a tensor-parallel check: the first gated arm's first seed again at TP 2, whose row must equal the TP 1 row;
-6. ``gatedpo analyze`` tables and plots per size, for the sweep and across sizes, and ``report.md``.
+6. ``gatedpo analyze`` tables and plots per size and start, for the sweep and across sizes; the SFT checkpoints as
+   language models of the eval text; the sweep rule's pick; ``report.md``.
 
 Runs that finished are kept (a run is done when its final checkpoint exists); an interrupted run resumes from its
-latest checkpoint, so the command can be run again after a crash and continues where it stopped.
+latest checkpoint, so the command can be run again after a crash and continues where it stopped. A run whose config
+equals one already made (a sweep point that is an arm) is that run.
 
-The spec (YAML) holds lists of training-config overrides: ``base`` (every run), ``sft``, ``preference`` (every arm),
-``arms`` and ``sizes`` and ``sweep`` (name -> overrides), ``seeds``, ``tokenizer_vocab_size`` (0: the base's own
-``data.tokenizer``), ``output_dir``, ``tensor_parallel_check``; ``config``, a training config file every run starts
-from (its path relative to the working directory), and ``nproc``, the processes each run starts.
+The spec (YAML) holds lists of training-config overrides: ``base`` (every run), ``starts`` (name -> the SFT run's
+overrides), ``preference`` (every arm), ``arms`` and ``sizes`` and ``sweep`` (name -> overrides), ``start_arms``
+(start -> arm names), ``seeds``, ``tokenizer_vocab_size`` (0: the base's own ``data.tokenizer``), ``output_dir``,
+``tensor_parallel_check``; ``config``, a training config file every run starts from (its path relative to the
+working directory), and ``nproc``, the processes each run starts.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +43,10 @@ class Spec:
     tokenizer_vocab_size: int = 2000
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     base: list[str] = field(default_factory=list)
-    sft: list[str] = field(default_factory=list)
+    starts: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # name -> SFT overrides; the first hosts the sweep
+    start_arms: dict[str, list[str]] = field(default_factory=dict)  # start -> its arms (absent: every arm)
     preference: list[str] = field(default_factory=list)
     arms: dict[str, list[str]] = field(default_factory=dict)
     sizes: dict[str, list[str]] = field(default_factory=dict)
@@ -71,8 +79,14 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ign
         raise ConfigError(f"experiment spec {p}: config={spec.config} does not exist")
     if spec.nproc < 1:
         raise ConfigError(f"experiment spec {p}: nproc={spec.nproc} must be at least 1")
-    if not spec.arms or not spec.sizes or not spec.seeds:
-        raise ConfigError(f"experiment spec {p}: arms, sizes and seeds must not be empty")
+    if not spec.arms or not spec.sizes or not spec.seeds or not spec.starts:
+        raise ConfigError(f"experiment spec {p}: arms, sizes, starts and seeds must not be empty")
+    for start, names in spec.start_arms.items():
+        if start not in spec.starts:
+            raise ConfigError(f"experiment spec {p}: start_arms names start {start!r}, not one of the starts")
+        unknown = [a for a in names if a not in spec.arms]
+        if unknown:
+            raise ConfigError(f"experiment spec {p}: start_arms.{start} names {', '.join(unknown)}, not arms")
     if spec.sweep and spec.sweep_arm not in spec.arms:
         raise ConfigError(f"experiment spec {p}: sweep_arm={spec.sweep_arm!r} is not one of the arms")
     return spec
@@ -90,10 +104,17 @@ def _resolved(spec: Spec, overrides: list[str], out: Path) -> Any:
 
 
 def _same_run(a: Any, b: Any) -> bool:
-    """Two resolved configs that train the same model on the same batches (the output folder aside)."""
+    """Two resolved configs that train the same model on the same batches (the output folder aside, and the other
+    gate fields of a run without a gate, which nothing reads: a changed default gate leaves such runs valid)."""
     from dataclasses import replace
 
-    return replace(a, train=replace(a.train, output_dir=b.train.output_dir)) == b
+    from gatedpo_mega.gate import GateConfig
+
+    def key(c: Any) -> Any:
+        gate = GateConfig(shape="none") if c.gate.shape == "none" else c.gate
+        return replace(c, gate=gate, train=replace(c.train, output_dir="."))
+
+    return key(a) == key(b)
 
 
 def _train(spec: Spec, overrides: list[str], out: Path, *, nproc: int | None = None) -> None:
@@ -137,50 +158,138 @@ def _tokenizer(spec: Spec, out: Path) -> list[str]:
     return [f"data.tokenizer={path}"]
 
 
+def _sft_row(run_dir: Path, cfg: Any, vocab: int) -> dict[str, Any]:
+    """What an SFT checkpoint is as a language model of the eval text: its size, and on the eval pairs' chosen
+    responses (last evaluation) the loss per token, the perplexity and the next-token entropy."""
+    from gatedpo_mega.analysis import load_run
+    from gatedpo_mega.planner import total_parameters
+
+    run = load_run(run_dir)
+    last = run.eval[max(run.eval)] if run.eval else {}
+    row: dict[str, Any] = {
+        "parameters": total_parameters(cfg, vocab),
+        "step": max(run.eval) if run.eval else None,
+    }
+    if "logps/chosen" in last and last.get("tokens/chosen"):
+        nll = -last["logps/chosen"] / last["tokens/chosen"]
+        row |= {
+            "nll_per_token": nll,
+            "perplexity": math.exp(nll),
+            "entropy": last.get("squeeze/entropy_chosen"),
+        }
+    return row
+
+
+def _sft_table(rows: dict[tuple[str, str], dict[str, Any]], vocab: int) -> str:
+    lines = [
+        "| size | start | parameters | eval loss / token (nats) | perplexity | entropy / token (nats) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (size, start), r in rows.items():
+        cells = [f"{r['parameters']:,}"]
+        cells += [
+            f"{r[k]:.3f}" if r.get(k) is not None else "–" for k in ("nll_per_token", "perplexity", "entropy")
+        ]
+        lines.append(f"| {size} | {start} | " + " | ".join(cells) + " |")
+    lines += ["", f"On the eval pairs' chosen responses, at the end of SFT; a uniform guess over the {vocab:,} "
+              f"entries has perplexity {vocab:,} and entropy {math.log(vocab):.2f} nats."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def run_experiment(spec: Spec) -> Path:
-    """Every run of ``spec`` and the report; returns the path of ``report.md``."""
-    from gatedpo_mega.analysis import format_table, group_runs, load_run, summary_rows, write_report
+    """Every run of ``spec`` and the report; returns the path of ``report.md``.
+
+    Order: the SFT checkpoints (every size x start); the sweep (every size, from the first start, with the sweep
+    arm's own arms as its centre); every other arm. A run whose config equals one already trained (a sweep point
+    that is an arm) is that run, not a second one."""
+    from gatedpo_mega.analysis import (
+        format_table,
+        group_runs,
+        load_run,
+        summary_rows,
+        write_grid,
+        write_report,
+    )
+    from gatedpo_mega.planner import plan_vocab_size
 
     out = Path(spec.output_dir)
     t0 = time.perf_counter()
     base = [*spec.base, *_tokenizer(spec, out), f"data.cache_dir={out / 'cache'}"]
-    runs: dict[str, list[Path]] = {}
-    first_size = next(iter(spec.sizes))
+    first_start = next(iter(spec.starts))
+    trained: list[tuple[Any, Path]] = []  # (resolved config, folder) of every run so far
+
+    def run(args: list[str], d: Path, nproc: int | None = None) -> Path:
+        cfg = _resolved(spec, args, d)
+        same = next((p for c, p in trained if _same_run(c, cfg)), None)
+        if same is not None:
+            return same
+        _train(spec, args, d, nproc=nproc)
+        trained.append((cfg, d))
+        return d
+
+    def pref(size: str, start: str) -> list[str]:
+        sft = out / size / start / "sft"
+        return [*base, *spec.sizes[size], *spec.preference, f"model.init_from={sft}"]
+
+    sft_rows: dict[tuple[str, str], dict[str, Any]] = {}
+    vocab = 0
     for size, size_args in spec.sizes.items():
-        sft_dir = out / size / "sft"
-        _train(spec, [*base, *size_args, *spec.sft], sft_dir)
-        pref = [*base, *size_args, *spec.preference, f"model.init_from={sft_dir}"]
-        for arm, arm_args in spec.arms.items():
-            for seed in spec.seeds:
-                d = out / size / arm / f"seed{seed}"
-                _train(spec, [*pref, *arm_args, f"train.seed={seed}"], d)
-                runs.setdefault(f"{size}/{arm}", []).append(d)
-        if size == first_size:
-            centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]  # e.g. dpo and dpo+gate
+        for start, start_args in spec.starts.items():
+            d = out / size / start / "sft"
+            args = [*base, *size_args, *start_args]
+            run(args, d)
+            cfg = _resolved(spec, args, d)
+            vocab = plan_vocab_size(
+                cfg
+            )  # the model's vocabulary: configured, the source's or the tokenizer's
+            sft_rows[(size, start)] = _sft_row(d, cfg, vocab)
+
+    runs: dict[str, list[Path]] = {}  # "<size>/<start>/<arm>" or "<size>/sweep/<name>" -> seed folders
+    centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]  # e.g. dpo and dpo+gate
+
+    def arm_runs(size: str, start: str, arm: str) -> list[Path]:
+        key = f"{size}/{start}/{arm}"
+        if key not in runs:
+            runs[key] = [run([*pref(size, start), *spec.arms[arm], f"train.seed={seed}"],
+                             out / size / start / arm / f"seed{seed}") for seed in spec.seeds]  # fmt: skip
+        return runs[key]
+
+    sweep_rows: dict[str, list[dict[str, Any]]] = {}
+    sweep_groups: dict[str, Any] = {}
+    sweep_keys = ["gate.shape", "gate.signal", "gate.granularity", "gate.tau"]
+    if spec.sweep:
+        for size in spec.sizes:
+            paths = [p for a in centre for p in arm_runs(size, first_start, a)]
             for name, gate_args in spec.sweep.items():
                 for seed in spec.seeds:
-                    args = [*pref, *spec.arms[spec.sweep_arm], *gate_args, f"train.seed={seed}"]
-                    d = out / "sweep" / name / f"seed{seed}"
-                    # A sweep point that is one of the arms (the default gate) is that arm's run, not a second one.
-                    same = [out / size / a / f"seed{seed}" for a in centre
-                            if _same_run(_resolved(spec, args, d), _resolved(spec, [*pref, *spec.arms[a], f"train.seed={seed}"], d))]  # fmt: skip
-                    if same:
-                        d = same[0]
-                    else:
-                        _train(spec, args, d)
-                    runs.setdefault(f"sweep/{name}", []).append(d)
+                    args = [
+                        *pref(size, first_start),
+                        *spec.arms[spec.sweep_arm],
+                        *gate_args,
+                        f"train.seed={seed}",
+                    ]
+                    p = run(args, out / size / "sweep" / name / f"seed{seed}")
+                    paths += [p] if p not in paths else []
+            groups = group_runs([load_run(p) for p in paths], label_by=sweep_keys)
+            write_report(groups, out / "report" / f"sweep-{size}")
+            sweep_rows[size] = summary_rows(groups)
+            sweep_groups[size] = groups
+    for size in spec.sizes:
+        for start in spec.starts:
+            for arm in spec.start_arms.get(start, list(spec.arms)):
+                arm_runs(size, start, arm)
+
     tp_rows = None
     if spec.tensor_parallel_check:
-        size, size_args = first_size, spec.sizes[first_size]
+        size = next(iter(spec.sizes))
         arm = next(
             (a for a, args in spec.arms.items() if "gate.shape=none" not in args), next(iter(spec.arms))
         )
+        args = [*pref(size, first_start), *spec.arms[arm], f"train.seed={spec.seeds[0]}", "parallel.tensor=2"]
         d = out / "tp2" / arm
-        pref = [*base, *size_args, *spec.preference, f"model.init_from={out / size / 'sft'}"]
-        _train(spec, [*pref, *spec.arms[arm], f"train.seed={spec.seeds[0]}", "parallel.tensor=2"], d, nproc=2)
-        tp1 = load_run(out / size / arm / f"seed{spec.seeds[0]}")
-        tp2 = load_run(d)
-        tp_rows = summary_rows(group_runs([tp1]) + group_runs([tp2]))
+        _train(spec, args, d, nproc=2)
+        tp1 = load_run(arm_runs(size, first_start, arm)[0])
+        tp_rows = summary_rows(group_runs([tp1]) + group_runs([load_run(d)]))
         tp_rows[0]["label"], tp_rows[1]["label"] = f"{arm} TP 1", f"{arm} TP 2"
 
     report = out / "report"
@@ -188,30 +297,37 @@ def run_experiment(spec: Spec) -> Path:
         f"# {spec.name}: results\n",
         f"Spec: `{spec.output_dir}`; seeds {spec.seeds}; {time.perf_counter() - t0:.0f} s for the runs this "
         "invocation made (runs found done are not re-run).\n",
+        "## The SFT checkpoints (every preference run's start and reference)\n",
+        _sft_table(sft_rows, vocab),
+        "",
     ]
     by_arm = ["objective.name", "gate.shape"]
+    arm_groups: dict[str, Any] = {}
     for size in spec.sizes:
-        groups = group_runs([load_run(p) for a in spec.arms for p in runs[f"{size}/{a}"]], label_by=by_arm)
-        write_report(groups, report / size)
-        sections += [f"## Arms, model size `{size}`\n", format_table(summary_rows(groups)), ""]
-    if spec.sweep:
-        sweep_keys = ["gate.shape", "gate.signal", "gate.granularity", "gate.tau"]
-        centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]
-        paths = [p for a in centre for p in runs[f"{first_size}/{a}"]]
-        paths += [p for n in spec.sweep for p in runs[f"sweep/{n}"] if p not in paths]
-        members = [load_run(p) for p in paths]
-        groups = group_runs(members, label_by=sweep_keys)
-        rows = summary_rows(groups)
-        write_report(groups, report / "sweep")
-        sections += [
-            f"## Gate sweep on the `{spec.sweep_arm}` arm, size `{first_size}`\n",
-            format_table(rows),
-            "",
-        ]
-        sections += [pick_default(rows), ""]
+        for start in spec.starts:
+            arms = [a for a in spec.arms if f"{size}/{start}/{a}" in runs]
+            groups = group_runs(
+                [load_run(p) for a in arms for p in runs[f"{size}/{start}/{a}"]], label_by=by_arm
+            )
+            write_report(groups, report / f"{size}-{start}")
+            arm_groups[f"{size}, from {start}"] = groups
+            sections += [
+                f"## Arms, model size `{size}`, from `{start}`\n",
+                format_table(summary_rows(groups)),
+                "",
+            ]
+    trajectories = ["logps/chosen_delta_per_token", "squeeze/top1_rejected", "squeeze/entropy_rejected"]
+    write_grid(arm_groups, trajectories, report / "trajectories-arms.png")
+    sections += ["Eval trajectories of every arm: `report/trajectories-arms.png`.", ""]
+    if sweep_rows:
+        write_grid(sweep_groups, trajectories, report / "trajectories-sweep.png")
+        sections += ["Eval trajectories of the sweep: `report/trajectories-sweep.png`.", ""]
+        for size, rows in sweep_rows.items():
+            sections += [f"## Gate sweep on the `{spec.sweep_arm}` arm, size `{size}`, from `{first_start}`\n",
+                         format_table(rows), ""]  # fmt: skip
+        sections += ["## The rule's pick\n", pick_default(sweep_rows), ""]
     if len(spec.sizes) > 1:
-        chosen = [load_run(p) for s in spec.sizes for a in spec.arms if a.startswith(spec.sweep_arm)
-                  for p in runs[f"{s}/{a}"]]  # fmt: skip
+        chosen = [load_run(p) for s in spec.sizes for a in centre for p in runs[f"{s}/{first_start}/{a}"]]
         groups = group_runs(chosen, label_by=["model.hidden_size", "model.num_layers", "gate.shape"])
         write_report(groups, report / "sizes")
         sections += ["## Sizes: gated smaller model against ungated larger model\n",
@@ -224,42 +340,74 @@ def run_experiment(spec: Spec) -> Path:
         ]
         (report / "tp_check.json").parent.mkdir(parents=True, exist_ok=True)
         (report / "tp_check.json").write_text(json.dumps(tp_rows, indent=1))
+    (report / "sft.json").parent.mkdir(parents=True, exist_ok=True)
+    (report / "sft.json").write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in sft_rows.items()}, indent=1))
     path = out / "report.md"
     path.write_text("\n".join(sections) + "\n")
     print(path.read_text(), flush=True)
-    plots = ", ".join(str(report / size / "overview.png") for size in spec.sizes)
-    print(f"[{spec.name}] the report: {path} (tables); plots: {plots}; runs: {out}/<size>/<arm>/seed<N>")
+    print(f"[{spec.name}] the report: {path} (tables); plots: {report}/*/overview.png; "
+          f"runs: {out}/<size>/<start>/<arm>/seed<N>", flush=True)  # fmt: skip
     return path
 
 
-def pick_default(rows: list[dict[str, Any]]) -> str:
-    """The sweep's pick, by a rule fixed before looking: among gates that keep preference learning (eval accuracy
-    at least plain DPO's minus 0.03) and the chosen likelihood (change per token at least plain DPO's minus its
-    std over seeds), the one with the least squeezing: the smallest |change of top-1 probability on rejected
+def pick_default(rows_by_size: dict[str, list[dict[str, Any]]]) -> str:
+    """The sweep's pick, by a rule fixed before looking, on the eval pairs of every size. At each size a gate must
+    keep preference learning (eval accuracy at least plain DPO's minus 0.03) and the chosen likelihood (change per
+    token at least plain DPO's minus its std over seeds); among the gates that do at every size, the pick has the
+    least squeezing at its worst size: the smallest max over sizes of |change of top-1 probability on rejected
     tokens| (sharpening is squeezing; flattening the distribution is a distortion too)."""
 
     def mean(row: dict[str, Any], key: str) -> float:
         s = row.get(key)
         return float(s["mean"]) if s else float("nan")
 
-    plain = next((r for r in rows if "gate=none" in r["label"]), None)
-    if plain is None:
-        return "No plain-DPO row (gate=none) in the sweep: no pick."
-    chosen_std = (plain.get("chosen_delta_per_token") or {}).get("std") or 0.0
-    acc_floor = mean(plain, "accuracy") - 0.03
-    chosen_floor = mean(plain, "chosen_delta_per_token") - chosen_std
-    eligible = [
-        r for r in rows if r is not plain and mean(r, "accuracy") >= acc_floor
-        and mean(r, "chosen_delta_per_token") >= chosen_floor
-    ]  # fmt: skip
-    if not eligible:
-        return "No gate keeps both eval accuracy and chosen likelihood within the rule's bounds: no pick."
-    pick = min(eligible, key=lambda r: abs(mean(r, "d_top1_rejected")))
-    return (
-        f"Rule: eval accuracy >= plain DPO's - 0.03 (>= {acc_floor:.3f}), chosen change per token >= plain DPO's - "
-        f"one std (>= {chosen_floor:+.4f}); then the smallest |change of top-1 on rejected tokens| (plain DPO: "
-        f"{mean(plain, 'd_top1_rejected'):+.4f}). {len(eligible)} of {len(rows) - 1} gates are eligible. Pick: "
-        f"**{pick['label']}**: top-1 change {mean(pick, 'd_top1_rejected'):+.4f}, entropy change "
-        f"{mean(pick, 'd_entropy_rejected'):+.3f} on rejected tokens, chosen change "
-        f"{mean(pick, 'chosen_delta_per_token'):+.4f} per token, eval accuracy {mean(pick, 'accuracy'):.3f}."
+    floors: dict[
+        str, tuple[float, float, float]
+    ] = {}  # size -> (accuracy, chosen change, plain top-1 change)
+    for size, rows in rows_by_size.items():
+        plain = next((r for r in rows if r["label"].startswith("gate=none")), None)
+        if plain is None:
+            return f"No plain-DPO row (gate=none) in the sweep of size {size}: no pick."
+        std = (plain.get("chosen_delta_per_token") or {}).get("std") or 0.0
+        floors[size] = (
+            mean(plain, "accuracy") - 0.03, mean(plain, "chosen_delta_per_token") - std,
+            mean(plain, "d_top1_rejected"),
+        )  # fmt: skip
+    by_label: dict[str, dict[str, dict[str, Any]]] = {}
+    for size, rows in rows_by_size.items():
+        for r in rows:
+            if not r["label"].startswith("gate=none"):
+                by_label.setdefault(r["label"], {})[size] = r
+
+    def eligible(per_size: dict[str, dict[str, Any]]) -> bool:
+        return len(per_size) == len(floors) and all(
+            mean(r, "accuracy") >= floors[s][0] and mean(r, "chosen_delta_per_token") >= floors[s][1]
+            for s, r in per_size.items()
+        )
+
+    def worst(label: str) -> float:
+        return max(abs(mean(r, "d_top1_rejected")) for r in by_label[label].values())
+
+    ok = [label for label, per_size in by_label.items() if eligible(per_size)]
+    bounds = "; ".join(
+        f"`{s}`: eval accuracy >= {a:.3f}, chosen change per token >= {c:+.4f} (plain DPO's top-1 change {t:+.4f})"
+        for s, (a, c, t) in floors.items()
     )
+    head = (
+        f"Rule: at every size, eval accuracy >= plain DPO's - 0.03 and chosen change per token >= plain DPO's - one "
+        f"std ({bounds}); then the smallest |change of top-1 on rejected tokens| at the worst size. "
+        f"{len(ok)} of {len(by_label)} gates are eligible at every size."
+    )
+    if not ok:
+        return (
+            head
+            + " No gate keeps both eval accuracy and chosen likelihood within the rule's bounds: no pick."
+        )
+    pick = min(ok, key=worst)
+    detail = "; ".join(
+        f"`{s}`: top-1 change {mean(r, 'd_top1_rejected'):+.4f}, entropy change {mean(r, 'd_entropy_rejected'):+.3f} "
+        f"on rejected tokens, chosen change {mean(r, 'chosen_delta_per_token'):+.4f} per token, eval accuracy "
+        f"{mean(r, 'accuracy'):.3f}"
+        for s, r in by_label[pick].items()
+    )
+    return f"{head} Pick: **{pick}**: {detail}."

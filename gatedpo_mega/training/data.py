@@ -147,12 +147,14 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
     ]
     report = data.report.format() + "\n" + steps.describe()
     key = reference_key(cfg, vocab)
+    # data.max_train_pairs shares the tokenized cache; its reference log-probs are a file of their own
+    subset = f"-first{n}" if cfg.data.max_train_pairs else ""
     run = RunData(
         steps=steps,
         reference_batches=ref,
         num_pairs=n,
         vocab_size=vocab,
-        reference_file=data.cache_path / f"reference-{key}.pt",
+        reference_file=data.cache_path / f"reference-{key}{subset}.pt",
         report=report,
     )
     run.evals = [eval_data(prefix, pairs, path, cfg, layout, tok.pad_id, key) for prefix, pairs, path in sets]
