@@ -49,12 +49,27 @@ def _streaming_reference(ref, targets, cfg):
 
 CASES = {
     "dpo-no-gate": ["gate.shape=none"],
-    "dpo-hard": ["gate.shape=hard", "gate.tau=0.02"],
-    "dpo-sigmoid": ["gate.shape=sigmoid", "gate.tau=0.02", "gate.temperature=0.5"],
-    "dpo-sequence-gate": ["gate.shape=sigmoid", "gate.granularity=sequence", "gate.tau=0.05"],
+    "dpo-hard": ["gate.shape=hard", "gate.signal=absolute", "gate.tau=0.02"],
+    "dpo-sigmoid": ["gate.shape=sigmoid", "gate.signal=absolute", "gate.tau=0.02", "gate.temperature=0.5"],
+    "dpo-sequence-gate": [
+        "gate.shape=sigmoid",
+        "gate.granularity=sequence",
+        "gate.signal=absolute",
+        "gate.tau=0.05",
+    ],
     "dpo-relative-smoothing": ["gate.signal=relative", "gate.tau=0.05", "objective.label_smoothing=0.1"],
-    "ipo-average": ["objective.name=ipo", "objective.average_logps=true", "gate.tau=0.02"],
-    "cal_dpo-nll": ["objective.name=cal_dpo", "objective.nll_weight=0.5", "gate.tau=0.02"],
+    "ipo-average": [
+        "objective.name=ipo",
+        "objective.average_logps=true",
+        "gate.signal=absolute",
+        "gate.tau=0.02",
+    ],
+    "cal_dpo-nll": [
+        "objective.name=cal_dpo",
+        "objective.nll_weight=0.5",
+        "gate.signal=absolute",
+        "gate.tau=0.02",
+    ],
     "hinge-nll-sum": ["objective.name=hinge", "objective.nll_weight=0.2", "objective.nll_average=false"],
 }
 
@@ -68,7 +83,7 @@ def test_matches_the_loss_hook_on_materialised_logits_in_float64(case, chunk):
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     losses, logp, _, _ = fused_preference_loss(
-        h, w, targets, pair_objective(_streaming_reference(ref, targets, cfg), cfg.objective, cfg.gate),
+        h, w, targets, pair_objective(_streaming_reference(ref, targets, cfg), cfg.objective, cfg.gate, vocab_size=V),
         chunk_size=chunk,
     )  # fmt: skip
     loss = losses.mean()
@@ -85,10 +100,12 @@ def test_matches_the_loss_hook_on_materialised_logits_in_float64(case, chunk):
 def test_the_gate_changes_gradients_not_the_loss():
     hidden, weight, targets, ref = _inputs()
     outs = []
-    for extra in (["gate.shape=none"], ["gate.shape=hard", "gate.tau=0.05"]):
+    for extra in (["gate.shape=none"], ["gate.shape=hard", "gate.signal=absolute", "gate.tau=0.05"]):
         cfg = load_config(None, extra)
         w = weight.clone().requires_grad_(True)
-        losses, *_ = fused_preference_loss(hidden, w, targets, pair_objective(ref, cfg.objective, cfg.gate))
+        losses, *_ = fused_preference_loss(
+            hidden, w, targets, pair_objective(ref, cfg.objective, cfg.gate, vocab_size=V)
+        )
         losses.sum().backward()
         outs.append((losses.detach(), w.grad))
     assert torch.equal(outs[0][0], outs[1][0])
@@ -96,18 +113,18 @@ def test_the_gate_changes_gradients_not_the_loss():
 
 
 def test_float32_matches_float64_and_unequal_pair_weights_are_refused():
-    cfg = load_config(None, ["gate.tau=0.02"])
+    cfg = load_config(None, ["gate.signal=absolute", "gate.tau=0.02"])
     hidden, weight, targets, ref = _inputs()
     _, want_h, want_w = _reference(hidden, weight, targets, ref, cfg)
     h = hidden.float().requires_grad_(True)
     w = weight.float().requires_grad_(True)
     losses, *_ = fused_preference_loss(
-        h, w, targets, pair_objective(ref, cfg.objective, cfg.gate), chunk_size=3
+        h, w, targets, pair_objective(ref, cfg.objective, cfg.gate, vocab_size=V), chunk_size=3
     )
     losses.mean().backward()
     torch.testing.assert_close(h.grad.double(), want_h, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(w.grad.double(), want_w, rtol=1e-4, atol=1e-6)
-    losses, *_ = fused_preference_loss(hidden, weight.requires_grad_(True), targets, pair_objective(ref, cfg.objective, cfg.gate))  # fmt: skip
+    losses, *_ = fused_preference_loss(hidden, weight.requires_grad_(True), targets, pair_objective(ref, cfg.objective, cfg.gate, vocab_size=V))  # fmt: skip
     with pytest.raises(RuntimeError, match="equal weights"):
         (losses * torch.tensor([1.0, 2.0, 1.0], dtype=losses.dtype)).sum().backward()
 
@@ -115,13 +132,13 @@ def test_float32_matches_float64_and_unequal_pair_weights_are_refused():
 def _tp_worker(rank, world, out):
     import torch.distributed as dist
 
-    cfg = load_config(None, ["gate.tau=0.02", "objective.name=cal_dpo"])
+    cfg = load_config(None, ["gate.signal=absolute", "gate.tau=0.02", "objective.name=cal_dpo"])
     hidden, weight, targets, ref = _inputs()
     shard = weight.shape[0] // world + 1  # 19 rows per rank: the last rank's shard is padded
     padded = torch.cat([weight, torch.zeros(shard * world - V, H, dtype=weight.dtype)])
     w = padded[rank * shard : (rank + 1) * shard].clone().requires_grad_(True)
     h = hidden.clone().requires_grad_(True)
-    losses, *_ = fused_preference_loss(h, w, targets, pair_objective(ref, cfg.objective, cfg.gate),
+    losses, *_ = fused_preference_loss(h, w, targets, pair_objective(ref, cfg.objective, cfg.gate, vocab_size=V),
                                        tp_group=dist.group.WORLD, vocab_size=V, chunk_size=4)  # fmt: skip
     losses.mean().backward()
     parts = [torch.zeros_like(w.grad) for _ in range(world)]
@@ -132,7 +149,7 @@ def _tp_worker(rank, world, out):
 
 @pytest.mark.multiprocess
 def test_tensor_parallel_2_matches_one_process(tmp_path):
-    cfg = load_config(None, ["gate.tau=0.02", "objective.name=cal_dpo"])
+    cfg = load_config(None, ["gate.signal=absolute", "gate.tau=0.02", "objective.name=cal_dpo"])
     hidden, weight, targets, ref = _inputs()
     want_loss, want_h, want_w = _reference(hidden, weight, targets, ref, cfg)
     run_distributed(_tp_worker, 2, str(tmp_path / "tp.pt"))

@@ -9,8 +9,9 @@
 4. from each checkpoint, every arm (objective x gate; ``start_arms`` may name fewer for a start) with every seed: the
    same data order per seed, the same steps, the reference = that SFT model;
 5. a tensor-parallel check: the first gated arm's first seed again at TP 2, whose row must equal the TP 1 row;
-6. ``gatedpo analyze`` tables and plots per size and start, for the sweep and across sizes; the SFT checkpoints as
-   language models of the eval text; the sweep rule's pick; ``report.md``.
+6. ``gatedpo analyze`` tables and plots per size and start, for the sweep and across sizes; grids of the eval
+   trajectories (chosen likelihood, top-1 and entropy on rejected tokens); the SFT checkpoints as language models of
+   the eval text; the sweep rule's pick; ``report.md``.
 
 Runs that finished are kept (a run is done when its final checkpoint exists); an interrupted run resumes from its
 latest checkpoint, so the command can be run again after a crash and continues where it stopped. A run whose config
@@ -239,9 +240,8 @@ def run_experiment(spec: Spec) -> Path:
             args = [*base, *size_args, *start_args]
             run(args, d)
             cfg = _resolved(spec, args, d)
-            vocab = plan_vocab_size(
-                cfg
-            )  # the model's vocabulary: configured, the source's or the tokenizer's
+            # the model's vocabulary: as configured, the source's or the tokenizer's
+            vocab = plan_vocab_size(cfg)
             sft_rows[(size, start)] = _sft_row(d, cfg, vocab)
 
     runs: dict[str, list[Path]] = {}  # "<size>/<start>/<arm>" or "<size>/sweep/<name>" -> seed folders
