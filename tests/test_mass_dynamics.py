@@ -104,6 +104,23 @@ def test_a_bad_spec_is_refused_with_its_key(tmp_path):
         load_spec(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("starts: {sft: []}\narms: {dpo: []}\nsizes: {s: []}\nstart_arms: {ext: [dpo]}\n",
+         "start_arms names start 'ext', not one of the starts"),
+        ("starts: {sft: []}\narms: {dpo: []}\nsizes: {s: []}\nstart_arms: {sft: [ipo]}\n",
+         "start_arms.sft names ipo, not arms"),
+        ("arms: {dpo: []}\nsizes: {s: []}\n", "arms, sizes, starts and seeds must not be empty"),
+    ],
+)  # fmt: skip
+def test_start_refusals_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(Exception, match=message):
+        load_spec(path)
+
+
 def _row(label, acc, chosen, top1, chosen_std=None):
     def stat(v, std=None):
         return {"mean": v, "std": std, "n": 3, "values": [v] * 3}
