@@ -18,6 +18,8 @@ class UserError(Exception):
 class ConfigError(UserError):
     """A configuration key or value is wrong."""
 
+    every_rank = True  # every rank reads the same arguments and files: under a launcher, said once by rank 0
+
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN or infinite loss or gradient; the run stops and the message names the step."""

@@ -6,11 +6,17 @@ both detached. The family (DESIGN.md):
     signal       absolute: s = logp_y            relative: s = logp_y - logp_max   (<= 0, distance below the peak)
                  uniform:  s = logp_y + log V    (the probability in units of the uniform 1/V: tau is a fraction
                                                   of 1/V, so one tau means the same at every vocabulary size)
+                 seq:      s = mean_t logp_y     (per response: the log of the geometric mean of its token
+                                                  probabilities, the published gate's "seq")
+                 q10:      s = log quantile_q(p_y)  (per response: the ``quantile`` (default 0.1) of its token
+                                                  probabilities, linear interpolation as torch.quantile; "q10")
     granularity  token: one s per token          sequence: s is the response's length-normalised mean
-    shape        sigmoid: g = sigmoid((s - log tau) / temperature)
-                 hard:    g = 1[s >= log tau]
-                 power:   g = min(1, exp(s - log tau)) ** alpha
-                 none:    no gate at all (plain DPO, to the bit)
+                 (seq and q10 are per response whatever the granularity)
+    shape        sigmoid:  g = sigmoid((s - log tau) / temperature)
+                 psigmoid: g = sigmoid(slope * (exp(s) - tau))   (in probability space: the published gate)
+                 hard:     g = 1[s >= log tau]
+                 power:    g = min(1, exp(s - log tau)) ** alpha
+                 none:     no gate at all (plain DPO, to the bit)
 
 ``apply_gate`` is the identity in the forward pass and multiplies the gradient by ``g`` in the backward pass,
 so the loss value is exactly the ungated one. (``g * x + (1 - g) * x.detach()`` is not: it rounds.)
@@ -24,8 +30,9 @@ from typing import Any
 
 import torch
 
-SHAPES = ("none", "sigmoid", "hard", "power")
-SIGNALS = ("absolute", "relative", "uniform")
+SHAPES = ("none", "sigmoid", "psigmoid", "hard", "power")
+SIGNALS = ("absolute", "relative", "uniform", "seq", "q10")
+PER_RESPONSE_SIGNALS = ("seq", "q10")  # one value per response, whatever gate.granularity says
 GRANULARITIES = ("token", "sequence")
 # A rejected token counts as "attenuated" in the metrics when its gate is below this value.
 ATTENUATED_BELOW = 0.5
@@ -42,6 +49,8 @@ class GateConfig:
     tau: float = 0.01  # threshold: the gate closes as the signal falls below log(tau) (uniform: p < tau / V)
     temperature: float = 1.0  # sigmoid width, in nats
     alpha: float = 1.0  # power exponent
+    slope: float = 100.0  # psigmoid: the steepness in probability (the published gate's alpha)
+    quantile: float = 0.1  # q10: which quantile of the response's token probabilities
 
     def __post_init__(self) -> None:
         for name, allowed in (("shape", SHAPES), ("granularity", GRANULARITIES), ("signal", SIGNALS)):
@@ -54,6 +63,15 @@ class GateConfig:
             raise ValueError(f"gate.temperature={self.temperature} must be > 0")
         if not self.alpha > 0.0:
             raise ValueError(f"gate.alpha={self.alpha} must be > 0")
+        if not self.slope > 0.0:
+            raise ValueError(f"gate.slope={self.slope} must be > 0")
+        if not (0.0 <= self.quantile <= 1.0):
+            raise ValueError(f"gate.quantile={self.quantile} must be in [0, 1]")
+
+    @property
+    def per_response(self) -> bool:
+        """One gate value per rejected response (every token of it shares the value)."""
+        return self.granularity == "sequence" or self.signal in PER_RESPONSE_SIGNALS
 
     @property
     def enabled(self) -> bool:
@@ -68,9 +86,14 @@ def gate_signal(
     signal: str,
     granularity: str,
     vocab_size: int | None = None,
+    quantile: float = 0.1,
 ) -> torch.Tensor:
-    """The signal ``s`` per token, ``[B, T]``; with ``granularity='sequence'`` every token of a row shares it.
-    ``signal='uniform'`` needs ``vocab_size``, the true vocabulary (padding columns excluded)."""
+    """The signal ``s`` per token, ``[B, T]``; with ``granularity='sequence'``, ``seq`` or ``q10`` every token of a
+    row shares it. ``signal='uniform'`` needs ``vocab_size``, the true vocabulary (padding columns excluded)."""
+    if signal == "q10":
+        return response_quantile(logp_target, mask, quantile)[:, None].expand(logp_target.shape)
+    if signal == "seq":
+        signal, granularity = "absolute", "sequence"
     if signal == "relative":
         s = (logp_target - logp_max).detach().float()
     elif signal == "uniform":
@@ -85,10 +108,21 @@ def gate_signal(
     return s
 
 
+def response_quantile(logp_target: torch.Tensor, mask: torch.Tensor, q: float) -> torch.Tensor:
+    """``[B]``: log of the ``q``-quantile of each row's token probabilities over its mask (linear interpolation
+    between order statistics, as ``torch.quantile``), in float64 so that tiny probabilities keep their value;
+    ``-inf`` where it is 0, 0 (probability 1) for a row without tokens."""
+    p = logp_target.detach().double().exp().masked_fill(~mask.bool(), float("nan"))
+    value = torch.nanquantile(p, q, dim=-1)
+    return value.nan_to_num(1.0).log().float()
+
+
 def gate_from_signal(
-    s: torch.Tensor, *, shape: str, tau: float, temperature: float, alpha: float
+    s: torch.Tensor, *, shape: str, tau: float, temperature: float, alpha: float, slope: float = 100.0
 ) -> torch.Tensor:
     """Gate values in [0, 1] from the signal."""
+    if shape == "psigmoid":
+        return torch.sigmoid(slope * (s.double().exp() - tau)).to(s.dtype)
     d = s - math.log(tau)
     if shape == "sigmoid":
         return torch.sigmoid(d / temperature)
@@ -112,9 +146,12 @@ def gate_values(
     """Detached gate per rejected token, ``[B, T]`` float32; 1 outside the response mask. ``vocab_size``: the
     true vocabulary, needed by ``signal='uniform'``."""
     s = gate_signal(
-        logp_target, logp_max, mask, signal=cfg.signal, granularity=cfg.granularity, vocab_size=vocab_size
+        logp_target, logp_max, mask, signal=cfg.signal, granularity=cfg.granularity, vocab_size=vocab_size,
+        quantile=cfg.quantile,
+    )  # fmt: skip
+    g = gate_from_signal(
+        s, shape=cfg.shape, tau=cfg.tau, temperature=cfg.temperature, alpha=cfg.alpha, slope=cfg.slope
     )
-    g = gate_from_signal(s, shape=cfg.shape, tau=cfg.tau, temperature=cfg.temperature, alpha=cfg.alpha)
     return torch.where(mask.bool(), g, 1.0)
 
 

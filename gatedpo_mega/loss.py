@@ -52,6 +52,9 @@ class LossContext:
     fused: bool = False  # the model outputs per-token statistics (a fused output layer), not logits
     fused_objective: bool = False  # the output layer also computes the per-pair loss (fused_preference_loss)
     step: int = 0
+    shift: float = (
+        1.0  # dpo_shift's lambda at this step (ObjectiveConfig.shift_at); 1 for the other objectives
+    )
     micro_batch: int = 0
     # (micro-batch, detached loss, pair ids) of each micro-batch since the last check (``check_losses`` in
     # training/step.py, once per step): the loss hook itself never waits for the device
@@ -84,11 +87,16 @@ def pair_reference(
 
 
 def pair_objective(
-    reference: torch.Tensor, objective: ObjectiveConfig, gate: GateConfig, *, vocab_size: int | None = None
+    reference: torch.Tensor,
+    objective: ObjectiveConfig,
+    gate: GateConfig,
+    *,
+    vocab_size: int | None = None,
+    shift: float = 1.0,
 ) -> PairObjective:
     """The objective and gate as ``fused_preference_loss`` calls them; ``reference`` ``[B, 2]`` as
-    ``pair_reference`` gives it; ``vocab_size`` the true vocabulary (``gate.signal=uniform``). The same formulas
-    as ``preference_loss_func``."""
+    ``pair_reference`` gives it; ``vocab_size`` the true vocabulary (``gate.signal=uniform``); ``shift``
+    dpo_shift's lambda. The same formulas as ``preference_loss_func``."""
 
     def loss(i: int, sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         seq = sums / counts.clamp(min=1) if objective.average_logps else sums
@@ -98,7 +106,7 @@ def pair_objective(
             nll = -(sums[0] / counts[0].clamp(min=1) if objective.nll_average else sums[0]).reshape(1)
         return preference_loss(
             seq[0:1], seq[1:2], ref[0:1], ref[1:2], objective=objective.name, beta=objective.beta,
-            label_smoothing=objective.label_smoothing, chosen_nll=nll, nll_weight=objective.nll_weight,
+            label_smoothing=objective.label_smoothing, chosen_nll=nll, nll_weight=objective.nll_weight, shift=shift,
         )[0]  # fmt: skip
 
     def ratio(counts: torch.Tensor) -> torch.Tensor:
@@ -115,8 +123,8 @@ def pair_objective(
     return PairObjective(
         loss=loss,
         rejected_ratio=ratio if objective.margin_only else None,
-        token_gate=token_gate if gate.enabled and gate.granularity == "token" else None,
-        row_gate=row_gate if gate.enabled and gate.granularity == "sequence" else None,
+        token_gate=token_gate if gate.enabled and not gate.per_response else None,
+        row_gate=row_gate if gate.enabled and gate.per_response else None,
     )
 
 
@@ -125,7 +133,7 @@ def output_request(ctx: LossContext | None, batch: PreferenceBatch) -> OutputReq
     objective = None
     if ctx is not None and ctx.fused_objective and ctx.reference is not None and torch.is_grad_enabled():
         objective = pair_objective(
-            pair_reference(ctx, batch), ctx.objective, ctx.gate, vocab_size=ctx.vocab_size
+            pair_reference(ctx, batch), ctx.objective, ctx.gate, vocab_size=ctx.vocab_size, shift=ctx.shift
         )
     p = batch.packing
     if p is None:
@@ -203,7 +211,7 @@ def preference_loss_func(
     fused = request.pair_losses if request is not None else None
     per_pair = fused if fused is not None else preference_loss(
         pc, pr, ref[:, 0], ref[:, 1], objective=obj.name, beta=obj.beta,
-        label_smoothing=obj.label_smoothing, chosen_nll=nll, nll_weight=obj.nll_weight,
+        label_smoothing=obj.label_smoothing, chosen_nll=nll, nll_weight=obj.nll_weight, shift=ctx.shift,
     )  # fmt: skip
     loss = per_pair.mean()
     _record(loss, batch, ctx)

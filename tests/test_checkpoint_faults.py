@@ -2,6 +2,7 @@
 newest checkpoint that verifies, a full disk, a rank whose write fails. Each ends in one line or a verified
 fallback, and the resumed run logs the uninterrupted run's numbers."""
 
+import functools
 import json
 import os
 import re
@@ -9,11 +10,10 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from distributed import run_distributed
+from distributed import gatedpo, here, run_distributed
 
 from gatedpo_mega.config import load_config
 from gatedpo_mega.training.checkpoint import verify
@@ -30,15 +30,11 @@ TIMING = {"tokens_per_second", "real_tokens_per_second", "step_seconds", "memory
 STATES = "deepspeed/state"
 
 
-def _cli(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "gatedpo_mega.cli", *args], capture_output=True, text=True, **kw
+def _train(out, cache, *extra, before=None):
+    """``gatedpo train`` on 2 processes of the test pool, as a launcher starts them."""
+    return gatedpo(
+        2, "train", *BASE, f"data.cache_dir={cache}", f"train.output_dir={out}", *extra, before=before
     )
-
-
-def _train(out, cache, *extra, **kw):
-    args = ["train", "--nproc", "2", *BASE, f"data.cache_dir={cache}", f"train.output_dir={out}", *extra]
-    return _cli(*args, **kw)
 
 
 def _errors(stderr: str) -> list[str]:  # the progress bar may precede a line on rank 0's stderr
@@ -132,10 +128,10 @@ def test_verify_names_each_kind_of_damage(run, tmp_path, damage):
 
 def test_checkpoint_verify_command_checks_every_checkpoint_of_a_run(run, tmp_path):
     out = _copy(run, tmp_path)
-    ok = _cli("checkpoint", "verify", str(_step(out, 6)))
+    ok = here("checkpoint", "verify", str(_step(out, 6)))
     assert ok.returncode == 0 and ok.stdout.startswith(f"ok      {_step(out, 6)} (8 files, "), ok.stdout
     _flip_bytes(_step(out, 6) / STATES / "mp_rank_00_model_states.pt")
-    r = _cli("checkpoint", "verify", str(out))
+    r = here("checkpoint", "verify", str(out))
     assert r.returncode == 2
     lines = r.stdout.splitlines()
     assert lines[0].startswith(
@@ -143,7 +139,7 @@ def test_checkpoint_verify_command_checks_every_checkpoint_of_a_run(run, tmp_pat
     )
     assert lines[1].startswith(f"ok      {_step(out, 4)}") and lines[2].startswith(f"ok      {_step(out, 2)}")
     assert lines[3] == f"--resume continues from {_step(out, 4)}"
-    missing = _cli("checkpoint", "verify", str(tmp_path / "nowhere"))
+    missing = here("checkpoint", "verify", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and _errors(missing.stderr)
 
 
@@ -180,12 +176,17 @@ def test_resume_skips_damaged_checkpoints_and_a_half_written_metrics_line(run, c
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def _file_size_limit(limit: int):
-    def apply() -> None:  # in the child: writes past the limit fail with EFBIG instead of a signal
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+def _limit_file_size(limit: int):
+    """Writes past ``limit`` bytes fail with EFBIG instead of a signal (as on a full disk); returns what undoes it."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    saved = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, saved[1]))
 
-    return apply
+    def undo() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, saved)
+        signal.signal(signal.SIGXFSZ, handler)
+
+    return undo
 
 
 def _assert_not_written(r, out: Path, reason: str) -> None:
@@ -203,7 +204,9 @@ def _assert_not_written(r, out: Path, reason: str) -> None:
 def test_a_write_that_fails_removes_the_partial_checkpoint_and_the_run_resumes(run, cache, tmp_path):
     out = _copy(run, tmp_path, keep=(2,))
     # Every file limited to 100 kB: the optimizer shards cannot be written (as on a full disk).
-    r = _train(out, cache, "train.max_steps=6", "--resume", preexec_fn=_file_size_limit(100_000))
+    r = _train(
+        out, cache, "train.max_steps=6", "--resume", before=functools.partial(_limit_file_size, 100_000)
+    )
     _assert_not_written(r, out, "File too large")
     r = _train(out, cache, "train.max_steps=6", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -249,12 +252,13 @@ def _one_rank_cannot_write(rank, world, overrides, out):
     from gatedpo_mega.training.data import make_run_data
     from gatedpo_mega.training.loop import train
 
-    if rank == 1:
-        _file_size_limit(20_000)()
+    undo = _limit_file_size(20_000) if rank == 1 else (lambda: None)
     try:
         train(load_config(None, overrides), make_run_data)
     except CheckpointError as e:
         Path(out, f"rank{rank}.txt").write_text(str(e))
+    finally:
+        undo()
 
 
 def test_a_rank_whose_write_fails_leaves_no_checkpoint_and_every_rank_says_so(cache, tmp_path):
@@ -271,7 +275,7 @@ def test_a_rank_whose_write_fails_leaves_no_checkpoint_and_every_rank_says_so(ca
 def test_conversion_refuses_a_checkpoint_with_a_missing_or_cut_file(run, tmp_path):
     out = _copy(run, tmp_path, keep=(2,))
     _truncate(_step(out, 2) / STATES / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
-    r = _cli("convert", "zero-to-hf", "--src", str(_step(out, 2)), "--dst", str(tmp_path / "hf"))
+    r = here("convert", "zero-to-hf", "--src", str(_step(out, 2)), "--dst", str(tmp_path / "hf"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert _errors(r.stderr) == [
         f"gatedpo: error: {_step(out, 2)}: damaged checkpoint: deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states"

@@ -24,7 +24,7 @@ def test_yaml_then_overrides(tmp_path):
     [
         ("gate.shap=hard", "unknown config key 'gate.shap'; allowed here: shape, granularity"),
         ("nosuch.key=1", "unknown config key 'nosuch'"),
-        ("gate.shape=cosine", "gate.shape='cosine' is not one of none, sigmoid, hard, power"),
+        ("gate.shape=cosine", "gate.shape='cosine' is not one of none, sigmoid, psigmoid, hard, power"),
         ("objective.beta=abc", "objective.beta must be a number; got 'abc'"),
         ("objective.beta=-1", "objective.beta=-1.0 must be > 0"),
         ("parallel.tensor=3", "parallel.tensor=3 is not one of 1, 2, 4, 8"),
@@ -144,7 +144,7 @@ def test_parse_override_reads_yaml_scalars():
 def test_cli_prints_one_line_and_exits_2(capsys):
     assert main(["config", "gate.shape=cosine"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["gatedpo: error: gate.shape='cosine' is not one of none, sigmoid, hard, power"]
+    assert err == ["gatedpo: error: gate.shape='cosine' is not one of none, sigmoid, psigmoid, hard, power"]
 
 
 def test_console_script_entry_point():

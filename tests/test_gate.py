@@ -22,6 +22,8 @@ def _stats(b=4, t=6, v=30, scale=6.0):
 
 
 def _reference_gate(s: float, cfg: GateConfig) -> float:
+    if cfg.shape == "psigmoid":
+        return 1.0 / (1.0 + math.exp(-cfg.slope * (math.exp(s) - cfg.tau)))
     d = s - math.log(cfg.tau)
     if cfg.shape == "sigmoid":
         return 1.0 / (1.0 + math.exp(-d / cfg.temperature))
@@ -32,33 +34,80 @@ def _reference_gate(s: float, cfg: GateConfig) -> float:
     return 1.0
 
 
-@pytest.mark.parametrize("shape", ["sigmoid", "hard", "power", "none"])
-@pytest.mark.parametrize("signal", ["absolute", "relative", "uniform"])
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile of ``values`` by linear interpolation between order statistics (numpy's default)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (pos - lo) * (v[hi] - v[lo])
+
+
+@pytest.mark.parametrize("shape", ["sigmoid", "psigmoid", "hard", "power", "none"])
+@pytest.mark.parametrize("signal", ["absolute", "relative", "uniform", "seq", "q10"])
 @pytest.mark.parametrize("granularity", ["token", "sequence"])
 def test_gate_values_match_the_formulas(shape, signal, granularity):
     cfg = GateConfig(
-        shape=shape, signal=signal, granularity=granularity, tau=0.02, temperature=0.7, alpha=1.5
-    )
-    logp, logp_max, mask = _stats()
+        shape=shape, signal=signal, granularity=granularity, tau=0.02, temperature=0.7, alpha=1.5, slope=40.0,
+        quantile=0.3,
+    )  # fmt: skip
+    logp, logp_max, mask = _stats(scale=2.0)  # token probabilities spread around tau
     v = 30  # _stats' vocabulary
     g = gate_values(logp, logp_max, mask, cfg, vocab_size=v)
     for i in range(logp.shape[0]):
-        sig = {"relative": logp[i] - logp_max[i], "uniform": logp[i] + math.log(v), "absolute": logp[i]}[
-            signal
-        ]
+        kept = [float(x) for x, m in zip(logp[i], mask[i], strict=True) if m]
+        per_response = {
+            "seq": sum(kept) / len(kept),  # log of the geometric mean of the token probabilities
+            "q10": math.log(_quantile([math.exp(x) for x in kept], 0.3)),
+        }
+        sig = {"relative": logp[i] - logp_max[i], "uniform": logp[i] + math.log(v), "absolute": logp[i]}.get(
+            signal, logp[i]
+        )
         seq = float(sig[mask[i]].sum() / mask[i].sum())
         for j in range(logp.shape[1]):
             if not mask[i, j]:
                 assert g[i, j] == 1.0
                 continue
-            s = seq if granularity == "sequence" else float(sig[j])
+            if signal in per_response:
+                s = per_response[signal]  # one value per response whatever the granularity
+            else:
+                s = seq if granularity == "sequence" else float(sig[j])
             assert g[i, j].item() == pytest.approx(_reference_gate(s, cfg), abs=1e-6)
+
+
+def test_the_published_gate_closes_on_unlikely_responses_and_opens_on_likely_ones():
+    """sigmoid(slope * (p - tau)) with p the response's geometric-mean token probability: about 1 for a response
+    the model finds likely, about 0 for one it finds very unlikely; q10 closes on a response with a few very
+    unlikely tokens that the geometric mean averages away."""
+    cfg = GateConfig(shape="psigmoid", signal="seq", tau=0.05, slope=200.0)
+    likely = torch.log(torch.tensor([[0.5, 0.3, 0.4, 0.6]], dtype=torch.float64))
+    unlikely = torch.log(torch.tensor([[1e-3, 1e-4, 1e-2, 1e-3]], dtype=torch.float64))
+    mixed = torch.log(
+        torch.tensor([[0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 1e-6, 1e-6]], dtype=torch.float64)
+    )
+    keep = torch.ones(1, 4, dtype=torch.bool)
+    assert gate_values(likely, likely, keep, cfg).min() > 0.99
+    assert gate_values(unlikely, unlikely, keep, cfg).max() < 1e-3
+    keep10 = torch.ones(1, 10, dtype=torch.bool)
+    assert gate_values(mixed, mixed, keep10, cfg).min() > 0.5  # geometric mean 0.058: open
+    q10 = GateConfig(shape="psigmoid", signal="q10", tau=0.05, slope=200.0)
+    assert gate_values(mixed, mixed, keep10, q10).max() < 1e-3  # 10th percentile 1e-6: closed
+
+
+def test_a_probability_too_small_for_float32_still_gates_by_its_value():
+    """q10 works on probabilities: a token log-prob of -200 (p = 1e-87, below float32's range) is kept in float64,
+    so the quantile between it and a likelier token is their interpolation, not 0."""
+    logp = torch.tensor([[-200.0, -1.0]])
+    keep = torch.ones(1, 2, dtype=torch.bool)
+    cfg = GateConfig(shape="hard", signal="q10", quantile=0.5, tau=0.1)
+    # the median of {1e-87, e^-1}: e^-1 / 2 = 0.18 >= 0.1, so the gate is open
+    assert gate_values(logp, logp, keep, cfg).tolist() == [[1.0, 1.0]]
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     logp=st.lists(st.floats(-1e4, 0.0), min_size=1, max_size=8),
-    shape=st.sampled_from(["sigmoid", "hard", "power", "none"]),
+    shape=st.sampled_from(["sigmoid", "psigmoid", "hard", "power", "none"]),
     tau=st.floats(1e-30, 1.0, exclude_min=True),
     temperature=st.floats(1e-3, 1e3),
     alpha=st.floats(1e-3, 1e3),
@@ -157,3 +206,11 @@ def test_gate_config_refuses_bad_values():
         GateConfig(tau=0.0)
     with pytest.raises(ValueError, match=r"gate.temperature"):
         GateConfig(temperature=-1.0)
+    with pytest.raises(ValueError, match=r"gate.slope=0.0 must be > 0"):
+        GateConfig(slope=0.0)
+    with pytest.raises(ValueError, match=r"gate.quantile=1.5 must be in \[0, 1\]"):
+        GateConfig(quantile=1.5)
+    with pytest.raises(
+        ValueError, match=r"gate.signal='q5' is not one of absolute, relative, uniform, seq, q10"
+    ):
+        GateConfig(signal="q5")

@@ -7,15 +7,14 @@ gradients overflow; ``objective.beta=1e38`` overflows the first step's.
 """
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed import gatedpo
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -36,29 +35,20 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-def _train(out: Path, cache: Path, nproc: int | None, *overrides: str) -> subprocess.CompletedProcess:
-    """``gatedpo train``: ``nproc`` local processes, or (None) one process as a launcher such as torchrun starts
-    it (RANK and WORLD_SIZE set)."""
-    env = dict(os.environ)
-    if nproc is None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env |= {
-            "RANK": "0",
-            "WORLD_SIZE": "1",
-            "LOCAL_RANK": "0",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }
+def _train(out: Path, cache: Path, nproc: int, *overrides: str, pool: bool = True):
+    """``gatedpo train`` on ``nproc`` processes: the test pool's, as a launcher such as torchrun starts them (RANK
+    and WORLD_SIZE set), or (``pool=False``) the local processes of ``--nproc``."""
+    args = ["train", *BASE, f"data.cache_dir={cache}", f"train.output_dir={out}", *overrides]
+    if pool:
+        return gatedpo(nproc, *args)
     return subprocess.run(
-        [sys.executable, "-m", "gatedpo_mega.cli", "train", *(["--nproc", str(nproc)] if nproc else []), *BASE,
-         f"data.cache_dir={cache}", f"train.output_dir={out}", *overrides],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
+        [sys.executable, "-m", "gatedpo_mega.cli", *args, "--nproc", str(nproc)],
+        capture_output=True,
+        text=True,
+    )
 
 
-def _stopped_at(r: subprocess.CompletedProcess) -> int:
+def _stopped_at(r) -> int:
     """The step the error names: said once, in one line; the run exited with code 3, without a traceback."""
     assert r.returncode == 3, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -87,14 +77,17 @@ def _finite_weights(out: Path, step: int) -> bool:
 @pytest.mark.parametrize(
     "extra",
     [
-        ["parallel.zero_stage=0", "train.grad_clip=1.0"],  # DeepSpeed would apply the NaN, clipped to NaN
+        [
+            "parallel.zero_stage=0",
+            "train.grad_clip=1.0",
+        ],  # DeepSpeed would apply the NaN, clipped to NaN; --nproc 2
         ["parallel.zero_stage=1", "train.grad_clip=0"],  # DeepSpeed skips the step
     ],
     ids=["zero0-clip", "zero1"],
 )
 def test_overflowing_gradients_stop_the_run_and_the_last_checkpoint_is_finite(extra, cache, tmp_path):
     out = tmp_path / "run"
-    r = _train(out, cache, 2, "train.lr=1e6", *extra)
+    r = _train(out, cache, 2, "train.lr=1e6", *extra, pool=extra[0] != "parallel.zero_stage=0")
     assert _stopped_at(r) == 2
     assert _checkpoint_steps(out) == [1]  # nothing saved at or after the bad step ...
     assert _finite_weights(out, 1)  # ... and what was saved before it is finite
@@ -106,7 +99,7 @@ def test_overflowing_gradients_stop_the_run_and_the_last_checkpoint_is_finite(ex
     ("nproc", "extra"),
     [
         (2, ["parallel.zero_stage=2"]),  # DeepSpeed's engine drives the micro-batches
-        (None, ["parallel.zero_stage=3", "model.dtype=bf16"]),  # under a launcher
+        (1, ["parallel.zero_stage=3", "model.dtype=bf16"]),  # one process under a launcher
     ],
     ids=["dp2-zero2", "launcher-zero3-bf16"],
 )

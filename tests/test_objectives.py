@@ -12,9 +12,11 @@ def _logsig(x: float) -> float:
     return -math.log1p(math.exp(-x)) if x > 0 else x - math.log1p(math.exp(x))
 
 
-def _reference(name, pc, pr, rc, rr, beta, eps=0.0):
+def _reference(name, pc, pr, rc, rr, beta, eps=0.0, lam=1.0):
     dw, dl = pc - rc, pr - rr
     h = dw - dl
+    if name == "dpo_shift":  # the logit (log pi_w - lam log pi_l) - (log ref_w - lam log ref_l)
+        return -_logsig(beta * ((pc - lam * pr) - (rc - lam * rr)))
     if name == "dpo":
         return -(1 - eps) * _logsig(beta * h) - eps * _logsig(-beta * h)
     if name == "ipo":
@@ -36,6 +38,33 @@ def test_objectives_match_reference(name, beta):
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("lam", [0.5, 0.9, 1.0])
+def test_dpo_shift_scales_the_rejected_log_ratio_and_is_dpo_at_one(lam):
+    gen = torch.Generator().manual_seed(4)
+    pc, pr, rc, rr = (torch.randn(16, generator=gen, dtype=torch.float64) * 20 - 50 for _ in range(4))
+    got = preference_loss(pc, pr, rc, rr, objective="dpo_shift", beta=0.2, shift=lam)
+    want = [
+        _reference("dpo_shift", *(float(t[i]) for t in (pc, pr, rc, rr)), 0.2, lam=lam) for i in range(16)
+    ]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), atol=1e-12, rtol=1e-12)
+    if lam == 1.0:
+        assert torch.equal(got, preference_loss(pc, pr, rc, rr, objective="dpo", beta=0.2))
+
+
+def test_dpo_shift_lambda_schedule_is_linear_over_the_run():
+    from gatedpo_mega.objectives import ObjectiveConfig
+
+    fixed = ObjectiveConfig(name="dpo_shift", shift_lambda=0.8)
+    assert [fixed.shift_at(s, 5) for s in (1, 3, 5)] == [0.8, 0.8, 0.8]
+    ramp = ObjectiveConfig(name="dpo_shift", shift_lambda=0.5, shift_lambda_end=1.0)
+    assert [ramp.shift_at(s, 5) for s in (1, 2, 3, 4, 5)] == pytest.approx([0.5, 0.625, 0.75, 0.875, 1.0])
+    assert ObjectiveConfig(name="dpo").shift_at(3, 5) == 1.0  # every other objective: lambda 1
+    with pytest.raises(ValueError, match=r"objective.shift_lambda=0.0 must be in \(0, 1\]"):
+        ObjectiveConfig(name="dpo_shift", shift_lambda=0.0)
+    with pytest.raises(ValueError, match=r"shift_lambda_end applies to objective\.name=dpo_shift only"):
+        ObjectiveConfig(name="dpo", shift_lambda_end=0.9)
+
+
 def test_label_smoothing_is_conservative_dpo():
     pc, pr, rc, rr = (torch.tensor([v], dtype=torch.float64) for v in (-10.0, -12.0, -11.0, -11.5))
     got = preference_loss(pc, pr, rc, rr, objective="dpo", beta=0.3, label_smoothing=0.2)
@@ -51,6 +80,7 @@ def test_policy_equal_to_reference(beta):
         "ipo": 1.0 / (4.0 * beta**2),
         "cal_dpo": math.log(2.0) + 1.0 / (4.0 * beta**2),
         "hinge": 1.0,
+        "dpo_shift": math.log(2.0),
     }
     for name, value in expect.items():
         got = preference_loss(x, y, x, y, objective=name, beta=beta)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from distributed import run_distributed
+from distributed import gatedpo, here, run_distributed
 
 from gatedpo_mega.config import load_config
 
@@ -27,12 +27,6 @@ TIMING = {"tokens_per_second", "real_tokens_per_second", "step_seconds", "memory
 
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _cli(*args, **kw):
-    return subprocess.run(
-        [sys.executable, "-m", "gatedpo_mega.cli", *args], capture_output=True, text=True, **kw
-    )
 
 
 def _errors(stderr: str) -> list[str]:
@@ -63,7 +57,7 @@ def run(world, extra, cache, tmp_path, name):
 def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_metrics(cache, tmp_path):
     args = ["train", "--nproc", "2", *BASE, f"data.cache_dir={cache}", "parallel.tensor=2", "train.max_steps=10",
             "train.save_every=2", "train.eval_every=3"]  # fmt: skip
-    full = _cli(*args, f"train.output_dir={tmp_path / 'full'}")
+    full = gatedpo(2, *args, f"train.output_dir={tmp_path / 'full'}")  # uninterrupted: the pool will do
     assert full.returncode == 0, full.stderr[-3000:]
     out = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -80,7 +74,7 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_metrics(cache,
     proc.wait()
     killed_at = _rows(out)[-1]["step"]
     assert 4 <= killed_at < 10, "the run was not interrupted mid-training"
-    resumed = _cli(*args, f"train.output_dir={out}", "--resume")
+    resumed = gatedpo(2, *args, f"train.output_dir={out}", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     a, b = _rows(tmp_path / "full"), _rows(out)
@@ -94,22 +88,23 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_metrics(cache,
     names = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".tmp"))
     assert names == [f"step-{s:08d}" for s in (2, 4, 6, 8, 10)]
 
-    # The same folder without --resume is refused, and so is a resume at another layout or model shape.
-    again = _cli(*args, f"train.output_dir={out}")
+    # The same folder without --resume is refused, and so is a resume at another layout or model shape: by the
+    # launching process, before any worker starts.
+    again = here(*args, f"train.output_dir={out}")
     assert again.returncode == 2
     assert _errors(again.stderr) == [
         f"gatedpo: error: {out} already holds checkpoints (latest step-00000010); pass --resume to continue "
         "that run, or choose another train.output_dir"
     ]
     more = [f"train.output_dir={out}", "--resume", "train.max_steps=12"]
-    other = _cli(*args, *more, "parallel.tensor=1")
+    other = here(*args, *more, "parallel.tensor=1")
     assert other.returncode == 2
     assert _errors(other.stderr) == [
         f"gatedpo: error: checkpoint {out}/checkpoints/step-00000010 was written at tensor=2 (tensor 2, pipeline 1, "
         "data 1, zero_stage 1); this run has tensor=1 (tensor 1, pipeline 1, data 2, zero_stage 1). Resume with "
         "the checkpoint's layout"
     ], other.stderr[-3000:]
-    shape = _cli(*args, *more, "model.ffn_hidden_size=128")
+    shape = here(*args, *more, "model.ffn_hidden_size=128")
     assert shape.returncode == 2
     assert _errors(shape.stderr) == [
         f"gatedpo: error: checkpoint {out}/checkpoints/step-00000010 holds a model with model.ffn_hidden_size=64; "
@@ -121,10 +116,10 @@ def test_an_incomplete_checkpoint_is_never_resumed_from(cache, tmp_path):
     out = tmp_path / "run"
     args = ["train", *BASE, f"data.cache_dir={cache}", "train.max_steps=2", "train.save_every=1",
             f"train.output_dir={out}"]  # fmt: skip
-    assert _cli(*args).returncode == 0
+    assert gatedpo(1, *args).returncode == 0
     # A crash mid-write leaves a .tmp folder (here: step 3 without its meta.json) that must be ignored.
     (out / "checkpoints" / ".tmp-step-00000003" / "deepspeed").mkdir(parents=True)
-    r = _cli(*args, "--resume", "train.max_steps=3", "train.keep_checkpoints=2")
+    r = gatedpo(1, *args, "--resume", "train.max_steps=3", "train.keep_checkpoints=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "step-00000002 (step 2)" in r.stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]

@@ -32,7 +32,7 @@ def _reference(hidden, weight, targets, ref, cfg):
     counts = (targets != -100).sum(-1)
     ctx = LossContext(
         objective=cfg.objective, gate=cfg.gate, tp_group=None, vocab_size=V, reference=ref,
-        ref_tokens=torch.stack([counts[:B], counts[B:]], 1),
+        ref_tokens=torch.stack([counts[:B], counts[B:]], 1), shift=cfg.objective.shift_at(1, 1),
     )  # fmt: skip
     batch = PreferenceBatch(torch.zeros_like(targets), targets, torch.arange(B))
     loss, _ = preference_loss_func(batch, ctx, h @ w.t())
@@ -71,6 +71,16 @@ CASES = {
         "gate.tau=0.02",
     ],
     "hinge-nll-sum": ["objective.name=hinge", "objective.nll_weight=0.2", "objective.nll_average=false"],
+    # the published gate: one sigmoid in probability per rejected response
+    "dpo-psigmoid-seq": ["gate.shape=psigmoid", "gate.signal=seq", "gate.tau=0.02", "gate.slope=50"],
+    "dpo_shift-psigmoid-q10": [
+        "objective.name=dpo_shift",
+        "objective.shift_lambda=0.7",
+        "gate.shape=psigmoid",
+        "gate.signal=q10",
+        "gate.tau=0.01",
+        "gate.slope=80",
+    ],
 }
 
 
@@ -83,7 +93,11 @@ def test_matches_the_loss_hook_on_materialised_logits_in_float64(case, chunk):
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     losses, logp, _, _ = fused_preference_loss(
-        h, w, targets, pair_objective(_streaming_reference(ref, targets, cfg), cfg.objective, cfg.gate, vocab_size=V),
+        h, w, targets,
+        pair_objective(
+            _streaming_reference(ref, targets, cfg), cfg.objective, cfg.gate, vocab_size=V,
+            shift=cfg.objective.shift_at(1, 1),
+        ),
         chunk_size=chunk,
     )  # fmt: skip
     loss = losses.mean()

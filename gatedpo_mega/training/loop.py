@@ -50,6 +50,7 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     ctx = LossContext(
         objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, vocab_size=data.vocab_size,
         reference=None, ref_tokens=None, fused=cfg.model.fused_logprobs, fused_objective=cfg.model.fused_objective,
+        shift=cfg.objective.shift_at(1, cfg.train.max_steps),
     )  # fmt: skip
     reference = Reference(cfg, backend, layout, model, data, device)  # from the initial weights
     engine = build_engine(
@@ -77,7 +78,7 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
             history.append(record)
             log.log(record)
         for step in range(start + 1, t.max_steps + 1):
-            ctx.step = step
+            ctx.step, ctx.shift = step, cfg.objective.shift_at(step, t.max_steps)
             batches = [b.to(device) for b in next(data.steps)]
             t0 = time.perf_counter()
             reference.prepare(ctx, batches)
@@ -95,6 +96,9 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
                     hf_config=hf_config,
                 )  # fmt: skip
         backend.save_final(engine, layout)
+        # DeepSpeed's hooks released: ZeRO-3's hold the model and its process groups past the run otherwise (a
+        # cycle through autograd's C++ nodes that Python's collector cannot see), in a process that goes on.
+        engine.destroy()
     finally:
         log.close()
     return history
