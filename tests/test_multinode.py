@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from distributed import gatedpo
 
 from gatedpo_mega.training.checkpoint import verify
 
@@ -66,13 +67,9 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cache):
-    """TP 2 x DP 2 in 4 local processes, uninterrupted."""
+    """TP 2 x DP 2 on 4 processes of the test pool, uninterrupted."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    r = subprocess.run(
-        [sys.executable, "-m", "gatedpo_mega.cli", "train", "--nproc", "4", *BASE, f"data.cache_dir={cache}",
-         f"train.output_dir={out}"],
-        capture_output=True, text=True, env=_env(),
-    )  # fmt: skip
+    r = gatedpo(4, "train", *BASE, f"data.cache_dir={cache}", f"train.output_dir={out}", env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return _metrics(out)
 

@@ -14,18 +14,20 @@ from pathlib import Path
 
 import pytest
 import yaml
+from distributed import gatedpo
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"tokens_per_second", "real_tokens_per_second", "step_seconds", "memory/peak_mib_max_rank"}
 WORLD = 4
+STEPS = 6
 TINY = {  # TP 2 x DP 2 on 4 ranks; a checkpoint every 2 steps, for the requeue
     "parallel": {"tensor": 2},
     "model": {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "num_query_groups": 2,
               "ffn_hidden_size": 64},
     "train": {"micro_batch_size": 2, "global_batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "reference_batch_size": 8,
-              "max_steps": 12, "save_every": 2, "eval_every": 4},
+              "max_steps": STEPS, "save_every": 2, "eval_every": 3},
     "data": {"builtin_pairs": 120, "max_length": 64, "max_prompt_length": 40, "eval_fraction": 0.2},
 }  # fmt: skip
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -64,12 +66,12 @@ def _train_args(work: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(work) -> list[dict]:
+    """The same run on 4 processes of the test pool (the numbers every launch path must give)."""
     out = work / "nproc"
-    cmd = [sys.executable, "-m", "gatedpo_mega.cli", *_train_args(work, out), "--nproc", str(WORLD)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_clean_env(), timeout=600)
+    proc = gatedpo(WORLD, *_train_args(work, out), env=_clean_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(out)
-    assert [r["step"] for r in rows] == list(range(13))  # step 0: the evaluation before training
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))  # step 0: the evaluation before training
     return rows
 
 
@@ -279,5 +281,5 @@ def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
     rank0 = ranks[0].read_text()
     assert f"no checkpoint in {out}/checkpoints: starting at step 0" in rank0
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", rank0)
-    assert resumed and int(resumed.group(1)) < 12, "the job ended before it was requeued"
+    assert resumed and int(resumed.group(1)) < STEPS, "the job ended before it was requeued"
     assert all(p.exists() for p in ranks)

@@ -12,6 +12,8 @@ tests/test_planner.py runs; ``large`` doubles the width.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -97,17 +99,25 @@ def _yaml(v: object) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
+def _plan(args: list[str]) -> tuple[int, str, str]:
+    """``gatedpo plan ARGS`` in this process (it reads the config alone: no process to start); the exit code and
+    what it printed."""
+    from gatedpo_mega.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["plan", *args])
+    return code, out.getvalue(), err.getvalue()
+
+
 def run_case(name: str, overrides: list[str], root: Path) -> dict[str, object]:
     out = root / name.replace("/", "_")
     common = [*overrides, f"train.output_dir={out}", f"data.cache_dir={root / 'cache'}"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    plan = subprocess.run(
-        [sys.executable, "-m", "gatedpo_mega.cli", "plan", "--nproc", "2", "--target", "cpu", "--json", *common],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    if plan.returncode:
-        raise SystemExit(f"plan_check: {name}: gatedpo plan failed: {plan.stderr.strip()[-500:]}")
-    predicted = json.loads(plan.stdout)["per_rank_peak_bytes"] / 2**20
+    code, plan, said = _plan(["--nproc", "2", "--target", "cpu", "--json", *common])
+    if code:
+        raise SystemExit(f"plan_check: {name}: gatedpo plan failed: {said.strip()[-500:]}")
+    predicted = json.loads(plan)["per_rank_peak_bytes"] / 2**20
     t0 = time.monotonic()
     train = subprocess.run(
         [sys.executable, "-m", "gatedpo_mega.cli", "train", "--nproc", "2", *common],

@@ -6,6 +6,7 @@ What differs between model libraries sits behind ``gatedpo_mega.backend``; the l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -96,11 +97,15 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
                     hf_config=hf_config,
                 )  # fmt: skip
         backend.save_final(engine, layout)
-        # DeepSpeed's hooks released: ZeRO-3's hold the model and its process groups past the run otherwise (a
-        # cycle through autograd's C++ nodes that Python's collector cannot see), in a process that goes on.
-        engine.destroy()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the run's own error is the one to report
+            engine.destroy()
+        raise
     finally:
         log.close()
+    # DeepSpeed's hooks released: ZeRO's hold the model and its process groups past the run otherwise (a cycle
+    # through autograd's C++ nodes that Python's collector cannot see), in a process that goes on.
+    engine.destroy()
     return history
 
 
