@@ -118,6 +118,32 @@ def test_layouts_match_tp1_pp1(world, extra, baseline, cache, tmp_path):
     _same(run(world, extra, cache, tmp_path, "run"), baseline)
 
 
+def test_the_published_gate_and_dpo_shift_are_the_same_at_tp2_pp2_and_packed(cache, tmp_path):
+    """One sigmoid in probability per rejected response (q10: a quantile of its token probabilities) on DPO-Shift
+    with lambda moving over the run: every layout computes the per-response statistic from whole rows, so the
+    numbers are TP 1 x PP 1's."""
+    published = ["objective.name=dpo_shift", "objective.shift_lambda=0.7", "objective.shift_lambda_end=1.0",
+                 "gate.shape=psigmoid", "gate.signal=q10", "gate.tau=0.002", "gate.slope=500"]  # fmt: skip
+    base = run(1, published, cache, tmp_path, "published")
+    assert base[0]["loss"] == pytest.approx(
+        math.log(2.0), abs=1e-6
+    )  # policy = reference: lambda does not matter
+    assert 0.05 < base[0]["gate/mean"] < 0.95  # the gate is partly closed: the case tests it
+    _same(
+        run(4, [*published, "parallel.tensor=2", "parallel.pipeline=2"], cache, tmp_path, "published-tp2pp2"),
+        base,
+    )
+    _same(
+        run(
+            2, [*published, "data.packing=true", "parallel.zero_stage=2"], cache, tmp_path, "published-packed"
+        ),
+        base,
+    )
+    plain = run(1, ["objective.name=dpo_shift", "objective.shift_lambda=0.7", "objective.shift_lambda_end=1.0",
+                    "gate.shape=none"], cache, tmp_path, "shift")  # fmt: skip
+    assert plain[0]["loss"] == base[0]["loss"] and plain[-1]["loss"] != base[-1]["loss"]  # the gradient moved
+
+
 def test_tied_embeddings_across_pipeline_and_tensor_parallel(cache, tmp_path):
     tied = ["model.tie_embeddings=true"]
     base = run(1, tied, cache, tmp_path, "tied")
