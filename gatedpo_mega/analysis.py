@@ -28,7 +28,7 @@ import yaml
 from gatedpo_mega.errors import UserError
 
 # Keys that tell seeds of one arm apart without making them different arms.
-RUN_SPECIFIC_KEYS = ("train.seed", "train.output_dir", "train.resume")
+RUN_SPECIFIC_KEYS = ("train.seed", "train.output_dir", "train.resume", "train.run_name")
 DEFAULT_LABEL_KEYS = ("objective.name", "gate.shape")
 
 # Plotted quantities, in overview order: metric name -> panel title.
@@ -47,7 +47,7 @@ QUANTITIES: dict[str, str] = {
 }
 
 # Summary columns: (row key, header, how the number is computed).
-_COLUMNS = (
+SQUEEZE_COLUMNS = (
     ("accuracy", "eval acc."),
     ("chosen_delta_per_token", "Δ log p chosen / tok"),
     ("rejected_delta_per_token", "Δ log p rejected / tok"),
@@ -56,6 +56,19 @@ _COLUMNS = (
     ("d_top1_chosen", "Δ top-1 chosen"),
     ("d_entropy_chosen", "Δ entropy chosen"),
     ("frac_attenuated", "attenuated (train, last 10%)"),
+)
+# The mass-dynamics columns of the Gate-DPO paper's tables: changes from the first to the last evaluation of the
+# summed log-likelihood of a response (mean over pairs), of the chosen and the rejected responses, their difference,
+# and of the probe pairs' chosen responses (data.probe_pairs: "Δ others"); then the same per response token.
+CHANGE_COLUMNS = (
+    ("accuracy", "eval acc."),
+    ("d_chosen", "Δ chosen"),
+    ("d_rejected", "Δ rejected"),
+    ("margin", "margin"),
+    ("d_others", "Δ others"),
+    ("d_chosen_per_token", "Δ chosen / tok"),
+    ("d_rejected_per_token", "Δ rejected / tok"),
+    ("d_others_per_token", "Δ others / tok"),
 )
 _LAST_VALUE = {
     "accuracy": "rewards/accuracies",
@@ -67,7 +80,16 @@ _CHANGE = {
     "d_entropy_rejected": "squeeze/entropy_rejected",
     "d_top1_chosen": "squeeze/top1_chosen",
     "d_entropy_chosen": "squeeze/entropy_chosen",
+    "d_chosen": "logps/chosen",
+    "d_rejected": "logps/rejected",
+    "d_others": "probe/logps/chosen",
 }
+# Changes per response token: (column, the change, the token count it is divided by).
+_PER_TOKEN = (
+    ("d_chosen_per_token", "d_chosen", "tokens/chosen"),
+    ("d_rejected_per_token", "d_rejected", "tokens/rejected"),
+    ("d_others_per_token", "d_others", "probe/tokens/chosen"),
+)
 
 
 @dataclass
@@ -276,6 +298,11 @@ def _run_numbers(run: Run, eval_set: str | None = None) -> tuple[str, dict[str, 
     for col, key in _CHANGE.items():
         if key in first and key in last:
             out[col] = last[key] - first[key]
+    if "d_chosen" in out and "d_rejected" in out:
+        out["margin"] = out["d_chosen"] - out["d_rejected"]
+    for col, change, tokens in _PER_TOKEN:
+        if change in out and last.get(tokens):
+            out[col] = out[change] / last[tokens]
     frac = [r["gate/frac_attenuated"] for r in run.train.values() if "gate/frac_attenuated" in r]
     if frac:
         tail = frac[-max(1, math.ceil(0.1 * len(frac))) :]
@@ -301,7 +328,7 @@ def summary_rows(groups: Sequence[Group], eval_set: str | None = None) -> list[d
             "runs": [str(r.path) for r in g.runs],
             "train_fallback": sum(src == "train" for src, _ in per_run),
         }
-        for col, _ in _COLUMNS:
+        for col in dict([*SQUEEZE_COLUMNS, *CHANGE_COLUMNS]):
             row[col] = _stats([nums[col] for _, nums in per_run if col in nums])
         rows.append(row)
     return rows
@@ -314,20 +341,27 @@ def _fmt(s: dict[str, Any] | None, signed: bool) -> str:
     return m if s["std"] is None else f"{m} ± {s['std']:.4g}"
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table of :func:`summary_rows`, with footnotes."""
-    head = ["arm", "seeds", *(h for _, h in _COLUMNS)]
+def format_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = SQUEEZE_COLUMNS, first: str = "arm"
+) -> str:
+    """A Markdown table of :func:`summary_rows` (``columns``: (row key, header) pairs; the first column's header
+    ``first``), with footnotes."""
+    head = [first, "seeds", *(h for _, h in columns)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         label = row["label"] + (" †" if row["train_fallback"] else "")
-        cells = [_fmt(row[col], signed=col != "accuracy" and col != "frac_attenuated") for col, _ in _COLUMNS]
+        cells = [_fmt(row[col], signed=col != "accuracy" and col != "frac_attenuated") for col, _ in columns]
         lines.append(f"| {label} | {row['seeds']} | " + " | ".join(cells) + " |")
     lines.append("")
     named = rows[0].get("eval_set") if rows else None
+    what = (
+        "Δ top-1 / entropy" if columns is SQUEEZE_COLUMNS else
+        "Δ: summed over a response's tokens (mean over pairs) or per response token (/ tok), margin = Δ chosen − Δ "
+        "rejected, Δ others on the probe pairs' chosen responses (data.probe_pairs); each Δ"
+    )  # fmt: skip
     lines.append(
         ("Last evaluation" + (f" on `{named}`" if named else ""))
-        + "; Δ top-1 / entropy: last evaluation minus "
-        "the first (step 0 when present); "
+        + f"; {what}: last evaluation minus the first (step 0 when present); "
         "mean ± std over seeds (ddof=1); – : not logged by these runs."
     )
     fallback = [f"{r['label']} ({r['train_fallback']} of {r['seeds']})" for r in rows if r["train_fallback"]]

@@ -269,6 +269,11 @@ class Config:
                 f"data.eval_sets ({', '.join(self.data.eval_sets)}) are evaluated every train.eval_every steps; "
                 "set train.eval_every > 0"
             )
+        if self.data.probe_pairs and not self.train.eval_every:
+            raise ValueError(
+                f"data.probe_pairs={self.data.probe_pairs} are evaluated every train.eval_every steps; "
+                "set train.eval_every > 0"
+            )
         if self.objective.name in SFT_OBJECTIVES and self.train.reference == "live":
             raise ValueError(f"train.reference=live: objective.name={self.objective.name} uses no reference")
         if self.model.max_position_embeddings < self.data.max_length:

@@ -34,9 +34,10 @@ FP32 = 4
 REDUCE_BUCKET = 50_000_000
 ZERO3_MAX_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters default
 # The resident memory of a rank before its model exists, measured on this project's CPU set (constraints/cpu-py311.txt:
-# torch 2.13, megatron-core 0.16, DeepSpeed 0.19): a 2-layer, 64-wide model's peak over a whole run. A GPU's allocator
-# peak has no such term.
-CPU_BASELINE_BYTES = 590 * MiB
+# torch 2.13, megatron-core 0.16, DeepSpeed 0.19): a 2-layer, 64-wide model's peak over a whole run, less the 116 MiB
+# that wandb and mlflow took when megatron-core and DeepSpeed still imported them (environment.py). A GPU's
+# allocator peak has no such term.
+CPU_BASELINE_BYTES = 474 * MiB
 MALLOC_MMAP_MAX = 32 * MiB  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
 
 

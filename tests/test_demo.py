@@ -61,7 +61,7 @@ def test_the_main_job_gates_the_off_policy_tokens_and_reports_both_arms(tmp_path
     assert gated[1]["gate/frac_attenuated"] > 0.02
     assert dpo[2]["loss"] != gated[2]["loss"]  # the gradients differed at step one
     table = report.read_text()
-    assert "| dpo gate=none |" in table and "| dpo gate=hard |" in table
+    assert "\n| dpo | 1 |" in table and "\n| gate-dpo | 1 |" in table  # the spec's arm names
     assert (out / "report" / "tiny-sft" / "overview.png").read_bytes()[:4] == b"\x89PNG"
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("[demo] the report: ") and str(report) in last

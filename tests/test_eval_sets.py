@@ -85,6 +85,21 @@ def test_bad_sets_are_refused_naming_the_set(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.probe_pairs=-1", "train.eval_every=1"], "data.probe_pairs=-1 must be >= 0"),
+        (["data.probe_pairs=5", "data.eval_fraction=0", "train.eval_every=1"],
+         "data.probe_pairs=5 are taken from the held-out split: data.eval_fraction must be > 0"),
+        (["data.probe_pairs=5"], "data.probe_pairs=5 are evaluated every train.eval_every steps"),
+        (["data.eval_sets.probe=a.jsonl", "train.eval_every=1"], "data.eval_sets.probe: 'probe' names data.probe_pairs"),
+    ],
+)  # fmt: skip
+def test_bad_probe_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
 def test_sets_without_eval_every_are_refused():
     with pytest.raises(ConfigError, match=r"data.eval_sets \(hh\) are evaluated every train.eval_every"):
         load_config(None, ["data.eval_sets.hh=a.jsonl"])
@@ -136,6 +151,27 @@ def test_a_bad_set_is_one_line_naming_the_set(cache, tmp_path, records, message)
     assert "\n" not in str(e.value)
 
 
+def test_probes_that_would_take_the_whole_split_are_refused(cache):
+    from gatedpo_mega.data import load_preference_data
+    from gatedpo_mega.training.data import eval_sets
+
+    cfg = load_config(None, [*BASE, f"data.cache_dir={cache}", "train.eval_every=1"])
+    data = load_preference_data(cfg.data, seed=cfg.train.seed)
+    n = len(data.eval)
+    cfg = load_config(None, [*BASE, f"data.cache_dir={cache}", "train.eval_every=1", f"data.probe_pairs={n}"])
+    with pytest.raises(
+        ConfigError, match=f"data.probe_pairs={n} would take every one of the {n} held-out pairs"
+    ):
+        eval_sets(cfg, data.eval, data.cache_path, seed=0)
+    cfg = load_config(
+        None, [*BASE, f"data.cache_dir={cache}", "train.eval_every=1", f"data.probe_pairs={n - 1}"]
+    )
+    sets = eval_sets(cfg, data.eval, data.cache_path, seed=0)
+    assert [(prefix, len(pairs), offset) for prefix, pairs, _, offset in sets] == [
+        ("eval/", 1, n - 1), ("eval/probe/", n - 1, 0)
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A run
 
@@ -163,10 +199,24 @@ def test_each_set_is_logged_by_name_and_the_hash_split_as_a_file_gives_its_numbe
     cfg = load_config(None, BASE)
     split = _heldout_file(tmp_path / "split.jsonl", cfg)
     other = _jsonl(tmp_path / "other.jsonl", [GOOD, {**GOOD, "prompt": "And 3 plus 3?", "chosen": " 6."}])
+    held = split.read_text().splitlines(keepends=True)
+    (tmp_path / "first3.jsonl").write_text("".join(held[:3]))
+    (tmp_path / "rest.jsonl").write_text("".join(held[3:]))
     plain = _run(cache, tmp_path, "plain")
     named = _run(cache, tmp_path, "named", f"data.eval_sets.split={split}",
-                 f"data.eval_sets.other={{source: {other}, format: plain}}")  # fmt: skip
+                 f"data.eval_sets.other={{source: {other}, format: plain}}",
+                 f"data.eval_sets.first3={tmp_path / 'first3.jsonl'}", f"data.eval_sets.rest={tmp_path / 'rest.jsonl'}")  # fmt: skip
+    probed = _run(cache, tmp_path, "probed", "data.probe_pairs=3")
     assert [r["step"] for r in named] == [0, 1, 2]
+    # data.probe_pairs: the split's first 3 pairs apart as eval/probe/, the split's metrics over the rest
+    for step in (0, 2):
+        for m in ("loss", "logps/chosen", "logps/rejected", "rewards/accuracies", "squeeze/top1_rejected"):
+            got, want = probed[step][f"eval/probe/{m}"], named[step][f"eval/first3/{m}"]
+            assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (step, m)
+            assert probed[step][f"eval/{m}"] == pytest.approx(
+                named[step][f"eval/rest/{m}"], rel=1e-5, abs=1e-6
+            )
+    assert probed[1]["loss"] == pytest.approx(plain[1]["loss"])  # training is the same
     metrics = [k.removeprefix("eval/") for k in plain[0] if k.startswith("eval/")]
     assert "rewards/accuracies" in metrics and "loss" in metrics
     for step in (0, 2):

@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 
 from gatedpo_mega.experiments.mass_dynamics import load_spec, pick_default, run_experiment
 
@@ -21,64 +20,55 @@ HH = (
 )
 
 
-def _spec(tmp_path: Path, source: str) -> Path:
-    tiny = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.num_query_groups=2",
-            "model.ffn_hidden_size=64"]  # fmt: skip
-    spec = {
-        "output_dir": str(tmp_path / "md"),
-        "tokenizer_vocab_size": 400,
-        "seeds": [1, 2],
-        "base": [
-            f"data.source={source}",
-            "data.max_length=48",
-            "data.max_prompt_length=24",
-            "data.eval_fraction=0.05",
-            "train.micro_batch_size=4",
-            "train.global_batch_size=8",
-            "train.reference_batch_size=32",
-            "train.eval_every=2",
-            "train.eval_max_pairs=32",
-            "train.warmup_steps=1",
-            "model.max_position_embeddings=64",
-            *([] if source == "builtin" else ["data.format=hh"]),
-        ],
-        "starts": {
-            "sft": ["objective.name=sft", "gate.shape=none", "train.max_steps=2", "train.lr=3e-3"],
-            "ext": ["objective.name=sft_extended", "gate.shape=none", "train.max_steps=2", "train.lr=3e-3"],
-        },
-        "start_arms": {"ext": ["dpo+gate"]},
-        "preference": ["train.max_steps=3", "train.lr=1e-3", "data.max_train_pairs=24"],
-        "arms": {"dpo": ["gate.shape=none"], "dpo+gate": ["gate.shape=sigmoid", "gate.tau=1e-2"]},
-        "sizes": {"tiny": tiny},
-        # hard-0.01 is the default gate; sigmoid-0.01 is the dpo+gate arm's config, whose runs it reuses
-        "sweep": {
-            "hard-0.01": ["gate.shape=hard", "gate.tau=0.01"],
-            "sigmoid-0.01": ["gate.shape=sigmoid", "gate.tau=1e-2"],
-        },
-        "tensor_parallel_check": True,
-    }
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))  # the first start hosts the sweep
-    return path
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(tmp_path: Path, source: str):
+    """configs/gate_vs_field.yaml scaled down: a tiny model, 3 preference steps, 2 seeds, four of its arms (plain
+    DPO, the seq gate, DPO-Shift with the q10 gate, the SFT control), a second start, two sweep points."""
+    spec = load_spec(ROOT / "configs" / "gate_vs_field.yaml", [f"output_dir={tmp_path / 'md'}"])
+    spec.tokenizer_vocab_size = 400
+    spec.seeds = [1, 2]
+    spec.base = [
+        f"data.source={source}", "data.max_length=48", "data.max_prompt_length=24", "data.eval_fraction=0.05", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.reference_batch_size=32", "train.eval_max_pairs=32", "train.warmup_steps=1", "train.report_to=none",
+        "model.max_position_embeddings=64", *([] if source == "builtin" else ["data.format=hh"]),
+    ]  # fmt: skip
+    sft = ["gate.shape=none", "train.max_steps=2", "train.lr=3e-3", "train.eval_every=2"]
+    spec.starts = {"sft": ["objective.name=sft", *sft], "ext": ["objective.name=sft_extended", *sft]}
+    spec.start_arms = {"ext": ["dpo+seq"]}
+    spec.preference = [
+        "train.max_steps=3", "train.eval_every=1", "train.lr=1e-3", "data.max_train_pairs=24", "data.probe_pairs=5",
+    ]  # fmt: skip
+    spec.arms = {a: spec.arms[a] for a in ("dpo", "dpo+seq", "dpo_shift+q10", "sft-continued")}
+    spec.sizes = {"tiny": ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
+                           "model.num_query_groups=2", "model.ffn_hidden_size=64"]}  # fmt: skip
+    spec.sweep = {k: spec.sweep[k] for k in ("seq-0.008", "hard-0.01")}  # seq-0.008 is the dpo+seq arm
+    return spec
 
 
 def test_scaled_down_experiment_runs_end_to_end_and_tp2_rows_equal_tp1(tmp_path, capsys):
     source = str(HH) if HH.exists() else "builtin"  # the HH sample when present, else the built-in data
-    spec = load_spec(_spec(tmp_path, source))
+    spec = _spec(tmp_path, source)
     report = run_experiment(spec)
     text = report.read_text()
     for section in ("## The SFT checkpoints", "## Arms, model size `tiny`, from `sft`",
                     "## Arms, model size `tiny`, from `ext`", "## Gate sweep", "## Tensor parallelism"):  # fmt: skip
         assert section in text, section
     assert "Pick: **" in text or "no pick" in text
+    # the spec's names label every row: arms, the sweep point that is an arm (both names), the TP check
+    assert "| gate | seeds | eval acc. | Δ chosen | Δ rejected | margin | Δ others |" in text
+    for label in ("dpo", "dpo+seq", "dpo_shift+q10", "sft-continued", "dpo+seq = seq-0.008", "hard-0.01",
+                  "dpo+seq TP 1", "dpo+seq TP 2"):  # fmt: skip
+        assert f"\n| {label} | " in text, label
     out = Path(spec.output_dir)
     assert (out / "report" / "tiny-sft" / "summary.md").exists()
     assert (out / "report" / "tiny-sft" / "overview.png").read_bytes()[:4] == b"\x89PNG"
     # the ext start runs only the arm start_arms names; the sweep point equal to an arm is that arm's run
     assert (
-        not (out / "tiny" / "ext" / "dpo").exists() and (out / "tiny" / "ext" / "dpo+gate" / "seed1").is_dir()
+        not (out / "tiny" / "ext" / "dpo").exists() and (out / "tiny" / "ext" / "dpo+seq" / "seed1").is_dir()
     )
-    assert not (out / "tiny" / "sweep" / "sigmoid-0.01").exists()
+    assert not (out / "tiny" / "sweep" / "seq-0.008").exists()
     assert (out / "tiny" / "sweep" / "hard-0.01" / "seed2").is_dir()
     import json
 
@@ -90,8 +80,26 @@ def test_scaled_down_experiment_runs_end_to_end_and_tp2_rows_equal_tp1(tmp_path,
         )
     tp1, tp2 = json.loads((out / "report" / "tp_check.json").read_text())
     for key in ("accuracy", "chosen_delta_per_token", "rejected_delta_per_token", "d_top1_rejected",
-                "d_entropy_chosen", "frac_attenuated"):  # fmt: skip
+                "d_entropy_chosen", "frac_attenuated", "d_chosen", "d_rejected", "margin", "d_others",
+                "d_others_per_token"):  # fmt: skip
         assert tp2[key]["mean"] == pytest.approx(tp1[key]["mean"], rel=1e-4, abs=1e-6), key
+    # Δ chosen / rejected / others: last evaluation minus the first, of the logged sums, recomputed here
+    run = out / "tiny" / "sft" / "dpo_shift+q10" / "seed1"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/logps/chosen" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3] and all("eval/probe/logps/chosen" in r for r in evals)
+    mine = json.loads((out / "report" / "tiny-sft" / "summary.json").read_text())
+    row = next(r for r in mine["rows"] if r["label"] == "dpo_shift+q10")
+    first, last = evals[0], evals[-1]
+    want = last["eval/probe/logps/chosen"] - first["eval/probe/logps/chosen"]
+    assert row["d_others"]["values"][0] == pytest.approx(want, rel=1e-12)
+    want = (last["eval/logps/chosen"] - first["eval/logps/chosen"]) - (
+        last["eval/logps/rejected"] - first["eval/logps/rejected"]
+    )
+    assert row["margin"]["values"][0] == pytest.approx(want, rel=1e-12)
+    # the control arm is SFT: no reference metrics, and still its Δ chosen
+    control = next(r for r in mine["rows"] if r["label"] == "sft-continued")
+    assert control["chosen_delta_per_token"] is None and control["d_chosen"]["n"] == 2
     capsys.readouterr()
     run_experiment(spec)  # again: every run is found done
     assert "train " not in capsys.readouterr().out.replace("done already", "")
@@ -146,10 +154,29 @@ def test_the_sweep_rule_keeps_accuracy_and_chosen_likelihood_at_every_size_then_
         _row("gate=d", 0.70, -0.30, +0.010),  # its worst size: 0.020
         _row("gate=e", 0.60, -0.30, +0.001),  # accuracy below 0.70 - 0.03 at this size: out
     ]
-    text = pick_default({"small": small, "large": large})
+    text = pick_default({"small": small, "large": large}, plain="gate=none")
     assert "Pick: **gate=d**" in text and "2 of 5 gates are eligible at every size" in text
-    assert "Pick: **gate=e**" in pick_default({"small": small})  # small alone: e (0.005) beats c (0.010)
+    assert "Pick: **gate=e**" in pick_default(
+        {"small": small}, plain="gate=none"
+    )  # small alone: e (0.005) beats c (0.010)
     assert "no pick" in pick_default(
-        {"small": [_row("gate=none", 0.6, 0.0, 0.0), _row("gate=x", 0.5, 0.0, 0.0)]}
+        {"small": [_row("gate=none", 0.6, 0.0, 0.0), _row("gate=x", 0.5, 0.0, 0.0)]}, plain="gate=none"
     )
-    assert "no pick" in pick_default({"small": [_row("gate=sigmoid", 0.5, 0.0, 0.0)]})
+    assert "No plain row (dpo)" in pick_default({"small": [_row("gate=sigmoid", 0.5, 0.0, 0.0)]})
+
+
+def test_the_chosen_rule_keeps_accuracy_at_every_size_then_the_largest_chosen_change_at_the_worst_size():
+    def row(label, acc, d_chosen):
+        return {
+            **_row(label, acc, 0.0, 0.0),
+            "d_chosen": {"mean": d_chosen, "std": None, "n": 3, "values": []},
+        }
+
+    small = [row("dpo", 0.60, -5.0), row("seq-a", 0.57, +1.0), row("seq-b", 0.58, +0.5), row("hard", 0.60, -4.0),
+             row("q10 = dpo+q10", 0.62, +2.0)]  # fmt: skip
+    large = [row("dpo = none", 0.70, -9.0), row("seq-a", 0.70, +3.0), row("seq-b", 0.69, +0.8),
+             row("hard", 0.70, -8.0), row("q10 = dpo+q10", 0.66, +4.0)]  # fmt: skip
+    text = pick_default({"small": small, "large": large}, plain="dpo", rule="chosen")
+    # q10 is out at large (0.66 < 0.67); seq-a's worst size gives +1.0, seq-b's +0.5, hard's -8.0
+    assert "3 of 4 gates are eligible at every size" in text and "Pick: **seq-a**" in text, text
+    assert "seq-a (+1), seq-b (+0.5), hard (-8)" in text, text

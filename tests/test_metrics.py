@@ -122,3 +122,21 @@ def test_metrics_hold_the_design_keys():
         "squeeze/entropy_rejected",
     ):
         assert key in got and math.isfinite(got[key])
+
+
+def test_the_progress_bar_names_the_method_or_the_run():
+    from gatedpo_mega.config import load_config
+    from gatedpo_mega.training.metrics_log import progress_label
+
+    def label(*overrides: str) -> str:
+        return progress_label(load_config(None, list(overrides)))
+
+    assert label() == "gate-dpo"  # the default gate on DPO
+    assert label("objective.name=ipo", "gate.shape=psigmoid", "gate.signal=seq") == "gate-ipo"
+    assert (
+        label("gate.shape=none") == "dpo"
+        and label("objective.name=dpo_shift", "gate.shape=none") == "dpo_shift"
+    )
+    assert label("objective.name=sft", "gate.shape=none") == "sft"
+    assert label("objective.name=sft_extended", "gate.shape=none") == "sft_extended"
+    assert label("train.run_name=small/sft/dpo+seq/seed1") == "small/sft/dpo+seq/seed1"

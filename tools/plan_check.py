@@ -62,7 +62,7 @@ LAYOUTS = {
 COMMON = {
     "train.max_steps": 2, "train.micro_batch_size": 2, "train.global_batch_size": 8, "train.warmup_steps": 0,
     "train.save_final": False, "train.report_to": "none", "train.reference_batch_size": 8,
-    "data.source": "builtin", "data.builtin_pairs": 48, "data.max_length": 64, "data.max_prompt_length": 32,
+    "data.source": "builtin", "data.builtin_pairs": 16, "data.max_length": 64, "data.max_prompt_length": 32,
     "data.eval_fraction": 0,
 }  # fmt: skip
 

@@ -12,6 +12,7 @@ CHAT_TEMPLATES = ("auto", "tokenizer", "hh", "chatml")
 ON_BAD_RECORD = ("error", "skip")
 # The name the training data's hash split (data.eval_fraction) is evaluated under beside named eval sets.
 HELDOUT = "heldout"
+PROBE = "probe"  # the metric prefix of data.probe_pairs: eval/probe/<metric>
 # How an eval set reads its records: these fields of ``data``, each overridable per set.
 EVAL_SET_FIELDS = ("format", "split", "prompt_field", "chosen_field", "rejected_field", "chat_template")
 
@@ -63,6 +64,10 @@ class DataConfig:
     # above, when data.eval_fraction > 0, is evaluated beside them as eval/heldout/<metric>. Empty: only the hash
     # split, as eval/<metric>.
     eval_sets: dict[str, EvalSetConfig] = field(default_factory=dict)
+    # Probe pairs: the first N pairs of the hash split, evaluated apart as eval/probe/<metric> (and not in the
+    # split's own metrics): examples the run never trains on, whose log-likelihood change is the spill-over of
+    # training onto what it should not touch ("Δ others"). 0: none.
+    probe_pairs: int = 0
     num_proc: int = 1  # tokenizer processes
     builtin_pairs: int = 4000  # size of the generated built-in dataset
     builtin_vocab_size: int = 512  # vocabulary of the built-in SentencePiece tokenizer
@@ -105,6 +110,12 @@ class DataConfig:
             raise ValueError(f"data.pad_to_multiple={self.pad_to_multiple} must be >= 1")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.probe_pairs < 0:
+            raise ValueError(f"data.probe_pairs={self.probe_pairs} must be >= 0 (0: none)")
+        if self.probe_pairs and not self.eval_fraction:
+            raise ValueError(
+                f"data.probe_pairs={self.probe_pairs} are taken from the held-out split: data.eval_fraction must be > 0"
+            )
         if self.max_train_pairs < 0:
             raise ValueError(f"data.max_train_pairs={self.max_train_pairs} must be >= 0 (0: every pair)")
         if self.num_proc < 1:
@@ -130,8 +141,9 @@ def check_eval_set(name: str, spec: EvalSetConfig, data: DataConfig) -> None:
     key = f"data.eval_sets.{name}"
     if not name or "/" in name or name != name.strip():
         raise ValueError(f"{key}: a set name must be non-empty, without '/' or surrounding spaces")
-    if name == HELDOUT:
-        raise ValueError(f"{key}: '{HELDOUT}' names the data.eval_fraction split; choose another name")
+    if name in (HELDOUT, PROBE):
+        what = "the data.eval_fraction split" if name == HELDOUT else "data.probe_pairs"
+        raise ValueError(f"{key}: '{name}' names {what}; choose another name")
     if not spec.source or spec.source == "builtin":
         raise ValueError(f"{key}.source must name a data file, folder or Hub dataset")
     if spec.format is not None:

@@ -31,7 +31,7 @@ CHUNK = 256  # examples per tokenizer call (and per task sent to a worker proces
 # Settings that do not change the tokenized pairs, so they stay out of the cache key.
 _NOT_IN_KEY = (
     "cache_dir", "num_proc", "pad_to_multiple", "packing", "tokenizer", "source", "train_tokenizer_if_missing",
-    "tokenizer_vocab_size", "eval_sets", "max_train_pairs",
+    "tokenizer_vocab_size", "eval_sets", "max_train_pairs", "probe_pairs",
 )  # fmt: skip
 
 

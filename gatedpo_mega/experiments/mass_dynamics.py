@@ -37,6 +37,9 @@ import yaml
 
 from gatedpo_mega.errors import ConfigError
 
+COLUMN_SETS = ("squeeze", "change")
+RULES = ("squeeze", "chosen")
+
 
 @dataclass(kw_only=True)
 class Spec:
@@ -57,6 +60,12 @@ class Spec:
     config: str = ""  # a training config file under every run's overrides
     nproc: int = 1  # processes per run (the layout in the config or ``base`` must fit them)
     name: str = "mass-dynamics"  # the experiment's name in its progress lines and report
+    # The tables' columns: "squeeze" (accuracy, Δ log p per token against the reference, Δ top-1 and entropy) or
+    # "change" (the Gate-DPO paper's: Δ chosen, Δ rejected, margin, Δ others, per response and per token).
+    columns: str = "squeeze"
+    # The sweep's rule (pick_default): "squeeze" (keep accuracy and the chosen likelihood, then the least change of
+    # top-1 on rejected tokens) or "chosen" (keep accuracy, then the largest Δ chosen at the worst size).
+    pick_by: str = "squeeze"
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ignore[assignment]
@@ -88,6 +97,11 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ign
         unknown = [a for a in names if a not in spec.arms]
         if unknown:
             raise ConfigError(f"experiment spec {p}: start_arms.{start} names {', '.join(unknown)}, not arms")
+    for key, allowed in (("columns", COLUMN_SETS), ("pick_by", RULES)):
+        if getattr(spec, key) not in allowed:
+            raise ConfigError(
+                f"experiment spec {p}: {key}={getattr(spec, key)!r} is not one of {', '.join(allowed)}"
+            )
     if spec.sweep and spec.sweep_arm not in spec.arms:
         raise ConfigError(f"experiment spec {p}: sweep_arm={spec.sweep_arm!r} is not one of the arms")
     return spec
@@ -113,7 +127,7 @@ def _same_run(a: Any, b: Any) -> bool:
 
     def key(c: Any) -> Any:
         gate = GateConfig(shape="none") if c.gate.shape == "none" else c.gate
-        return replace(c, gate=gate, train=replace(c.train, output_dir="."))
+        return replace(c, gate=gate, train=replace(c.train, output_dir=".", run_name=""))
 
     return key(a) == key(b)
 
@@ -197,16 +211,37 @@ def _sft_table(rows: dict[tuple[str, str], dict[str, Any]], vocab: int) -> str:
     return "\n".join(lines)
 
 
+def _objective(spec: Spec, arm: str) -> str:
+    """The objective an arm trains (its own ``objective.name``, else the preference runs', else dpo)."""
+    names = [
+        a.split("=", 1)[1] for a in [*spec.preference, *spec.arms[arm]] if a.startswith("objective.name=")
+    ]
+    return names[-1] if names else "dpo"
+
+
+def _groups(named: dict[str, list[Path]]) -> list[Any]:
+    """One analysis group per name (an arm, a sweep point, a size): its seeds' runs, labelled with the spec's name."""
+    from gatedpo_mega.analysis import RUN_SPECIFIC_KEYS, Group, load_run
+
+    groups = []
+    for name, paths in named.items():
+        runs = [load_run(p) for p in paths]
+        shared = {k: v for k, v in runs[0].config.items() if k not in RUN_SPECIFIC_KEYS}
+        groups.append(Group(label=name, runs=runs, config=shared))
+    return groups
+
+
 def run_experiment(spec: Spec) -> Path:
     """Every run of ``spec`` and the report; returns the path of ``report.md``.
 
-    Order: the SFT checkpoints (every size x start); the sweep (every size, from the first start, with the sweep
-    arm's own arms as its centre); every other arm. A run whose config equals one already trained (a sweep point
-    that is an arm) is that run, not a second one."""
+    Order: the SFT checkpoints (every size x start); the sweep (every size, from the first start, with the arms of
+    the sweep arm's objective as its centre); every other arm. A run whose config equals one already trained (a
+    sweep point that is an arm) is that run, not a second one. Every table, plot legend and progress bar names a
+    run by the spec's names: size, start, arm (or sweep point), seed."""
     from gatedpo_mega.analysis import (
+        CHANGE_COLUMNS,
+        SQUEEZE_COLUMNS,
         format_table,
-        group_runs,
-        load_run,
         summary_rows,
         write_grid,
         write_report,
@@ -218,8 +253,13 @@ def run_experiment(spec: Spec) -> Path:
     base = [*spec.base, *_tokenizer(spec, out), f"data.cache_dir={out / 'cache'}"]
     first_start = next(iter(spec.starts))
     trained: list[tuple[Any, Path]] = []  # (resolved config, folder) of every run so far
+    columns = CHANGE_COLUMNS if spec.columns == "change" else SQUEEZE_COLUMNS
 
-    def run(args: list[str], d: Path, nproc: int | None = None) -> Path:
+    def table(rows: list[dict[str, Any]], first: str = "arm") -> str:
+        return format_table(rows, columns, first)
+
+    def run(args: list[str], d: Path, name: str, nproc: int | None = None) -> Path:
+        args = [*args, f"train.run_name={name}"]
         cfg = _resolved(spec, args, d)
         same = next((p for c, p in trained if _same_run(c, cfg)), None)
         if same is not None:
@@ -238,39 +278,40 @@ def run_experiment(spec: Spec) -> Path:
         for start, start_args in spec.starts.items():
             d = out / size / start / "sft"
             args = [*base, *size_args, *start_args]
-            run(args, d)
+            run(args, d, f"{size}/{start}/sft")
             cfg = _resolved(spec, args, d)
             # the model's vocabulary: as configured, the source's or the tokenizer's
             vocab = plan_vocab_size(cfg)
             sft_rows[(size, start)] = _sft_row(d, cfg, vocab)
 
     runs: dict[str, list[Path]] = {}  # "<size>/<start>/<arm>" or "<size>/sweep/<name>" -> seed folders
-    centre = [a for a in spec.arms if a.startswith(spec.sweep_arm)]  # e.g. dpo and dpo+gate
+    objective = _objective(spec, spec.sweep_arm)
+    centre = [a for a in spec.arms if _objective(spec, a) == objective]  # e.g. dpo and its gated arms
 
     def arm_runs(size: str, start: str, arm: str) -> list[Path]:
         key = f"{size}/{start}/{arm}"
         if key not in runs:
             runs[key] = [run([*pref(size, start), *spec.arms[arm], f"train.seed={seed}"],
-                             out / size / start / arm / f"seed{seed}") for seed in spec.seeds]  # fmt: skip
+                             out / size / start / arm / f"seed{seed}", f"{key}/seed{seed}") for seed in spec.seeds]  # fmt: skip
         return runs[key]
 
     sweep_rows: dict[str, list[dict[str, Any]]] = {}
     sweep_groups: dict[str, Any] = {}
-    sweep_keys = ["gate.shape", "gate.signal", "gate.granularity", "gate.tau"]
     if spec.sweep:
         for size in spec.sizes:
-            paths = [p for a in centre for p in arm_runs(size, first_start, a)]
+            named = {a: arm_runs(size, first_start, a) for a in centre}
             for name, gate_args in spec.sweep.items():
-                for seed in spec.seeds:
-                    args = [
-                        *pref(size, first_start),
-                        *spec.arms[spec.sweep_arm],
-                        *gate_args,
-                        f"train.seed={seed}",
-                    ]
-                    p = run(args, out / size / "sweep" / name / f"seed{seed}")
-                    paths += [p] if p not in paths else []
-            groups = group_runs([load_run(p) for p in paths], label_by=sweep_keys)
+                paths = [
+                    run([*pref(size, first_start), *spec.arms[spec.sweep_arm], *gate_args, f"train.seed={seed}"],
+                        out / size / "sweep" / name / f"seed{seed}", f"{size}/sweep/{name}/seed{seed}")
+                    for seed in spec.seeds
+                ]  # fmt: skip
+                same = next((a for a, ps in named.items() if ps == paths), None)
+                if same is not None:  # a point that is an arm: one row, named both ways
+                    named[f"{same} = {name}"] = named.pop(same)
+                else:
+                    named[name] = paths
+            groups = _groups(named)
             write_report(groups, out / "report" / f"sweep-{size}")
             sweep_rows[size] = summary_rows(groups)
             sweep_groups[size] = groups
@@ -285,12 +326,13 @@ def run_experiment(spec: Spec) -> Path:
         arm = next(
             (a for a, args in spec.arms.items() if "gate.shape=none" not in args), next(iter(spec.arms))
         )
-        args = [*pref(size, first_start), *spec.arms[arm], f"train.seed={spec.seeds[0]}", "parallel.tensor=2"]
         d = out / "tp2" / arm
+        args = [*pref(size, first_start), *spec.arms[arm], f"train.seed={spec.seeds[0]}", "parallel.tensor=2",
+                f"train.run_name={size}/{first_start}/{arm}/seed{spec.seeds[0]} TP 2"]  # fmt: skip
         _train(spec, args, d, nproc=2)
-        tp1 = load_run(arm_runs(size, first_start, arm)[0])
-        tp_rows = summary_rows(group_runs([tp1]) + group_runs([load_run(d)]))
-        tp_rows[0]["label"], tp_rows[1]["label"] = f"{arm} TP 1", f"{arm} TP 2"
+        tp_rows = summary_rows(
+            _groups({f"{arm} TP 1": arm_runs(size, first_start, arm)[:1], f"{arm} TP 2": [d]})
+        )
 
     report = out / "report"
     sections = [
@@ -301,21 +343,15 @@ def run_experiment(spec: Spec) -> Path:
         _sft_table(sft_rows, vocab),
         "",
     ]
-    by_arm = ["objective.name", "gate.shape"]
     arm_groups: dict[str, Any] = {}
     for size in spec.sizes:
         for start in spec.starts:
-            arms = [a for a in spec.arms if f"{size}/{start}/{a}" in runs]
-            groups = group_runs(
-                [load_run(p) for a in arms for p in runs[f"{size}/{start}/{a}"]], label_by=by_arm
+            groups = _groups(
+                {a: runs[f"{size}/{start}/{a}"] for a in spec.arms if f"{size}/{start}/{a}" in runs}
             )
             write_report(groups, report / f"{size}-{start}")
             arm_groups[f"{size}, from {start}"] = groups
-            sections += [
-                f"## Arms, model size `{size}`, from `{start}`\n",
-                format_table(summary_rows(groups)),
-                "",
-            ]
+            sections += [f"## Arms, model size `{size}`, from `{start}`\n", table(summary_rows(groups)), ""]
     trajectories = ["logps/chosen_delta_per_token", "squeeze/top1_rejected", "squeeze/entropy_rejected"]
     write_grid(arm_groups, trajectories, report / "trajectories-arms.png")
     sections += ["Eval trajectories of every arm: `report/trajectories-arms.png`.", ""]
@@ -324,20 +360,19 @@ def run_experiment(spec: Spec) -> Path:
         sections += ["Eval trajectories of the sweep: `report/trajectories-sweep.png`.", ""]
         for size, rows in sweep_rows.items():
             sections += [f"## Gate sweep on the `{spec.sweep_arm}` arm, size `{size}`, from `{first_start}`\n",
-                         format_table(rows), ""]  # fmt: skip
-        sections += ["## The rule's pick\n", pick_default(sweep_rows), ""]
-    if len(spec.sizes) > 1:
-        chosen = [load_run(p) for s in spec.sizes for a in centre for p in runs[f"{s}/{first_start}/{a}"]]
-        groups = group_runs(chosen, label_by=["model.hidden_size", "model.num_layers", "gate.shape"])
-        write_report(groups, report / "sizes")
-        sections += ["## Sizes: gated smaller model against ungated larger model\n",
-                     format_table(summary_rows(groups)), ""]  # fmt: skip
-    if tp_rows is not None:
+                         table(rows, "gate"), ""]  # fmt: skip
         sections += [
-            "## Tensor parallelism: the same arm and seed at TP 1 and TP 2\n",
-            format_table(tp_rows),
+            "## The rule's pick\n",
+            pick_default(sweep_rows, plain=spec.sweep_arm, rule=spec.pick_by),
             "",
         ]
+    if len(spec.sizes) > 1:
+        groups = _groups({f"{s} {a}": runs[f"{s}/{first_start}/{a}"] for s in spec.sizes for a in centre})
+        write_report(groups, report / "sizes")
+        sections += ["## Sizes: gated smaller model against ungated larger model\n",
+                     table(summary_rows(groups), "size, arm"), ""]  # fmt: skip
+    if tp_rows is not None:
+        sections += ["## Tensor parallelism: the same arm and seed at TP 1 and TP 2\n", table(tp_rows), ""]
         (report / "tp_check.json").parent.mkdir(parents=True, exist_ok=True)
         (report / "tp_check.json").write_text(json.dumps(tp_rows, indent=1))
     (report / "sft.json").parent.mkdir(parents=True, exist_ok=True)
@@ -350,64 +385,86 @@ def run_experiment(spec: Spec) -> Path:
     return path
 
 
-def pick_default(rows_by_size: dict[str, list[dict[str, Any]]]) -> str:
-    """The sweep's pick, by a rule fixed before looking, on the eval pairs of every size. At each size a gate must
-    keep preference learning (eval accuracy at least plain DPO's minus 0.03) and the chosen likelihood (change per
-    token at least plain DPO's minus its std over seeds); among the gates that do at every size, the pick has the
-    least squeezing at its worst size: the smallest max over sizes of |change of top-1 probability on rejected
-    tokens| (sharpening is squeezing; flattening the distribution is a distortion too)."""
+def pick_default(
+    rows_by_size: dict[str, list[dict[str, Any]]], plain: str = "dpo", rule: str = "squeeze"
+) -> str:
+    """The sweep's pick, by a rule fixed before looking, on the eval pairs of every size; ``plain`` labels the
+    ungated row (the sweep arm), every other row is a gate.
+
+    ``squeeze``: at each size a gate must keep preference learning (eval accuracy at least plain DPO's minus 0.03)
+    and the chosen likelihood (change per token at least plain DPO's minus its std over seeds); among the gates that
+    do at every size, the pick has the least squeezing at its worst size: the smallest max over sizes of |change of
+    top-1 probability on rejected tokens| (sharpening is squeezing; flattening the distribution is a distortion too).
+
+    ``chosen``: at each size a gate must keep preference learning (eval accuracy at least plain DPO's minus 0.03);
+    among the gates that do at every size, the pick has the largest Δ chosen (the change of the chosen responses'
+    summed log-likelihood from the first evaluation to the last) at its worst size."""
 
     def mean(row: dict[str, Any], key: str) -> float:
         s = row.get(key)
         return float(s["mean"]) if s else float("nan")
 
+    def is_plain(label: str) -> bool:
+        return label == plain or label.startswith(f"{plain} = ")
+
     floors: dict[
         str, tuple[float, float, float]
     ] = {}  # size -> (accuracy, chosen change, plain top-1 change)
     for size, rows in rows_by_size.items():
-        plain = next((r for r in rows if r["label"].startswith("gate=none")), None)
-        if plain is None:
-            return f"No plain-DPO row (gate=none) in the sweep of size {size}: no pick."
-        std = (plain.get("chosen_delta_per_token") or {}).get("std") or 0.0
+        row = next((r for r in rows if is_plain(r["label"])), None)
+        if row is None:
+            return f"No plain row ({plain}) in the sweep of size {size}: no pick."
+        std = (row.get("chosen_delta_per_token") or {}).get("std") or 0.0
         floors[size] = (
-            mean(plain, "accuracy") - 0.03, mean(plain, "chosen_delta_per_token") - std,
-            mean(plain, "d_top1_rejected"),
+            mean(row, "accuracy") - 0.03, mean(row, "chosen_delta_per_token") - std, mean(row, "d_top1_rejected"),
         )  # fmt: skip
     by_label: dict[str, dict[str, dict[str, Any]]] = {}
     for size, rows in rows_by_size.items():
         for r in rows:
-            if not r["label"].startswith("gate=none"):
+            if not is_plain(r["label"]):
                 by_label.setdefault(r["label"], {})[size] = r
 
     def eligible(per_size: dict[str, dict[str, Any]]) -> bool:
         return len(per_size) == len(floors) and all(
-            mean(r, "accuracy") >= floors[s][0] and mean(r, "chosen_delta_per_token") >= floors[s][1]
+            mean(r, "accuracy") >= floors[s][0]
+            and (rule == "chosen" or mean(r, "chosen_delta_per_token") >= floors[s][1])
             for s, r in per_size.items()
         )
 
-    def worst(label: str) -> float:
+    def score(label: str) -> float:  # smaller is better
+        if rule == "chosen":
+            return -min(mean(r, "d_chosen") for r in by_label[label].values())
         return max(abs(mean(r, "d_top1_rejected")) for r in by_label[label].values())
 
     ok = [label for label, per_size in by_label.items() if eligible(per_size)]
-    bounds = "; ".join(
-        f"`{s}`: eval accuracy >= {a:.3f}, chosen change per token >= {c:+.4f} (plain DPO's top-1 change {t:+.4f})"
-        for s, (a, c, t) in floors.items()
-    )
-    head = (
-        f"Rule: at every size, eval accuracy >= plain DPO's - 0.03 and chosen change per token >= plain DPO's - one "
-        f"std ({bounds}); then the smallest |change of top-1 on rejected tokens| at the worst size. "
-        f"{len(ok)} of {len(by_label)} gates are eligible at every size."
-    )
-    if not ok:
-        return (
-            head
-            + " No gate keeps both eval accuracy and chosen likelihood within the rule's bounds: no pick."
+    if rule == "chosen":
+        bounds = "; ".join(f"`{s}`: eval accuracy >= {a:.3f}" for s, (a, _, _) in floors.items())
+        head = (
+            f"Rule: at every size, eval accuracy >= plain {plain}'s - 0.03 ({bounds}); then the largest Δ chosen "
+            f"(summed over the response, first to last evaluation) at the worst size. "
         )
-    pick = min(ok, key=worst)
+    else:
+        bounds = "; ".join(
+            f"`{s}`: eval accuracy >= {a:.3f}, chosen change per token >= {c:+.4f} (plain's top-1 change {t:+.4f})"
+            for s, (a, c, t) in floors.items()
+        )
+        head = (
+            f"Rule: at every size, eval accuracy >= plain {plain}'s - 0.03 and chosen change per token >= plain's - "
+            f"one std ({bounds}); then the smallest |change of top-1 on rejected tokens| at the worst size. "
+        )
+    head += f"{len(ok)} of {len(by_label)} gates are eligible at every size."
+    if not ok:
+        return head + " No gate keeps eval accuracy within the rule's bounds: no pick."
+    ranked = sorted(ok, key=score)
+    pick = ranked[0]
     detail = "; ".join(
-        f"`{s}`: top-1 change {mean(r, 'd_top1_rejected'):+.4f}, entropy change {mean(r, 'd_entropy_rejected'):+.3f} "
-        f"on rejected tokens, chosen change {mean(r, 'chosen_delta_per_token'):+.4f} per token, eval accuracy "
+        f"`{s}`: Δ chosen {mean(r, 'd_chosen'):+.3f}, top-1 change {mean(r, 'd_top1_rejected'):+.4f} on rejected "
+        f"tokens, chosen change {mean(r, 'chosen_delta_per_token'):+.4f} per token, eval accuracy "
         f"{mean(r, 'accuracy'):.3f}"
         for s, r in by_label[pick].items()
     )
-    return f"{head} Pick: **{pick}**: {detail}."
+    order = ", ".join(
+        f"{label} ({-score(label) if rule == 'chosen' else score(label):+.4g})" for label in ranked
+    )
+    what = "worst-size Δ chosen" if rule == "chosen" else "worst-size |top-1 change|"
+    return f"{head} Pick: **{pick}**: {detail}. Eligible gates by the rule ({what}): {order}."

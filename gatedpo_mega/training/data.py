@@ -14,7 +14,7 @@ import torch.distributed as dist
 from gatedpo_mega.config import Config
 from gatedpo_mega.data import PreferenceLoader, load_preference_data
 from gatedpo_mega.data.batch import PreferenceBatch
-from gatedpo_mega.data.config import HELDOUT
+from gatedpo_mega.data.config import HELDOUT, PROBE
 from gatedpo_mega.data.loader import collate
 from gatedpo_mega.data.pipeline import PreferenceData, load_eval_set
 from gatedpo_mega.data.tokenized import TokenizedPairs
@@ -113,7 +113,7 @@ def run_vocab_size(cfg: Config, tokenizer_vocab: int) -> int:
 def make_run_data(cfg: Config, layout: Layout) -> RunData:
     t = cfg.train
 
-    def load() -> tuple[PreferenceData, list[tuple[str, TokenizedPairs, Path]]]:
+    def load() -> tuple[PreferenceData, list[tuple[str, TokenizedPairs, Path, int]]]:
         data = load_preference_data(cfg.data, seed=t.seed)
         return data, eval_sets(cfg, data.eval, data.cache_path, seed=t.seed) if t.eval_every else []
 
@@ -157,38 +157,57 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
         reference_file=data.cache_path / f"reference-{key}{subset}.pt",
         report=report,
     )
-    run.evals = [eval_data(prefix, pairs, path, cfg, layout, tok.pad_id, key) for prefix, pairs, path in sets]
-    if cfg.data.eval_sets:
-        run.report += "".join(f"\n{prefix[:-1]}: {len(pairs)} pairs" for prefix, pairs, _ in sets)
+    run.evals = [
+        eval_data(prefix, pairs, path, cfg, layout, tok.pad_id, key, offset)
+        for prefix, pairs, path, offset in sets
+    ]
+    if cfg.data.eval_sets or cfg.data.probe_pairs:
+        run.report += "".join(f"\n{prefix[:-1]}: {len(pairs)} pairs" for prefix, pairs, _, _ in sets)
     return run
 
 
 def eval_sets(
     cfg: Config, heldout: TokenizedPairs | None, cache_path: Path, *, seed: int
-) -> list[tuple[str, TokenizedPairs, Path]]:
-    """``(metric prefix, pairs, cache folder)`` of each evaluation set: the hash split alone as ``eval/``, or each
-    of ``data.eval_sets`` as ``eval/<name>/`` with the hash split (when it holds pairs) as ``eval/heldout/``."""
+) -> list[tuple[str, TokenizedPairs, Path, int]]:
+    """``(metric prefix, pairs, cache folder, offset in the hash split)`` of each evaluation set: the hash split
+    alone as ``eval/``, or each of ``data.eval_sets`` as ``eval/<name>/`` with the hash split (when it holds pairs)
+    as ``eval/heldout/``; the hash split's first ``data.probe_pairs`` as ``eval/probe/``, apart from the rest."""
+    probes = cfg.data.probe_pairs
+    held = len(heldout) if heldout is not None else 0
+    if probes and held <= probes:
+        raise ConfigError(
+            f"data.probe_pairs={probes} would take every one of the {held} held-out pairs "
+            f"(data.eval_fraction={cfg.data.eval_fraction}); fewer probes or a larger split"
+        )
+    rest = heldout.subset(np.arange(probes, held)) if heldout is not None and probes else heldout
     if not cfg.data.eval_sets:
-        if heldout is None or not len(heldout):
+        if rest is None or not len(rest):
             raise ConfigError(
                 f"train.eval_every={cfg.train.eval_every} needs held-out pairs; "
                 f"data.eval_fraction={cfg.data.eval_fraction} left none (or name data.eval_sets)"
             )
-        return [("eval/", heldout, cache_path)]
-    sets = [(f"eval/{HELDOUT}/", heldout, cache_path)] if heldout is not None and len(heldout) else []
-    for name in cfg.data.eval_sets:
-        loaded = load_eval_set(cfg.data, name, seed=seed)
-        sets.append((f"eval/{name}/", loaded.train, loaded.cache_path))
+        sets = [("eval/", rest, cache_path, probes)]
+    else:
+        sets = [(f"eval/{HELDOUT}/", rest, cache_path, probes)] if rest is not None and len(rest) else []
+        for name in cfg.data.eval_sets:
+            loaded = load_eval_set(cfg.data, name, seed=seed)
+            sets.append((f"eval/{name}/", loaded.train, loaded.cache_path, 0))
+    if probes:
+        assert heldout is not None
+        sets.append((f"eval/{PROBE}/", heldout.subset(np.arange(probes)), cache_path, 0))
     return sets
 
 
 def eval_data(
-    prefix: str, pairs: TokenizedPairs, cache_path: Path, cfg: Config, layout: Layout, pad_id: int, key: str
-) -> EvalData:
-    """One set's first ``train.eval_max_pairs`` pairs (0: all) as this rank's micro-batches."""
+    prefix: str, pairs: TokenizedPairs, cache_path: Path, cfg: Config, layout: Layout, pad_id: int, key: str,
+    offset: int = 0,
+) -> EvalData:  # fmt: skip
+    """One set's first ``train.eval_max_pairs`` pairs (0: all) as this rank's micro-batches. ``offset``: where the
+    pairs start in their source's pairs (the cached reference log-probs are named by the pairs they hold)."""
     limit = cfg.train.eval_max_pairs
     if limit and len(pairs) > limit:
         pairs = pairs.subset(np.arange(limit))
     batches, counted = eval_micro_batches(pairs, cfg, layout, pad_id)
-    ref = cache_path / f"reference-eval{len(pairs)}-{key}.pt"
+    start = f"-from{offset}" if offset else ""
+    ref = cache_path / f"reference-eval{len(pairs)}{start}-{key}.pt"
     return EvalData(prefix, batches, counted, len(pairs), ref)

@@ -16,7 +16,19 @@ from gatedpo_mega.config import Config, dump_config
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.metrics import reduce_metric_sums
+from gatedpo_mega.objectives import SFT_OBJECTIVES
 from gatedpo_mega.training.reporters import Reporter, numeric, start_reporters
+
+
+def progress_label(cfg: Config) -> str:
+    """What the progress bar calls a run: ``train.run_name`` when set, else its method: ``sft``, ``dpo`` (no gate)
+    or ``gate-dpo``, ``gate-ipo``, ... (the objective with the gate)."""
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    name = cfg.objective.name
+    if name in SFT_OBJECTIVES or cfg.gate.shape == "none":
+        return name
+    return f"gate-{name}"
 
 
 class MetricsLog:
@@ -42,7 +54,9 @@ class MetricsLog:
         self.reporters = start_reporters(cfg, start_step)
         from tqdm import tqdm
 
-        self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="gate-dpo", dynamic_ncols=True)
+        self.bar = tqdm(
+            total=cfg.train.max_steps, initial=start_step, desc=progress_label(cfg), dynamic_ncols=True
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.active:
