@@ -70,6 +70,10 @@ CHANGE_COLUMNS = (
     ("d_rejected_per_token", "Δ rejected / tok"),
     ("d_others_per_token", "Δ others / tok"),
 )
+COLUMN_SETS = {
+    "squeeze": SQUEEZE_COLUMNS,
+    "change": CHANGE_COLUMNS,
+}  # gatedpo analyze --columns, a spec's columns
 _LAST_VALUE = {
     "accuracy": "rewards/accuracies",
     "chosen_delta_per_token": "logps/chosen_delta_per_token",
@@ -580,20 +584,25 @@ def write_plots(groups: Sequence[Group], out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def summary_tables(groups: Sequence[Group]) -> str:
+def summary_tables(groups: Sequence[Group], columns: Sequence[tuple[str, str]] = SQUEEZE_COLUMNS) -> str:
     """The table; with ``data.eval_sets``, one table per evaluation set, each under its name."""
     names = eval_set_names(groups)
     if not names:
-        return format_table(summary_rows(groups))
-    return "\n\n".join(f"### Evaluation set `{n}`\n\n" + format_table(summary_rows(groups, n)) for n in names)
+        return format_table(summary_rows(groups), columns)
+    return "\n\n".join(
+        f"### Evaluation set `{n}`\n\n" + format_table(summary_rows(groups, n), columns) for n in names
+    )
 
 
-def write_report(groups: Sequence[Group], out_dir: str | Path) -> dict[str, Path]:
-    """``summary.md``, ``summary.json`` and the plots in ``out_dir``; returns name -> path (``table``, ``json``, ...)."""
+def write_report(
+    groups: Sequence[Group], out_dir: str | Path, columns: Sequence[tuple[str, str]] = SQUEEZE_COLUMNS
+) -> dict[str, Path]:
+    """``summary.md`` (of ``columns``), ``summary.json`` (every column) and the plots in ``out_dir``; returns
+    name -> path (``table``, ``json``, ...)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"table": out / "summary.md", "json": out / "summary.json"}
-    paths["table"].write_text(summary_tables(groups) + "\n")
+    paths["table"].write_text(summary_tables(groups, columns) + "\n")
     arms = [{"label": g.label, "config": {k: _show(v) for k, v in g.config.items()}} for g in groups]
     sets = {name: summary_rows(groups, name) for name in eval_set_names(groups)}
     data: dict[str, Any] = {"rows": summary_rows(groups), "arms": arms} | (

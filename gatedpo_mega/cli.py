@@ -47,14 +47,15 @@ def _cmd_squeeze(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from gatedpo_mega.analysis import group_runs, load_run, summary_tables, write_report
+    from gatedpo_mega.analysis import COLUMN_SETS, group_runs, load_run, summary_tables, write_report
 
     label_by = [k.strip() for k in args.label_by.split(",") if k.strip()] if args.label_by else None
     groups = group_runs([load_run(d) for d in args.run_dirs], label_by=label_by)
     for g in groups:
         print(f"{g.label}: {len(g.runs)} run(s), seeds {', '.join(str(r.seed) for r in g.runs)}")
-    paths = write_report(groups, Path(args.out))
-    print(summary_tables(groups))
+    columns = COLUMN_SETS[args.columns]
+    paths = write_report(groups, Path(args.out), columns)
+    print(summary_tables(groups, columns))
     n_plots = len(paths) - 3  # besides summary.md, summary.json and overview.png
     print(f"wrote {paths['table']}, {paths['json']}, {paths['overview']} and {n_plots} plots")
     return 0
@@ -211,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-by",
         metavar="KEYS",
         help="comma-separated config keys naming each arm (default: objective.name, gate.shape and the keys that differ)",
+    )
+    p.add_argument(
+        "--columns",
+        choices=("squeeze", "change"),
+        default="squeeze",
+        help="the table's columns: squeeze (accuracy, Δ log p per token, Δ top-1 and entropy) or change (Δ chosen, "
+        "Δ rejected, margin, Δ others (data.probe_pairs), per response and per token)",
     )
     p.set_defaults(func=_cmd_analyze)
     p = sub.add_parser(

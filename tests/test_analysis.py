@@ -225,9 +225,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_cli(runs_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     dirs = [str(p) for p in _all_runs(runs_root) if p.name != "sft-s1"]
-    res = _cli(*dirs, "--out", str(out), "--label-by", "objective.name,gate.shape")
+    res = _cli(*dirs, "--out", str(out), "--label-by", "objective.name,gate.shape", "--columns", "change")
     assert res.returncode == 0, res.stderr
     assert "| dpo gate=sigmoid | 2 |" in res.stdout and "wrote" in res.stdout
+    assert "| arm | seeds | eval acc. | Δ chosen | Δ rejected | margin | Δ others | Δ chosen / tok |" in res.stdout
     assert _is_png(out / "overview.png") and (out / "summary.json").exists()
 
 

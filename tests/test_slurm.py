@@ -176,32 +176,21 @@ def test_srun_tasks_are_the_ranks(slurm, work, reference):
     assert _rows(out) == reference
 
 
-def _sbatch(
-    slurm: dict[str, str], work: Path, mode: str, out: Path, wait: str = "--wait"
-) -> subprocess.Popen:
-    """``launcher/slurm.sbatch`` as written, sized for this machine on sbatch's command line."""
+def _sbatch(slurm: dict[str, str], work: Path, mode: str, out: Path) -> str:
+    """``launcher/slurm.sbatch`` as written, sized for this machine on sbatch's command line; the job's id. (Its end
+    comes from ``_wait_for_end``: ``sbatch --wait`` polls at 2, 8, then 32 s and would add up to 30 s a job.)"""
     logs = work / f"logs-{mode}"
     logs.mkdir()
     env = {**slurm, "CONFIG": str(work / "tiny.yaml"), "OUTPUT": str(out), "MODE": mode, "LOGS": str(logs)}
     sized = ["--nodes=1", f"--ntasks-per-node={WORLD}", "--cpus-per-task=1", "--gpus-per-node=0",
              "--time=30:00", f"--output={logs}/%x-%j.out", f"--job-name=gatedpo-{mode}"]  # fmt: skip
-    return subprocess.Popen(
-        ["sbatch", wait, *sized, str(ROOT / "launcher" / "slurm.sbatch")],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *sized, str(ROOT / "launcher" / "slurm.sbatch")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-
-
-def _job_id(slurm: dict[str, str], name: str, proc: subprocess.Popen) -> str:
-    """The id of the job named ``name`` (sbatch's own "Submitted batch job N" may stay in its buffer until it
-    exits)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        ids = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i"], capture_output=True, text=True,
-                             env=slurm).stdout.split()  # fmt: skip
-        if ids:
-            return ids[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no job {name} in squeue")
+    job = proc.stdout.strip().split(";")[0]
+    assert proc.returncode == 0 and job.isdigit(), proc.stdout + proc.stderr
+    return job
 
 
 def _job_field(show: str, name: str) -> str:
@@ -228,21 +217,19 @@ def _wait_for_end(slurm: dict[str, str], job: str, restarts: int, timeout: float
 
 def test_sbatch_torchrun_mode(slurm, work, reference):
     out = work / "sbatch-torchrun"
-    proc = _sbatch(slurm, work, "torchrun", out)
-    job = _job_id(slurm, "gatedpo-torchrun", proc)
-    rest, _ = proc.communicate(timeout=600)
+    job = _sbatch(slurm, work, "torchrun", out)
+    show = _wait_for_end(slurm, job, restarts=0, timeout=600)
     logs = work / "logs-torchrun"
     node_log = logs / f"gatedpo-torchrun-{job}-node0.out"
-    assert proc.returncode == 0, rest + _log_tail(logs / f"gatedpo-torchrun-{job}.out", node_log)
+    ended = (_job_field(show, "JobState"), _job_field(show, "ExitCode"))
+    assert ended == ("COMPLETED", "0:0"), show + _log_tail(logs / f"gatedpo-torchrun-{job}.out", node_log)
     assert _rows(out) == reference
     assert "[rank0]:no checkpoint in" in node_log.read_text()  # one file per node, lines prefixed by rank
 
 
 def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
     out = work / "sbatch-srun"
-    submitted = _sbatch(slurm, work, "srun", out, wait="--parsable")
-    job = submitted.communicate(timeout=60)[0].strip().split(";")[0]
-    assert submitted.returncode == 0 and job.isdigit(), job
+    job = _sbatch(slurm, work, "srun", out)
     deadline = time.monotonic() + 300
     while not (out / "checkpoints" / "step-00000002").exists():  # the first checkpoint: requeue now
         show = subprocess.run(

@@ -35,9 +35,9 @@ from typing import Any
 
 import yaml
 
+from gatedpo_mega.analysis import COLUMN_SETS
 from gatedpo_mega.errors import ConfigError
 
-COLUMN_SETS = ("squeeze", "change")
 RULES = ("squeeze", "chosen")
 
 
@@ -97,7 +97,7 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> Spec:  # type: ign
         unknown = [a for a in names if a not in spec.arms]
         if unknown:
             raise ConfigError(f"experiment spec {p}: start_arms.{start} names {', '.join(unknown)}, not arms")
-    for key, allowed in (("columns", COLUMN_SETS), ("pick_by", RULES)):
+    for key, allowed in (("columns", tuple(COLUMN_SETS)), ("pick_by", RULES)):
         if getattr(spec, key) not in allowed:
             raise ConfigError(
                 f"experiment spec {p}: {key}={getattr(spec, key)!r} is not one of {', '.join(allowed)}"
@@ -239,8 +239,6 @@ def run_experiment(spec: Spec) -> Path:
     sweep point that is an arm) is that run, not a second one. Every table, plot legend and progress bar names a
     run by the spec's names: size, start, arm (or sweep point), seed."""
     from gatedpo_mega.analysis import (
-        CHANGE_COLUMNS,
-        SQUEEZE_COLUMNS,
         format_table,
         summary_rows,
         write_grid,
@@ -253,7 +251,7 @@ def run_experiment(spec: Spec) -> Path:
     base = [*spec.base, *_tokenizer(spec, out), f"data.cache_dir={out / 'cache'}"]
     first_start = next(iter(spec.starts))
     trained: list[tuple[Any, Path]] = []  # (resolved config, folder) of every run so far
-    columns = CHANGE_COLUMNS if spec.columns == "change" else SQUEEZE_COLUMNS
+    columns = COLUMN_SETS[spec.columns]
 
     def table(rows: list[dict[str, Any]], first: str = "arm") -> str:
         return format_table(rows, columns, first)
@@ -312,7 +310,7 @@ def run_experiment(spec: Spec) -> Path:
                 else:
                     named[name] = paths
             groups = _groups(named)
-            write_report(groups, out / "report" / f"sweep-{size}")
+            write_report(groups, out / "report" / f"sweep-{size}", columns)
             sweep_rows[size] = summary_rows(groups)
             sweep_groups[size] = groups
     for size in spec.sizes:
@@ -349,7 +347,7 @@ def run_experiment(spec: Spec) -> Path:
             groups = _groups(
                 {a: runs[f"{size}/{start}/{a}"] for a in spec.arms if f"{size}/{start}/{a}" in runs}
             )
-            write_report(groups, report / f"{size}-{start}")
+            write_report(groups, report / f"{size}-{start}", columns)
             arm_groups[f"{size}, from {start}"] = groups
             sections += [f"## Arms, model size `{size}`, from `{start}`\n", table(summary_rows(groups)), ""]
     trajectories = ["logps/chosen_delta_per_token", "squeeze/top1_rejected", "squeeze/entropy_rejected"]
@@ -368,7 +366,7 @@ def run_experiment(spec: Spec) -> Path:
         ]
     if len(spec.sizes) > 1:
         groups = _groups({f"{s} {a}": runs[f"{s}/{first_start}/{a}"] for s in spec.sizes for a in centre})
-        write_report(groups, report / "sizes")
+        write_report(groups, report / "sizes", columns)
         sections += ["## Sizes: gated smaller model against ungated larger model\n",
                      table(summary_rows(groups), "size, arm"), ""]  # fmt: skip
     if tp_rows is not None:
