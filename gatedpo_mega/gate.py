@@ -42,14 +42,17 @@ ATTENUATED_BELOW = 0.5
 class GateConfig:
     """Gate family parameters; see the module docstring for the formulas."""
 
-    # The default is the mass-dynamics sweep's pick (docs/mass-dynamics.md), by a rule fixed before the runs.
-    shape: str = "hard"  # one of SHAPES; "none" is plain DPO
-    granularity: str = "token"  # one of GRANULARITIES
-    signal: str = "uniform"  # one of SIGNALS
-    tau: float = 0.01  # threshold: the gate closes as the signal falls below log(tau) (uniform: p < tau / V)
+    # The default is the published gate as configs/gate_vs_field.yaml's sweep picked it (docs/mass-dynamics.md), by a
+    # rule fixed before the runs: one sigmoid per rejected response on the 10th percentile of its token probabilities,
+    # half open at 2e-4, closed (0.018) at 0, open (0.98) at 4e-4. A probability threshold: docs/mass-dynamics.md says
+    # how to choose tau for a model whose response probabilities sit elsewhere.
+    shape: str = "psigmoid"  # one of SHAPES; "none" is plain DPO
+    granularity: str = "token"  # one of GRANULARITIES (seq and q10 are per response whatever it says)
+    signal: str = "q10"  # one of SIGNALS
+    tau: float = 2e-4  # threshold: the gate closes as the signal falls below log(tau) (uniform: p < tau / V)
     temperature: float = 1.0  # sigmoid width, in nats
     alpha: float = 1.0  # power exponent
-    slope: float = 100.0  # psigmoid: the steepness in probability (the published gate's alpha)
+    slope: float = 2e4  # psigmoid: the steepness in probability (the published gate's alpha)
     quantile: float = 0.1  # q10: which quantile of the response's token probabilities
 
     def __post_init__(self) -> None:

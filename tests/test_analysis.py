@@ -228,7 +228,10 @@ def test_cli(runs_root: Path, tmp_path: Path) -> None:
     res = _cli(*dirs, "--out", str(out), "--label-by", "objective.name,gate.shape", "--columns", "change")
     assert res.returncode == 0, res.stderr
     assert "| dpo gate=sigmoid | 2 |" in res.stdout and "wrote" in res.stdout
-    assert "| arm | seeds | eval acc. | Δ chosen | Δ rejected | margin | Δ others | Δ chosen / tok |" in res.stdout
+    assert (
+        "| arm | seeds | eval acc. | Δ chosen | Δ rejected | margin | Δ others | Δ chosen / tok |"
+        in res.stdout
+    )
     assert _is_png(out / "overview.png") and (out / "summary.json").exists()
 
 

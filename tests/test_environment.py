@@ -133,7 +133,8 @@ def test_a_run_from_a_bare_environment_prints_a_summary_and_its_progress_only(tm
     assert r.returncode == 0, text[-3000:]
     lines = text.splitlines()
     assert lines[0] == (
-        "gatedpo train: objective dpo, gate hard (uniform, tau 0.01), model 2 layers x 32, TP 1 x PP 1 x DP 2, ZeRO 1, "
+        "gatedpo train: objective dpo, gate psigmoid (q10, tau 0.0002, slope 20000), model 2 layers x 32, TP 1 x PP 1 x "
+        "DP 2, ZeRO 1, "
         f"2 steps of 4 pairs -> {out} (config.yaml there)"
     ), text[:2000]
     assert "gate-dpo: 100%" in text

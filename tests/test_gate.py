@@ -128,25 +128,43 @@ def test_uniform_signal_needs_the_vocabulary_size():
 @pytest.mark.parametrize(
     ("vocab", "fixed_closed"), [(512, (0.0, 0.0)), (8000, (0.05, 0.6)), (151_936, (1.0, 1.0))]
 )
-def test_the_default_gate_stays_open_on_a_random_model_at_every_vocabulary_size(vocab, fixed_closed):
-    """A freshly initialised model gives every token about 1/V. The default threshold is a fraction of 1/V, so the
-    default gate leaves such a model's rejected gradient alone at any vocabulary size, where a fixed probability
+def test_the_uniform_gate_stays_open_on_a_random_model_at_every_vocabulary_size(vocab, fixed_closed):
+    """A freshly initialised model gives every token about 1/V. The uniform signal's threshold is a fraction of 1/V,
+    so its gate leaves such a model's rejected gradient alone at any vocabulary size, where a fixed probability
     (tau 1e-4) closes on part of them near V = 1e4 and on every one at V = 151,936."""
     torch.manual_seed(0)
     logits = torch.randn(4, 32, vocab) * 0.5  # a random output layer: logits of a few tenths of a nat
     targets = torch.randint(0, vocab, (4, 32))
     logp, logp_max, _ = token_logprobs(logits, targets)
     mask = torch.ones_like(targets, dtype=torch.bool)
-    default = gate_values(logp, logp_max, mask, GateConfig(), vocab_size=vocab)
+    uniform = GateConfig(shape="hard", signal="uniform", tau=0.01)
+    default = gate_values(logp, logp_max, mask, uniform, vocab_size=vocab)
     fixed = gate_values(logp, logp_max, mask, GateConfig(signal="absolute", tau=1e-4), vocab_size=vocab)
     assert float((default < 0.5).float().mean()) < 0.01
     assert fixed_closed[0] <= float((fixed < 0.5).float().mean()) <= fixed_closed[1]
-    # One distribution, every vocabulary: a token at a thousandth of the uniform probability is gated by the default.
+    # One distribution, every vocabulary: a token at a thousandth of the uniform probability is gated.
     low = torch.full((1, 1), math.log(1e-3 / vocab))
-    assert (
-        gate_values(low, low, torch.ones(1, 1, dtype=torch.bool), GateConfig(), vocab_size=vocab).item()
-        == 0.0
-    )
+    assert gate_values(low, low, torch.ones(1, 1, dtype=torch.bool), uniform, vocab_size=vocab).item() == 0.0
+
+
+def test_the_default_is_the_published_gate_on_q10_as_the_sweep_picked_it():
+    """psigmoid on the 10th percentile of each rejected response's token probabilities, tau 2e-4, slope 2e4
+    (configs/gate_vs_field.yaml's pick): half open at tau, 0.98 at 2 tau, 0.018 at 0, one value per response."""
+    cfg = GateConfig()
+    assert (cfg.shape, cfg.signal, cfg.quantile, cfg.tau, cfg.slope) == ("psigmoid", "q10", 0.1, 2e-4, 2e4)
+    assert cfg.per_response
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    logp = torch.full((3, 11), math.log(0.05), dtype=torch.float64)
+    for row, q10 in enumerate((2e-4, 4e-4, 1e-12)):
+        logp[row, 0] = math.log(
+            q10
+        )  # the lowest of 11 tokens; the 10th percentile sits at it (index 1.0 of 10)
+        logp[row, 1] = math.log(q10)
+    g = gate_values(logp, logp.clone(), mask, cfg, vocab_size=512)
+    assert torch.equal(g, g[:, :1].expand_as(g))  # every token of a response shares its gate
+    want = [1 / (1 + math.exp(-2e4 * (q - 2e-4))) for q in (2e-4, 4e-4, 1e-12)]
+    assert g[:, 0].tolist() == pytest.approx(want, rel=1e-6, abs=1e-12)  # float32 gate
+    assert g[0, 0].item() == pytest.approx(0.5) and g[1, 0].item() > 0.98 and g[2, 0].item() < 0.019
 
 
 def test_apply_gate_is_identity_forward_and_scales_the_gradient_exactly():

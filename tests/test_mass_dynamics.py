@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _spec(tmp_path: Path, source: str):
-    """configs/gate_vs_field.yaml scaled down: a tiny model, 3 preference steps, 2 seeds, four of its arms (plain
+    """configs/gate_vs_field.yaml scaled down: a tiny model, 3 preference steps, 1 seed, four of its arms (plain
     DPO, the seq gate, DPO-Shift with the q10 gate, the SFT control), a second start, two sweep points."""
     spec = load_spec(ROOT / "configs" / "gate_vs_field.yaml", [f"output_dir={tmp_path / 'md'}"])
     spec.tokenizer_vocab_size = 400
-    spec.seeds = [1, 2]
+    spec.seeds = [1]
     spec.base = [
         f"data.source={source}", "data.max_length=48", "data.max_prompt_length=24", "data.eval_fraction=0.05", "train.micro_batch_size=4", "train.global_batch_size=8",
         "train.reference_batch_size=32", "train.eval_max_pairs=32", "train.warmup_steps=1", "train.report_to=none",
@@ -69,7 +69,7 @@ def test_scaled_down_experiment_runs_end_to_end_and_tp2_rows_equal_tp1(tmp_path,
         not (out / "tiny" / "ext" / "dpo").exists() and (out / "tiny" / "ext" / "dpo+seq" / "seed1").is_dir()
     )
     assert not (out / "tiny" / "sweep" / "seq-0.008").exists()
-    assert (out / "tiny" / "sweep" / "hard-0.01" / "seed2").is_dir()
+    assert (out / "tiny" / "sweep" / "hard-0.01" / "seed1").is_dir()
     import json
 
     sft = json.loads((out / "report" / "sft.json").read_text())
@@ -99,7 +99,7 @@ def test_scaled_down_experiment_runs_end_to_end_and_tp2_rows_equal_tp1(tmp_path,
     assert row["margin"]["values"][0] == pytest.approx(want, rel=1e-12)
     # the control arm is SFT: no reference metrics, and still its Δ chosen
     control = next(r for r in mine["rows"] if r["label"] == "sft-continued")
-    assert control["chosen_delta_per_token"] is None and control["d_chosen"]["n"] == 2
+    assert control["chosen_delta_per_token"] is None and control["d_chosen"]["n"] == 1
     capsys.readouterr()
     run_experiment(spec)  # again: every run is found done
     assert "train " not in capsys.readouterr().out.replace("done already", "")
@@ -180,3 +180,21 @@ def test_the_chosen_rule_keeps_accuracy_at_every_size_then_the_largest_chosen_ch
     # q10 is out at large (0.66 < 0.67); seq-a's worst size gives +1.0, seq-b's +0.5, hard's -8.0
     assert "3 of 4 gates are eligible at every size" in text and "Pick: **seq-a**" in text, text
     assert "seq-a (+1), seq-b (+0.5), hard (-8)" in text, text
+
+
+def test_a_finished_run_stays_itself_when_a_default_it_never_read_changes():
+    from gatedpo_mega.config import load_config
+    from gatedpo_mega.experiments.mass_dynamics import _same_run
+
+    hard = ["gate.shape=hard", "gate.signal=uniform", "gate.tau=0.01"]
+    assert _same_run(
+        load_config(None, [*hard, "gate.slope=100", "gate.quantile=0.2"]), load_config(None, hard)
+    )
+    assert _same_run(
+        load_config(None, ["gate.shape=none", "gate.tau=0.5"]), load_config(None, ["gate.shape=none"])
+    )
+    assert not _same_run(load_config(None, ["gate.slope=100"]), load_config(None, []))  # psigmoid reads slope
+    assert not _same_run(
+        load_config(None, ["gate.quantile=0.2"]), load_config(None, [])
+    )  # q10 reads quantile
+    assert not _same_run(load_config(None, [*hard, "gate.tau=0.02"]), load_config(None, hard))

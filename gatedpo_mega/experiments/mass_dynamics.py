@@ -118,16 +118,27 @@ def _resolved(spec: Spec, overrides: list[str], out: Path) -> Any:
     return cfg
 
 
-def _same_run(a: Any, b: Any) -> bool:
-    """Two resolved configs that train the same model on the same batches (the output folder aside, and the other
-    gate fields of a run without a gate, which nothing reads: a changed default gate leaves such runs valid)."""
+def _read_gate(gate: Any) -> Any:
+    """``gate`` with the fields its shape and signal do not read set to a fixed value (all of them without a gate),
+    so that a changed default of a field a run never read leaves the run valid."""
     from dataclasses import replace
 
     from gatedpo_mega.gate import GateConfig
 
+    if gate.shape == "none":
+        return GateConfig(shape="none")
+    unread = {"temperature": gate.shape != "sigmoid", "alpha": gate.shape != "power",
+              "slope": gate.shape != "psigmoid", "quantile": gate.signal != "q10"}  # fmt: skip
+    return replace(gate, **{k: 0.5 for k, unused in unread.items() if unused})
+
+
+def _same_run(a: Any, b: Any) -> bool:
+    """Two resolved configs that train the same model on the same batches (the output folder and the run's name
+    aside, and the gate fields nothing reads)."""
+    from dataclasses import replace
+
     def key(c: Any) -> Any:
-        gate = GateConfig(shape="none") if c.gate.shape == "none" else c.gate
-        return replace(c, gate=gate, train=replace(c.train, output_dir=".", run_name=""))
+        return replace(c, gate=_read_gate(c.gate), train=replace(c.train, output_dir=".", run_name=""))
 
     return key(a) == key(b)
 

@@ -223,7 +223,8 @@ def summary(cfg: Config, world: int, hub_notes: Sequence[str] = (), notes: Seque
     per note (what the config took from ``model.init_from``); the whole resolved config goes to
     ``<output_dir>/config.yaml`` (``gatedpo config`` prints it)."""
     o, g, m, p, t = cfg.objective, cfg.gate, cfg.model, cfg.parallel, cfg.train
-    gate = "gate none" if g.shape == "none" else f"gate {g.shape} ({g.signal}, tau {g.tau:g})"
+    slope = f", slope {g.slope:g}" if g.shape == "psigmoid" else ""
+    gate = "gate none" if g.shape == "none" else f"gate {g.shape} ({g.signal}, tau {g.tau:g}{slope})"
     model = (
         f"model {m.init_from} (transformers)"
         if m.backend == "transformers"
