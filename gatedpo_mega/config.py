@@ -175,9 +175,14 @@ class TrainConfig:
     # "wandb,mlflow" on the command line; [] or none: metrics.jsonl only). wandb and mlflow are optional packages.
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     run_name: str = ""  # the run's name in wandb and mlflow ("": the name of train.output_dir)
+    # Signals on which every rank finishes its step, a checkpoint of that step is written and verified, and the run
+    # exits with 75 (preempted: requeue it). A signal one rank receives stops all of them at the same step.
+    # [] or none: the signals keep their default action (the process ends, unsaved).
+    save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     def __post_init__(self) -> None:
         self.report_to = _report_to(self.report_to)
+        self.save_on_signal = _signal_names(self.save_on_signal)
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "reference_batch_size"):
             positive(f"train.{name}", getattr(self, name))
         for name in ("save_every", "keep_checkpoints", "eval_every", "eval_max_pairs"):
@@ -219,6 +224,22 @@ def _report_to(names: list[str]) -> list[str]:
     for name in names:
         if name not in REPORT_TO:
             raise ValueError(f"train.report_to: {name!r} is not one of {', '.join(REPORT_TO)} (or none)")
+    return list(dict.fromkeys(names))
+
+
+# The signals a scheduler sends before it stops a job (SLURM's --signal, Kubernetes and spot instances: SIGTERM).
+SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+
+
+def _signal_names(names: list[str]) -> list[str]:
+    """``train.save_on_signal`` without repeats, each a signal a job may be sent before it is stopped."""
+    if "none" in names:
+        if len(names) > 1:
+            raise ValueError(f"train.save_on_signal={names}: none names no signal and goes alone")
+        return []
+    for name in names:
+        if name not in SIGNALS:
+            raise ValueError(f"train.save_on_signal: {name!r} is not one of {', '.join(SIGNALS)} (or none)")
     return list(dict.fromkeys(names))
 
 

@@ -29,6 +29,8 @@ from gatedpo_mega.errors import NonFiniteError, UserError, describe_os_error
 from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
 from gatedpo_mega.training.cluster import launcher_env
+from gatedpo_mega.training.preemption import PREEMPTED, ForwardingWatch, Preempted
+from gatedpo_mega.training.run_lock import release_all, run_lock
 from gatedpo_mega.training.preflight import preflight, resolve_hub_ids
 
 
@@ -73,6 +75,10 @@ def _report(rank: int, cfg: Config, e: Exception) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if isinstance(e, Preempted):
+        if rank == 0:
+            print(f"gatedpo: preempted: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     if isinstance(e, UserError):
         if rank == 0 or not e.every_rank:  # the same decision on every rank: said once
             say(f"gatedpo: error: {e}")
@@ -161,6 +167,7 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> int:
             # without an active exception", exit -6), which the launcher would take for this rank's own failure.
             sys.stdout.flush()
             sys.stderr.flush()
+            release_all()  # os._exit runs no finally
             os._exit(code)
         return code
     finally:
@@ -194,8 +201,10 @@ def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
         for r, p in enumerate(procs):
             if p.exitcode not in (None, 0) and r not in failed:
                 failed[r] = p.exitcode
-        causes = [r for r, code in failed.items() if code != PEER_STOPPED]
-        if failed and not causes and peer_only_since is None:
+        # A preempted rank saved with the others and leaves with them: no cause to stop the rest.
+        causes = [r for r, code in failed.items() if code not in (PEER_STOPPED, PREEMPTED)]
+        stopped_by_peer = any(code == PEER_STOPPED for code in failed.values())
+        if stopped_by_peer and not causes and peer_only_since is None:
             peer_only_since = time.monotonic()
         if causes or (peer_only_since is not None and time.monotonic() - peer_only_since > grace):
             # A failure every rank reaches together (a checkpoint refused) is said by rank 0: let the others finish
@@ -205,17 +214,27 @@ def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
                 connection.wait(
                     [p.sentinel for p in procs if p.is_alive()], timeout=settle - time.monotonic()
                 )
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-            for p in procs:
-                p.join()
+            _stop(procs)
             break
     if not failed:
         return None
-    causes = [r for r, code in failed.items() if code != PEER_STOPPED]  # in the order they were seen
+    causes = [r for r, code in failed.items() if code not in (PEER_STOPPED, PREEMPTED)]  # in the order seen
     first = causes[0] if causes else next(iter(failed))
     return first, failed[first]
+
+
+def _stop(procs: list[Any], grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: a rank waiting in a collective on a failed peer saves nothing
+    on SIGTERM (it never ends its step) and would otherwise wait for the collective's time-out."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def summary(cfg: Config, world: int, hub_notes: Sequence[str] = (), notes: Sequence[str] = ()) -> str:
@@ -253,16 +272,24 @@ def launch(
     # Every process of a launcher resolves the ids itself (a cache hit: no download); started here, the workers
     # receive the resolved config.
     cfg, hub_notes = resolve_hub_ids(cfg, data=make_data is None)
-    if not under_launcher or int(os.environ["RANK"]) == 0:
-        # Refused before any process starts (under a launcher: by rank 0 only, before the group forms).
+    if under_launcher and int(os.environ["RANK"]) != 0:
+        return _run_this_process(cfg, make_data)
+    # The output folder is this run's until it ends (under a launcher: rank 0 holds it); refusals come before any
+    # process starts (under a launcher: by rank 0 only, before the group forms).
+    with run_lock(cfg.train.output_dir):
         check_resume(cfg, world)
         preflight(cfg, data=make_data is None)
+        return _start(cfg, world, make_data, under_launcher=under_launcher, quiet=quiet,
+                      lines=summary(cfg, world, hub_notes, notes))  # fmt: skip
+
+
+def _start(cfg: Config, world: int, make_data: Any, *, under_launcher: bool, quiet: bool, lines: str) -> int:
+    """Run the ranks: this process's under a launcher or at world 1, else ``world`` local processes."""
     if under_launcher:
-        if int(os.environ["RANK"]) == 0:
-            print(summary(cfg, world, hub_notes, notes), flush=True)
+        print(lines, flush=True)
         return _run_this_process(cfg, make_data)
     if not quiet:
-        print(summary(cfg, world, hub_notes, notes), flush=True)
+        print(lines, flush=True)
     port = _free_port()
     if world == 1:
         saved = dict(os.environ)  # in this process: leave no RANK/WORLD_SIZE behind for a later launch
@@ -279,10 +306,14 @@ def launch(
     ]
     for p in procs:
         p.start()
-    failure = _wait(procs)
+    # ``kill <this process>`` (a scheduler's signal to the job's first process) reaches every rank, which saves.
+    with ForwardingWatch(cfg.train.save_on_signal, [p.pid for p in procs if p.pid is not None]):
+        failure = _wait(procs)
     if failure is None:
         return 0
     r, code = failure
+    if code == PREEMPTED and all(p.exitcode == PREEMPTED for p in procs):
+        return PREEMPTED  # rank 0 said which step was saved
     print(
         f"gatedpo: rank {r} failed (exit {code}); the other ranks were stopped", file=sys.stderr, flush=True
     )

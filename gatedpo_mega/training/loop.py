@@ -20,11 +20,18 @@ from gatedpo_mega.deepspeed.engine import build_engine
 from gatedpo_mega.loss import LossContext
 from gatedpo_mega.megatron.model import padded_vocab_size
 from gatedpo_mega.megatron.parallel import initialize_layout, validate_layout
-from gatedpo_mega.training.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from gatedpo_mega.training.checkpoint import (
+    CheckpointDecision,
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    verify_on_every_rank,
+)
 from gatedpo_mega.training.data import RunData
 from gatedpo_mega.training.evaluation import evaluate
 from gatedpo_mega.training.initial_weights import source_hf_config
 from gatedpo_mega.training.metrics_log import MetricsLog, step_record
+from gatedpo_mega.training.preemption import Preempted, SignalWatch, agreed
 from gatedpo_mega.training.reference import Reference
 from gatedpo_mega.training.step import train_step
 
@@ -33,8 +40,14 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     """Run ``cfg`` on the initialised default process group. ``make_data(cfg, layout) -> RunData``.
 
     Returns the per-step metrics of this invocation (on every rank: they are broadcast from the rank that
-    computes them).
+    computes them). A signal of ``train.save_on_signal`` from here on stops the run after the step it is in, with a
+    checkpoint of that step (``Preempted``).
     """
+    with SignalWatch(cfg.train.save_on_signal) as watch:
+        return _train(cfg, make_data, watch)
+
+
+def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, Any]]:
     validate_layout(cfg, dist.get_world_size())
     layout = initialize_layout(
         cfg.parallel.tensor, cfg.parallel.pipeline, timeout_minutes=cfg.train.collective_timeout_minutes
@@ -72,6 +85,22 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
     t = cfg.train
     evaluating = bool(data.evals) and t.eval_every > 0
     hf_config = source_hf_config(cfg.model.init_from)  # kept in checkpoints, so an export writes it back
+
+    def save(step: int) -> Any:
+        return save_checkpoint(
+            engine, cfg, layout, step, trainer_state={"loader": data.steps.state_dict()},
+            vocab_size=data.vocab_size, padded_vocab_size=padded_vocab(cfg, data.vocab_size), hf_config=hf_config,
+        )  # fmt: skip
+
+    def preempt(signal_name: str, step: int, path: Any) -> None:
+        problem = verify_on_every_rank(path)
+        if problem is not None:
+            raise CheckpointDecision(f"{signal_name} at step {step}: checkpoint {path} does not verify: {problem}")
+        raise Preempted(
+            f"{signal_name} received: stopped after step {step} of {t.max_steps}, checkpoint {path} written and "
+            "verified; --resume (train.resume=auto) continues the run"
+        )
+
     try:
         # Step 0: the initial model, where every change the analysis shows starts.
         if evaluating and start == 0:
@@ -90,12 +119,12 @@ def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
                 record |= evaluate(backend, engine.module, layout, ctx, reference, data, device)
             history.append(record)
             log.log(record)
+            saved = None
             if (t.save_every and step % t.save_every == 0) or (last and t.save_final):
-                save_checkpoint(
-                    engine, cfg, layout, step, trainer_state={"loader": data.steps.state_dict()},
-                    vocab_size=data.vocab_size, padded_vocab_size=padded_vocab(cfg, data.vocab_size),
-                    hf_config=hf_config,
-                )  # fmt: skip
+                saved = save(step)
+            stop = agreed(watch) if t.save_on_signal and not last else None
+            if stop is not None:
+                preempt(stop, step, saved or save(step))
         backend.save_final(engine, layout)
     except BaseException:
         with contextlib.suppress(Exception):  # the run's own error is the one to report
