@@ -46,6 +46,8 @@ from gatedpo_mega.formats import (
 )
 from gatedpo_mega.manifest import missing_or_resized
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's first and second moments, per parameter as its fp32 master
+
 
 def _load(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -82,13 +84,18 @@ class TrainCheckpoint:
         self.ds = self.path / DEEPSPEED_DIR / DEEPSPEED_TAG
         if not self.ds.is_dir():
             raise MissingTensorError(f"{self.ds}: DeepSpeed state folder is missing")
-        if source not in ("fp32", "module"):
+        if source not in ("fp32", "module", *MOMENTS):
             raise ValueError(source)
         if source == "module" and self.zero_stage == 3:
             raise CheckpointFormatError(
                 f"{self.path}: ZeRO 3 partitions the module weights; read the fp32 master weights instead"
             )
-        self._optim_prefix = self._find_optim_prefix() if source == "fp32" else None
+        self._optim_prefix = self._find_optim_prefix() if source != "module" else None
+        if source in MOMENTS and self._optim_prefix != "zero_pp_rank_":
+            raise CheckpointFormatError(
+                f"{self.path}: the optimizer's {source} is read from ZeRO 1-3 checkpoints; this one has zero_stage "
+                f"{self.zero_stage}"
+            )
         self.source = source if self._optim_prefix is not None else "module"
         self._check_files()
         self._ranks: dict[int, _Rank] = {}
@@ -135,7 +142,7 @@ class TrainCheckpoint:
                 self.cfg, self.vocab_size, tensor=self.tensor, pipeline=self.pipeline, pp_rank=pp_rank
             )
             optim = [self._optim_file(d, mp) for d in range(self.data)] if self._optim_prefix else None
-            self._ranks[mp] = _Rank(self._model_file(mp), optim, expected, module=self.source == "module")
+            self._ranks[mp] = _Rank(self._model_file(mp), optim, expected, source=self.source)
         return self._ranks[mp]
 
     def get(self, tp_rank: int, pp_rank: int, name: str) -> torch.Tensor:
@@ -162,9 +169,10 @@ class _Rank:
         optim_files: list[Path] | None,
         expected: dict[str, tuple[int, ...]],
         *,
-        module: bool,
+        source: str,
     ) -> None:
-        self.model_file, self.optim_files, self.module = model_file, optim_files, module
+        module = source == "module"
+        self.model_file, self.optim_files, self.module, self.source = model_file, optim_files, module, source
         self._model: dict[str, Any] | None = None
         self._optim: list[dict[str, Any]] | None = None
         state = self._model_state()
@@ -280,12 +288,25 @@ class _Rank:
             for r, sd in enumerate(states):
                 lo, hi = max(offset, r * size), min(offset + n, (r + 1) * size)
                 if lo < hi:
-                    pieces.append(sd["single_partition_of_fp32_groups"][g][lo - r * size : hi - r * size])
+                    pieces.append(self._flat(sd)[g][lo - r * size : hi - r * size])
         else:
             per = math.ceil(n / self.world)
             for sd in states:
-                pieces.extend(_virtual_slice(sd["fp32_flat_groups"], self.bounds, offset, offset + per))
+                pieces.extend(_virtual_slice(self._flat(sd), self.bounds, offset, offset + per))
         return torch.cat(pieces)[:n].view(shape).float()
+
+    def _flat(self, sd: dict[str, Any]) -> list[torch.Tensor]:
+        """The flat partitions of ``self.source`` in one rank's optimizer states: the fp32 masters, or one of
+        Adam's moments (the inner optimizer's state per flat group, laid out as the masters)."""
+        if self.source == "fp32":
+            return sd["single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"]  # type: ignore[no-any-return]
+        inner = sd["base_optimizer_state" if self.stage <= 2 else "optimizer_state_dict"]["state"]
+        try:
+            return [inner[g][self.source] for g in sorted(inner)]
+        except KeyError:
+            raise CheckpointFormatError(
+                f"{self.optim_files and self.optim_files[0]}: no {self.source} in the optimizer state (not Adam)"
+            ) from None
 
     def release(self) -> None:
         self._model = None

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from gatedpo_mega.config import Config, dump_config
 from gatedpo_mega.errors import UserError
@@ -53,6 +54,7 @@ from gatedpo_mega.formats import (
 )
 from gatedpo_mega.manifest import changed, file_record, missing_or_resized, share, total_size
 from gatedpo_mega.megatron.parallel import Layout
+from gatedpo_mega.training.reshard import layout_changes, load_resharded, reshard_refusal
 
 # Besides the weights' shapes, what the saved state depends on: the padded vocabulary, the optimizer's dtype and
 # which model the engine wraps. The other model fields (fused_logprobs, init_from, ...) may differ on resume.
@@ -254,16 +256,26 @@ def layout_record(cfg: Config, data_parallel: int) -> dict[str, int]:
 
 def check_fits(
     meta: dict[str, Any], path: Path, cfg: Config, data_parallel: int, vocab_size: int | None = None
-) -> None:
-    """Refuse a checkpoint written at another layout or for another model, naming the first mismatch."""
+) -> list[str]:
+    """What differs between the checkpoint's layout and this run's (``["tensor 2 -> 1", ...]``: resharded on
+    load); refused, naming the first mismatch: another model, another global batch, or a layout change that cannot
+    be resharded."""
     mine = layout_record(cfg, data_parallel)
     theirs = meta["layout"]
-    for key, value in mine.items():
-        if theirs.get(key) != value:
-            raise CheckpointError(
-                f"checkpoint {path} was written at {key}={theirs.get(key)} ({_fmt(theirs)}); this run has "
-                f"{key}={value} ({_fmt(mine)}). Resume with the checkpoint's layout"
-            )
+    changes = layout_changes(theirs, mine)
+    refusal = reshard_refusal(theirs, mine, cfg) if changes else None
+    if refusal:
+        raise CheckpointError(
+            f"checkpoint {path} was written at {_fmt(theirs)}; this run has {_fmt(mine)}: {refusal}. Resume with "
+            "the checkpoint's layout"
+        )
+    batch = _saved_global_batch(path)
+    if batch is not None and batch != cfg.train.global_batch_size:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with train.global_batch_size={batch}; this run has "
+            f"{cfg.train.global_batch_size}: the resumed run would see other batches (a data-parallel size or "
+            "micro-batch size may change; the global batch may not)"
+        )
     differs = first_difference(meta["model"], asdict(cfg.model), RESUME_FIELDS)
     if differs:
         key, saved, mine = differs
@@ -274,6 +286,16 @@ def check_fits(
         raise CheckpointError(
             f"checkpoint {path} holds a vocabulary of {meta['vocab_size']}; this run's is {vocab_size}"
         )
+    return changes
+
+
+def _saved_global_batch(path: Path) -> int | None:
+    """``train.global_batch_size`` of the run that wrote the checkpoint (its ``config.yaml``; None: unreadable)."""
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        return int(saved["train"]["global_batch_size"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _fmt(layout: dict[str, Any]) -> str:
@@ -541,21 +563,28 @@ def _prune(cfg: Config) -> None:
 
 def load_checkpoint(
     path: Path, engine: Any, cfg: Config, layout: Layout, *, vocab_size: int
-) -> tuple[int, dict[str, Any]]:
-    """Restore the engine (weights, optimizer, scheduler) and this rank's RNG; returns (step, trainer state)."""
+) -> tuple[int, dict[str, Any], list[str]]:
+    """Restore the engine (weights, optimizer, scheduler) and this rank's RNG; returns (step, trainer state, what
+    differs from the checkpoint's layout). At the checkpoint's layout DeepSpeed loads its own files; at another
+    one the state is resharded (``reshard.py``) and a rank that did not exist then takes rank 0's RNG."""
     meta = read_meta(path)
-    check_fits(meta, path, cfg, layout.dp, vocab_size)
+    changes = check_fits(meta, path, cfg, layout.dp, vocab_size)
     rank_file = path / "trainer" / f"rank_{layout.rank:05d}.pt"
+    if changes and not rank_file.is_file():
+        rank_file = path / "trainer" / f"rank_{0:05d}.pt"
     if not rank_file.is_file():
         raise CheckpointError(f"checkpoint {path} has no {rank_file.relative_to(path)}")
-    load_path, _ = engine.load_checkpoint(
-        str(path / DEEPSPEED_DIR),
-        tag=DEEPSPEED_TAG,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    if load_path is None:
-        raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state under {path / DEEPSPEED_DIR}")
+    if changes:
+        load_resharded(path, engine, cfg, layout, meta)
+    else:
+        load_path, _ = engine.load_checkpoint(
+            str(path / DEEPSPEED_DIR),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if load_path is None:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state under {path / DEEPSPEED_DIR}")
     state = torch.load(rank_file, map_location="cpu", weights_only=False)
     set_rng_state(state.pop("rng"))
-    return int(meta["step"]), state
+    return int(meta["step"]), state, changes

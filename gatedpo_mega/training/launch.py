@@ -30,8 +30,8 @@ from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
 from gatedpo_mega.training.cluster import launcher_env
 from gatedpo_mega.training.preemption import PREEMPTED, ForwardingWatch, Preempted
-from gatedpo_mega.training.run_lock import release_all, run_lock
 from gatedpo_mega.training.preflight import preflight, resolve_hub_ids
+from gatedpo_mega.training.run_lock import release_all, run_lock
 
 
 def _free_port() -> int:

@@ -76,10 +76,15 @@ def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, An
     )
     start = 0
     if resume_from is not None:
-        start, state = load_checkpoint(resume_from, engine, cfg, layout, vocab_size=data.vocab_size)
+        start, state, changes = load_checkpoint(resume_from, engine, cfg, layout, vocab_size=data.vocab_size)
         data.steps.load_state_dict(state["loader"])
         if layout.rank == 0:
-            print(f"resumed from {resume_from} (step {start})", flush=True)
+            moved = (
+                f" at another layout ({', '.join(changes)}): model and optimizer state resharded"
+                if changes
+                else ""
+            )
+            print(f"resumed from {resume_from} (step {start}){moved}", flush=True)
     log = MetricsLog(cfg, active=layout.rank == 0, start_step=start)
     history = []
     t = cfg.train
@@ -95,7 +100,9 @@ def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, An
     def preempt(signal_name: str, step: int, path: Any) -> None:
         problem = verify_on_every_rank(path)
         if problem is not None:
-            raise CheckpointDecision(f"{signal_name} at step {step}: checkpoint {path} does not verify: {problem}")
+            raise CheckpointDecision(
+                f"{signal_name} at step {step}: checkpoint {path} does not verify: {problem}"
+            )
         raise Preempted(
             f"{signal_name} received: stopped after step {step} of {t.max_steps}, checkpoint {path} written and "
             "verified; --resume (train.resume=auto) continues the run"

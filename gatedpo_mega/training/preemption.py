@@ -11,6 +11,7 @@ ignored: the checkpoint is written whole or, if the process is killed first, not
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -78,7 +79,5 @@ class ForwardingWatch(SignalWatch):
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         super()._handle(signum, frame)
         for pid in self.pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass

@@ -94,15 +94,18 @@ class RunLock:
                 continue  # released meanwhile: try again
             if holder is None:
                 if age < _YOUNG_S:  # being written by a run that starts right now
-                    raise RunLocked(f"{self.path.parent} is in use by another run that is starting ({self.path})")
+                    raise RunLocked(
+                        f"{self.path.parent} is in use by another run that is starting ({self.path})"
+                    )
                 holder, reason = {}, "its lock file is empty or unreadable"
             else:
-                reason = stale_reason(holder, age)
-                if reason is None:
+                stale = stale_reason(holder, age)
+                if stale is None:
                     raise RunLocked(
                         f"{self.path.parent} is in use by another run ({describe(holder)}); wait for it to end, "
                         f"stop it, or choose another train.output_dir (its lock: {self.path})"
                     )
+                reason = stale
             if self._take_over(holder):
                 what = describe(holder) if holder else "an unknown run"
                 print(f"gatedpo train: taking over the lock of {what}: {reason}", file=sys.stderr, flush=True)

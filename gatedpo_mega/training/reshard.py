@@ -1,0 +1,167 @@
+"""Resume at another layout: a checkpoint's model and optimizer state, resharded onto this run's engine.
+
+A checkpoint written at tensor T, pipeline P, data D and ZeRO stage Z continues at any other T', P', D', Z' (ZeRO
+1-3 on both sides, the same model and global batch): every rank reads the whole (unsharded) fp32 master weight and
+Adam moments of each parameter it holds, from the partitions of every rank that wrote them
+(``convert.train_checkpoint``), cuts its own tensor-parallel shard out of them (``convert.mapping``: the same
+functions that convert checkpoints) and writes that into its engine where its ZeRO stage keeps it: its
+data-parallel partition of the fp32 masters and of the optimizer state, and the model's weights. The step count,
+the learning-rate schedule, the loader position (global, independent of the layout) and the engine's counters carry
+over. The result is the state the uninterrupted run had, to the rounding of a different reduction order.
+
+What cannot carry over is refused before anything is loaded (``check_reshardable``): ZeRO stage 0 (DeepSpeed keeps
+no partitions to read or write), another global batch (the loader would see other batches), another model shape,
+the transformers backend (its tensors are not megatron-core's).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gatedpo_mega.config import Config
+from gatedpo_mega.convert.mapping import HFView, iter_mcore_rank
+from gatedpo_mega.convert.train_checkpoint import MOMENTS, TrainCheckpoint
+from gatedpo_mega.errors import UserError
+from gatedpo_mega.megatron.parallel import Layout
+
+STATES = ("fp32", *MOMENTS)
+LAYOUT_KEYS = ("tensor", "pipeline", "data", "zero_stage")
+
+
+def layout_changes(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
+    """``["tensor 2 -> 1", ...]``: what differs between the checkpoint's layout and this run's."""
+    return [f"{key} {saved.get(key)} -> {mine[key]}" for key in LAYOUT_KEYS if saved.get(key) != mine[key]]
+
+
+def reshard_refusal(saved: dict[str, Any], mine: dict[str, Any], cfg: Config) -> str | None:
+    """Why a checkpoint at layout ``saved`` cannot continue at ``mine`` (None: it can)."""
+    if 0 in (saved.get("zero_stage"), mine["zero_stage"]):
+        return "resuming at another layout needs ZeRO stage 1-3 on both sides (DeepSpeed's partitions are read and written)"
+    if cfg.model.backend != "megatron":
+        return "resuming at another layout needs model.backend=megatron"
+    return None
+
+
+def load_resharded(path: Path, engine: Any, cfg: Config, layout: Layout, meta: dict[str, Any]) -> None:
+    """Write the checkpoint ``path``'s model and optimizer state into ``engine`` at this run's ``layout``."""
+    values = {key: _local_values(path, key, cfg, layout, meta) for key in STATES}
+    names = {p: n for n, p in engine.module.named_parameters()}
+    missing = sorted(set(names.values()) - set(values["fp32"]))
+    if missing:
+        raise UserError(f"checkpoint {path} has no tensor for this run's parameter {missing[0]}")
+    saved = torch.load(_model_states(path), map_location="cpu", weights_only=False)
+    step = _saved_step(path)
+    opt = engine.optimizer
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO 3
+        _write_stage3(opt, names, values, step, layout)
+    else:
+        if hasattr(opt, "bf16_groups"):  # DeepSpeed's BF16_Optimizer (bf16 at ZeRO 1)
+            flats, groups, parts = opt.bf16_groups_flat, opt.bf16_groups, opt.fp32_groups_flat_partition
+        else:  # ZeRO 1 and 2
+            flats, groups, parts = (
+                opt.bit16_groups_flat,
+                opt.bit16_groups,
+                opt.single_partition_of_fp32_groups,
+            )
+        _write_flat(opt.optimizer, flats, groups, parts, names, values, step, layout)
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(saved["lr_scheduler"])
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    engine.global_steps = saved["global_steps"]
+    engine.global_samples = saved["global_samples"]
+    engine.skipped_steps = saved.get("skipped_steps", 0)
+
+
+def _local_values(
+    path: Path, key: str, cfg: Config, layout: Layout, meta: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """This rank's tensor-parallel shard of ``key`` (fp32 master, exp_avg, exp_avg_sq) of every parameter of its
+    pipeline stage, by local name, from the checkpoint's partitions of every rank."""
+    ckpt = TrainCheckpoint(path, source=key)
+    view = HFView(ckpt.get, ckpt.cfg, vocab_size=ckpt.vocab_size, tensor=ckpt.tensor, pipeline=ckpt.pipeline)
+    out = dict(
+        (name, t.clone())
+        for name, t in iter_mcore_rank(
+            view.__getitem__, cfg.model, vocab_size=int(meta["vocab_size"]), tensor=layout.tp,
+            pipeline=layout.pp, tp_rank=layout.tp_rank, pp_rank=layout.pp_rank,
+        )
+    )  # fmt: skip
+    ckpt.release()
+    return out
+
+
+def _model_states(path: Path) -> Path:
+    from gatedpo_mega.formats import DEEPSPEED_DIR, DEEPSPEED_TAG
+
+    folder = path / DEEPSPEED_DIR / DEEPSPEED_TAG
+    files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    return files[0]
+
+
+def _saved_step(path: Path) -> torch.Tensor:
+    """Adam's step count (a tensor, as torch keeps it), from rank 0's optimizer states."""
+    from gatedpo_mega.formats import DEEPSPEED_DIR, DEEPSPEED_TAG
+
+    folder = path / DEEPSPEED_DIR / DEEPSPEED_TAG
+    sd = torch.load(sorted(folder.glob("*zero_pp_rank_0_mp_rank_00_optim_states.pt"))[0], map_location="cpu",
+                    weights_only=False)["optimizer_state_dict"]  # fmt: skip
+    inner = sd["base_optimizer_state" if "base_optimizer_state" in sd else "optimizer_state_dict"]["state"]
+    return torch.as_tensor(next(iter(inner.values()))["step"]).clone()
+
+
+def _offset(view: torch.Tensor, flat: torch.Tensor) -> int:
+    """Where ``view`` (a view into ``flat``, as DeepSpeed lays parameters out) starts in ``flat``, in elements."""
+    offset, rest = divmod(view.data_ptr() - flat.data_ptr(), flat.element_size())
+    if rest or not 0 <= offset <= flat.numel() - view.numel():
+        raise RuntimeError("a parameter is not a view into its ZeRO flat buffer")
+    return offset
+
+
+def _write_flat(
+    inner: Any, flats: list[torch.Tensor], groups: list[list[torch.Tensor]], parts: list[torch.Tensor],
+    names: dict[Any, str], values: dict[str, dict[str, torch.Tensor]], step: torch.Tensor, layout: Layout,
+) -> None:  # fmt: skip
+    """ZeRO 1/2 and BF16_Optimizer: each group's parameters are views into one flat buffer, cut into equal
+    contiguous data-parallel partitions; this rank's fp32 partition is ``parts[g]``, Adam's state keyed by it."""
+    for flat, params, part in zip(flats, groups, parts, strict=True):
+        whole = {key: torch.zeros(flat.numel(), dtype=torch.float32) for key in STATES}
+        for p in params:
+            at, name = _offset(p.data, flat), names[p]
+            for key in STATES:
+                whole[key][at : at + p.numel()] = values[key][name].reshape(-1)
+            p.data.copy_(values["fp32"][name].view_as(p))  # replicated over data-parallel ranks: all of it
+        lo, size = layout.dp_rank * part.numel(), part.numel()
+        part.data.copy_(whole["fp32"][lo : lo + size])
+        inner.state[part] = {"step": step.clone(), **{k: whole[k][lo : lo + size].clone() for k in MOMENTS}}
+
+
+def _write_stage3(
+    opt: Any,
+    names: dict[Any, str],
+    values: dict[str, dict[str, torch.Tensor]],
+    step: torch.Tensor,
+    layout: Layout,
+) -> None:
+    """ZeRO 3: every parameter is cut on its own into data-parallel pieces of ``ds_tensor.numel()`` elements (the
+    last padded); each sub-group's pieces are views into one flat buffer, its fp32 copy and Adam's state alike."""
+    for params, flat, fp32 in zip(
+        opt.fp16_groups, opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat, strict=True
+    ):
+        state = {key: torch.zeros_like(fp32) for key in MOMENTS}
+        for p in params:
+            piece, name = p.ds_tensor, names[p]
+            n, at = piece.numel(), _offset(piece, flat)
+            for key in STATES:
+                full = values[key][name].reshape(-1)
+                padded = torch.cat([full, full.new_zeros(n * layout.dp - full.numel())])
+                mine = padded[layout.dp_rank * n : (layout.dp_rank + 1) * n]
+                if key == "fp32":
+                    fp32.data[at : at + n] = mine
+                    piece.data.copy_(mine.to(piece.dtype))
+                else:
+                    state[key][at : at + n] = mine
+        opt.optimizer.state[fp32] = {"step": step.clone(), **state}
