@@ -91,7 +91,7 @@ class TrainCheckpoint:
                 f"{self.path}: ZeRO 3 partitions the module weights; read the fp32 master weights instead"
             )
         self._optim_prefix = self._find_optim_prefix() if source != "module" else None
-        if source in MOMENTS and self._optim_prefix != "zero_pp_rank_":
+        if source in MOMENTS and self._optim_prefix is None:
             raise CheckpointFormatError(
                 f"{self.path}: the optimizer's {source} is read from ZeRO 1-3 checkpoints; this one has zero_stage "
                 f"{self.zero_stage}"

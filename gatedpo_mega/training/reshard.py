@@ -22,12 +22,20 @@ from typing import Any
 import torch
 
 from gatedpo_mega.config import Config
+from gatedpo_mega.convert.errors import ConvertError
 from gatedpo_mega.convert.mapping import HFView, iter_mcore_rank
 from gatedpo_mega.convert.train_checkpoint import MOMENTS, TrainCheckpoint
 from gatedpo_mega.errors import UserError
 from gatedpo_mega.megatron.parallel import Layout
 
 STATES = ("fp32", *MOMENTS)
+
+
+class ReshardError(UserError):
+    """A checkpoint whose state cannot be resharded; every rank finds it alike (said once)."""
+
+    every_rank = True
+
 LAYOUT_KEYS = ("tensor", "pipeline", "data", "zero_stage")
 
 
@@ -47,11 +55,14 @@ def reshard_refusal(saved: dict[str, Any], mine: dict[str, Any], cfg: Config) ->
 
 def load_resharded(path: Path, engine: Any, cfg: Config, layout: Layout, meta: dict[str, Any]) -> None:
     """Write the checkpoint ``path``'s model and optimizer state into ``engine`` at this run's ``layout``."""
-    values = {key: _local_values(path, key, cfg, layout, meta) for key in STATES}
+    try:
+        values = {key: _local_values(path, key, cfg, layout, meta) for key in STATES}
+    except ConvertError as e:
+        raise ReshardError(f"cannot resume at another layout: {e}") from None
     names = {p: n for n, p in engine.module.named_parameters()}
     missing = sorted(set(names.values()) - set(values["fp32"]))
     if missing:
-        raise UserError(f"checkpoint {path} has no tensor for this run's parameter {missing[0]}")
+        raise ReshardError(f"checkpoint {path} has no tensor for this run's parameter {missing[0]}")
     saved = torch.load(_model_states(path), map_location="cpu", weights_only=False)
     step = _saved_step(path)
     opt = engine.optimizer
