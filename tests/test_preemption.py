@@ -86,6 +86,17 @@ def _wait_for_rows(out: Path, n: int, proc: subprocess.Popen) -> None:
     raise AssertionError(f"the run did not log {n} rows (exit {proc.poll()})")
 
 
+def _holder(out: Path) -> dict:
+    """The lock's record, once the run that takes it has written it."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            return dict(json.loads((out / LOCK_NAME).read_text()))
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.02)
+    raise AssertionError(f"no lock in {out}")
+
+
 def test_sigkill_mid_training_then_resume_takes_over_the_stale_lock(args, uninterrupted, tmp_path):
     out = tmp_path / "killed"
     proc = _start(args, out)
@@ -94,7 +105,7 @@ def test_sigkill_mid_training_then_resume_takes_over_the_stale_lock(args, uninte
     proc.communicate()
     killed_at = _rows(out)[-1]["step"]
     assert 4 <= killed_at < 10, "the run was not interrupted mid-training"
-    holder = json.loads((out / LOCK_NAME).read_text())
+    holder = _holder(out)
     assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname()  # left behind, stale
 
     resumed = gatedpo(2, *args, f"train.output_dir={out}", "--resume")
@@ -144,14 +155,10 @@ def test_sigterm_to_the_launcher_saves_while_a_second_run_on_the_folder_is_refus
 ):
     out = tmp_path / "preempted"
     proc = _start(args, out)
-    deadline = time.monotonic() + 60
-    while not (out / LOCK_NAME).exists() and time.monotonic() < deadline:  # taken before any rank starts
-        time.sleep(0.02)
+    holder = _holder(out)  # taken before any rank starts
     second = here(*args, f"train.output_dir={out}", "train.seed=7", "objective.beta=0.5")
     assert second.returncode == 2
-    started = time.strftime(
-        "%Y-%m-%d %H:%M:%S", time.localtime(json.loads((out / LOCK_NAME).read_text())["since"])
-    )
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["since"]))
     assert _lines("error", second.stderr) == [
         f"gatedpo: error: {out} is in use by another run (host {socket.gethostname()}, pid {proc.pid}, started "
         f"{started}); wait for it to end, stop it, or choose another train.output_dir (its lock: {out / LOCK_NAME})"
