@@ -36,6 +36,7 @@ class ReshardError(UserError):
 
     every_rank = True
 
+
 LAYOUT_KEYS = ("tensor", "pipeline", "data", "zero_stage")
 
 
