@@ -1,8 +1,10 @@
 """Fault injection: kill runs, damage checkpoints, fill the disk, corrupt data files, try hostile config values and
-non-finite training, and count how each case ends.
+non-finite training, signal runs, start two runs on one folder, resume at other layouts, and count how each case
+ends.
 
     python tools/faults.py --json faults.json            # every row at its full size
     python tools/faults.py --quick --json faults.json    # scaled down: 2 kills, 2 damage types, 20 data files, ...
+    python tools/faults.py --rows signals,two-runs,layouts  # some rows only
 
 Each case is judged from outside, as a user would see it: the exit code, the ``gatedpo: error:`` and
 ``gatedpo: warning:`` lines on stderr (a traceback anywhere is a failure), ``metrics.jsonl`` against an
@@ -144,10 +146,11 @@ def gatedpo(
     cwd: Path | None = None,
     preexec: Callable[[], None] | None = None,
     until: Callable[[float], bool] | None = None,
+    poke: Callable[[float, subprocess.Popen[bytes]], None] | None = None,
     timeout: float = 900.0,
 ) -> Result:
     """``gatedpo ARGS`` in a new session; with ``until(seconds since start)``, the whole process group is killed
-    with SIGKILL as soon as it returns true."""
+    with SIGKILL as soon as it returns true; ``poke(seconds, process)`` is called while it runs (to signal it)."""
     start = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
@@ -157,6 +160,8 @@ def gatedpo(
         killed = timed_out = False
         while proc.poll() is None:
             elapsed = time.monotonic() - start
+            if poke is not None:
+                poke(elapsed, proc)
             if until is not None and until(elapsed):
                 killed = True
             elif elapsed > timeout:
@@ -164,7 +169,7 @@ def gatedpo(
             if killed or timed_out:
                 _kill_group(proc)
                 break
-            time.sleep(0.002 if until is not None else 0.05)
+            time.sleep(0.002 if until is not None or poke is not None else 0.05)
         seconds = time.monotonic() - start
         out.seek(0)
         err.seek(0)
@@ -263,12 +268,15 @@ def step_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step-{step:08d}"
 
 
-def checkpoints_problem(out: Path) -> str | None:
-    """Every checkpoint of the finished run is there, verifies, and no partial folder is left."""
+def checkpoints_problem(out: Path, extra: int | None = None) -> str | None:
+    """Every checkpoint of the finished run is there (and one of step ``extra``, saved on a signal), verifies, and
+    no partial folder is left."""
     from gatedpo_mega.training.checkpoint import verify
 
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    expected = [f"step-{s:08d}" for s in range(2, STEPS + 1, 2)]
+    expected = sorted(
+        {f"step-{s:08d}" for s in range(2, STEPS + 1, 2)} | ({f"step-{extra:08d}"} if extra else set())
+    )
     if names != expected:
         return f"checkpoints/ holds {', '.join(names)}; expected {', '.join(expected)}"
     for name in names:
@@ -1060,6 +1068,194 @@ def _train_config(work: Work, i: int, overrides: list[str]) -> Case:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# 8. Signals: the run saves and stops
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _signaller(mode: str, rng: random.Random, out: Path) -> tuple[str, Callable[[float, Any], None]]:
+    """When and to whom: after a random number of metrics rows, SIGTERM to the launcher, SIGUSR1 to one rank, or
+    SIGTERM twice (the second while the checkpoint is written); or SIGTERM to the launcher during start-up."""
+    rows, sent = rng.randint(2, STEPS - 1), []
+    if mode == "start-up":
+        at = rng.uniform(0.5, 4.0)
+        return (
+            f"SIGTERM to the launcher {at:.1f} s after launch",
+            lambda t, proc: None if sent or t < at else (sent.append(t), proc.send_signal(signal.SIGTERM)),
+        )
+    rank = rng.randrange(NPROC)
+
+    def poke(t: float, proc: Any) -> None:
+        if not sent and _rows_written(out) >= rows:
+            sent.append(t)
+            if mode == "rank":
+                ranks = _children(proc.pid)
+                os.kill(ranks[rank] if rank < len(ranks) else proc.pid, signal.SIGUSR1)
+            else:
+                proc.send_signal(signal.SIGTERM)
+        elif mode == "twice" and len(sent) == 1 and any(out.glob("checkpoints/.tmp-*")):
+            sent.append(t)
+            proc.send_signal(signal.SIGTERM)
+
+    what = {"launcher": "SIGTERM to the launcher", "rank": f"SIGUSR1 to rank {rank}",
+            "twice": "SIGTERM to the launcher, again during the save"}[mode]  # fmt: skip
+    return f"{what} after {rows} metrics rows", poke
+
+
+def signals(work: Work, count: int) -> Row:
+    row = Row(
+        "signals", f"a signal to a {NPROC}-process run (tensor 2): it saves and stops; then train.resume=auto"
+    )
+    rng = random.Random(f"{work.seed}-signals")
+    for i in range(count):
+        mode = ("launcher", "rank", "twice", "start-up")[i % 4]
+        out = work.root / f"signal-{i:02d}"
+        moment, poke = _signaller(mode, rng, out)
+        stopped = gatedpo(train_args(work, out), poke=poke)
+        name = f"signal {i + 1}"
+        said = re.findall(r"gatedpo: preempted: [^\r\n]*", stopped.stderr)
+        at = re.search(r"stopped after step (\d+) of", said[0]) if said else None
+        step = int(at.group(1)) if at else None
+        if stopped.rc == 0:
+            state = f"{moment}: the run ended before the signal took effect"
+        elif stopped.rc != 75 or len(said) != 1 or has_traceback(stopped.stderr) or errors(stopped.stderr):
+            detail = f"{moment}: exit {stopped.rc}: {exception_line(stopped.stderr)}"
+            row.cases.append(Case(name, FAILURE, detail, 0, tail(stopped.stderr)))
+            continue
+        else:
+            state = f"{moment}: exit 75, " + (f"saved step {step}" if step else "before the first step")
+            last = max(_rows_written(out) - 1, 0)
+            if step is not None and (step != last or verify_problem(step_dir(out, step))):
+                detail = f"{state}, but {last} rows logged / {verify_problem(step_dir(out, step))}"
+                row.cases.append(Case(name, FAILURE, detail, 0, tail(stopped.stderr)))
+                continue
+        r = gatedpo(train_args(work, out, "train.resume=auto"))
+        problem = (metrics_problem(work, out) or checkpoints_problem(out, step)) if r.rc == 0 else None
+        if r.rc == 0 and problem is None and not has_traceback(r.stderr):
+            row.cases.append(Case(name, CORRECT, f"{state}; resumed from step {resumed_from(r.stdout) or 0}, "
+                                                 "metrics equal"))  # fmt: skip
+        else:
+            detail = f"{state}; resume exit {r.rc}: {problem or exception_line(r.stderr)}"
+            row.cases.append(Case(name, FAILURE, detail, 0, tail(r.stderr)))
+    return row
+
+
+def verify_problem(path: Path) -> str | None:
+    from gatedpo_mega.training.checkpoint import verify
+
+    return verify(path) if path.is_dir() else f"{path.name} is missing"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. Two runs on one output folder
+
+
+def _pair(work: Work, out: Path, delay: float) -> tuple[Result, Result | None]:
+    """The first run, and a second one (another seed and beta) started ``delay`` seconds after it, on ``out``."""
+    second: list[Result] = []
+
+    def start_second(t: float, proc: Any) -> None:
+        if not second and t >= delay:
+            second.append(gatedpo(train_args(work, out, "train.seed=7", "objective.beta=0.5"), timeout=600))
+
+    first = gatedpo(train_args(work, out), poke=start_second)
+    return first, (second[0] if second else None)
+
+
+def two_runs(work: Work, count: int) -> Row:
+    """A second run on the folder of a running one (a resubmitted job, a sweep's typo): started a random time after
+    the first, or at the same moment. One of them is refused in one line; the other's outputs are its own."""
+    row = Row("two_runs", "two runs on one output folder (the second a moment later, or both at once)")
+    rng = random.Random(f"{work.seed}-two-runs")
+    for i in range(count):
+        out = work.root / f"two-{i:02d}"
+        delay = 0.0 if i % 2 else rng.uniform(1.0, 6.0)
+        first, r2 = _pair(work, out, delay)
+        name, when = f"pair {i + 1}", ("at the same moment" if not delay else f"{delay:.1f} s later")
+        results = [("first", first), ("second", r2)] if r2 else [("first", first)]
+        refused = [
+            (who, r)
+            for who, r in results
+            if clear_refusal(r) and "is in use by another run" in errors(r.stderr)[0]
+        ]
+        ran = [(who, r) for who, r in results if r.rc == 0]
+        if len(refused) == 1 and len(ran) == 1:
+            who = ran[0][0]
+            problem = metrics_problem(work, out) if who == "first" else None
+            seed = "seed: 1234" in (out / "config.yaml").read_text()
+            if who == "first" and problem is None and seed and checkpoints_problem(out) is None:
+                detail = (
+                    f"second run {when}: {errors(refused[0][1].stderr)[0]}; the first's outputs are intact"
+                )
+                row.cases.append(Case(name, ONE_LINE, detail))
+                continue
+            if who == "second":  # the second started first: fine if its own outputs are whole
+                detail = f"second run {when} took the folder first; the other was refused in one line"
+                row.cases.append(Case(name, ONE_LINE, detail))
+                continue
+            detail = (
+                f"second run {when}: refused, but the first's outputs: {problem or 'config.yaml changed'}"
+            )
+            row.cases.append(Case(name, FAILURE, detail))
+        else:
+            codes = ", ".join(f"{who} exit {r.rc}" for who, r in results)
+            row.cases.append(Case(name, FAILURE, f"second run {when}: {codes}", 0, tail(first.stderr)))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. Resume at another layout
+
+
+LAYOUTS = [  # (processes, overrides): each differs from the reference's TP 2 x DP 1, ZeRO 1
+    (2, ["parallel.tensor=1"]),
+    (1, ["parallel.tensor=1"]),
+    (2, ["parallel.tensor=1", "parallel.zero_stage=2"]),
+    (2, ["parallel.tensor=1", "parallel.zero_stage=3"]),
+    (2, ["parallel.tensor=1", "parallel.pipeline=2"]),
+    (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+]
+
+
+def other_layouts(work: Work, count: int) -> Row:
+    """The reference run's checkpoint of a random step, resumed at another layout: the losses and gradient norms
+    of the remaining steps against the uninterrupted run's (relative 1e-5: another layout sums in another order)."""
+    row = Row("layouts", "--resume at another layout (TP, PP, DP, ZeRO stage; 1 to 4 processes)")
+    rng = random.Random(f"{work.seed}-layouts")
+    assert work.ref_rows is not None
+    for i in range(count):
+        nproc, layout = LAYOUTS[i % len(LAYOUTS)]
+        upto = 2 * rng.randint(1, STEPS // 2 - 1)
+        out = copy_run(work, work.root / f"layout-{i:02d}", upto=upto)
+        args = train_args(work, out, "--resume", *layout)
+        args[args.index("--nproc") + 1] = str(nproc)
+        r = gatedpo(args)
+        name, what = f"layout {i + 1}", f"step {upto} at {nproc} processes, {' '.join(layout)}"
+        rows = metrics(out)
+        if r.rc != 0 or rows is None or has_traceback(r.stderr):
+            outcome = ONE_LINE if clear_refusal(r) else FAILURE
+            row.cases.append(
+                Case(name, outcome, f"{what}: exit {r.rc}: {exception_line(r.stderr)}", 0, tail(r.stderr))
+            )
+            continue
+        worst = max(
+            abs(b[k] - a[k]) / max(abs(a[k]), 1e-6)
+            for a, b in zip(work.ref_rows[upto + 1 :], rows[upto + 1 :], strict=True)
+            for k in ("loss", "grad_norm")
+        )
+        said = re.search(r"at another layout \(([^)]*)\)", r.stdout)
+        detail = f"{what} ({said.group(1) if said else 'no layout change said'}): largest relative difference {worst:.1e}"
+        ok = worst <= 1e-5 and len(rows) == len(work.ref_rows) and said is not None
+        row.cases.append(Case(name, CORRECT if ok else FAILURE, detail, worst))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # 6. Non-finite values in training
 
 NON_FINITE = (["train.lr=1e6", "train.grad_clip=0"], ["objective.beta=1e38"])
@@ -1133,6 +1329,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-files", type=int, help="corrupted data files (default 250; quick 20)")
     p.add_argument("--config-cases", type=int, help="hostile config cases (default 400; quick 60)")
     p.add_argument("--config-runs", type=int, help="accepted configs trained 2 steps (default 10; quick 2)")
+    # tests/test_preemption.py covers signals, two runs and other layouts case by case: none of them in --quick.
+    p.add_argument("--signals", type=int, help="signalled runs (default 8; quick 0)")
+    p.add_argument("--pairs", type=int, help="pairs of runs on one folder (default 4; quick 0)")
+    p.add_argument("--layouts", type=int, help="resumes at another layout (default 6; quick 0)")
+    p.add_argument(
+        "--rows",
+        help="only these rows, comma-separated: kills, damage, fsize, tmpfs, data, config, non-finite, signals, "
+        "two-runs, layouts",
+    )
     p.add_argument("--hh", type=Path, default=HH, help=f"the HH-RLHF sample (default {HH})")
     p.add_argument("--workdir", type=Path, help="folder for the runs (default: a new temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (kept anyway when a case fails)")
@@ -1142,6 +1347,9 @@ def main(argv: list[str] | None = None) -> int:
     data_files = args.data_files if args.data_files is not None else (20 if q else 250)
     config_cases = args.config_cases if args.config_cases is not None else (60 if q else 400)
     config_runs = args.config_runs if args.config_runs is not None else (2 if q else 10)
+    signal_count = args.signals if args.signals is not None else (0 if q else 8)
+    pair_count = args.pairs if args.pairs is not None else (0 if q else 4)
+    layout_count = args.layouts if args.layouts is not None else (0 if q else 6)
     damage = list(DAMAGE)[:2] if q else list(DAMAGE)
     limits = [100_000] if q else [300_000, 100_000, 10_000]
     free_kib = [200] if q else [200, 600, 1000]
@@ -1152,7 +1360,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     rows: list[Row] = []
 
-    def step(produce: Callable[[], Row | tuple[Row, ...]]) -> None:
+    only = set(args.rows.split(",")) if args.rows else None
+
+    def step(produce: Callable[[], Row | tuple[Row, ...]], key: str) -> None:
+        if only is not None and key not in only:
+            return
         t0 = time.monotonic()
         made = produce()
         for row in made if isinstance(made, tuple) else (made,):
@@ -1168,13 +1380,19 @@ def main(argv: list[str] | None = None) -> int:
         f"in {root}",
         flush=True,
     )
-    step(lambda: kills(work, kill_count))
-    step(lambda: damaged(work, damage))
-    step(lambda: file_size_limits(work, limits))
-    step(lambda: full_tmpfs(work, free_kib))
-    step(lambda: corrupted_data(work, data_files, args.hh))
-    step(lambda: config_fuzz(work, config_cases, config_runs))
-    step(lambda: non_finite(work))
+    step(lambda: kills(work, kill_count), "kills")
+    step(lambda: damaged(work, damage), "damage")
+    step(lambda: file_size_limits(work, limits), "fsize")
+    step(lambda: full_tmpfs(work, free_kib), "tmpfs")
+    step(lambda: corrupted_data(work, data_files, args.hh), "data")
+    step(lambda: config_fuzz(work, config_cases, config_runs), "config")
+    step(lambda: non_finite(work), "non-finite")
+    if signal_count:
+        step(lambda: signals(work, signal_count), "signals")
+    if pair_count:
+        step(lambda: two_runs(work, pair_count), "two-runs")
+    if layout_count:
+        step(lambda: other_layouts(work, layout_count), "layouts")
     seconds = time.monotonic() - started
 
     print()

@@ -29,7 +29,7 @@ from gatedpo_mega.errors import NonFiniteError, UserError, describe_os_error
 from gatedpo_mega.megatron.parallel import validate_layout
 from gatedpo_mega.training.checkpoint import check_resume
 from gatedpo_mega.training.cluster import launcher_env
-from gatedpo_mega.training.preemption import PREEMPTED, ForwardingWatch, Preempted
+from gatedpo_mega.training.preemption import PREEMPTED, ForwardingWatch, Preempted, SignalWatch
 from gatedpo_mega.training.preflight import preflight, resolve_hub_ids
 from gatedpo_mega.training.run_lock import release_all, run_lock
 
@@ -152,12 +152,14 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> int:
         # descheduled peer (tensor parallelism on CPU ran 17x slower with the default thread count).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     rank = int(os.environ.get("RANK", "0"))
+    # From here a signal is recorded, not fatal: one during start-up stops the run after its first step.
+    watch = SignalWatch(cfg.train.save_on_signal).__enter__()
     try:
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             timeout = datetime.timedelta(minutes=cfg.train.collective_timeout_minutes)
             _init_process_group(backend, timeout)
-        train(cfg, make_data or make_run_data)
+        train(cfg, make_data or make_run_data, watch)
         dist.barrier()  # every rank done with its last collective before any tears its connections down
         return 0
     except Exception as e:
@@ -171,6 +173,7 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> int:
             os._exit(code)
         return code
     finally:
+        watch.__exit__()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -304,16 +307,25 @@ def _start(cfg: Config, world: int, make_data: Any, *, under_launcher: bool, qui
         ctx.Process(target=_worker, args=(r, world, port, cfg, make_data), name=f"rank{r}")
         for r in range(world)
     ]
-    for p in procs:
-        p.start()
     # ``kill <this process>`` (a scheduler's signal to the job's first process) reaches every rank, which saves.
-    with ForwardingWatch(cfg.train.save_on_signal, [p.pid for p in procs if p.pid is not None]):
+    with ForwardingWatch(cfg.train.save_on_signal, pids := []) as watch:
+        for p in procs:
+            p.start()
+            pids.append(p.pid)
+        if watch.received is not None:  # before every rank was started: pass it on to all of them
+            watch.forward(watch.received)
         failure = _wait(procs)
     if failure is None:
         return 0
     r, code = failure
-    if code == PREEMPTED and all(p.exitcode == PREEMPTED for p in procs):
-        return PREEMPTED  # rank 0 said which step was saved
+    if watch.received is not None and all(p.exitcode in (PREEMPTED, -watch.received) for p in procs):
+        if all(p.exitcode != PREEMPTED for p in procs):  # every rank ended before its handler was in place
+            print(
+                f"gatedpo: preempted: {watch.received.name} during start-up, before the first step: nothing to "
+                "save; the run starts again from its latest checkpoint with --resume (train.resume=auto)",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+        return PREEMPTED  # else rank 0 said which step was saved
     print(
         f"gatedpo: rank {r} failed (exit {code}); the other ranks were stopped", file=sys.stderr, flush=True
     )

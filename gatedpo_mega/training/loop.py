@@ -36,15 +36,17 @@ from gatedpo_mega.training.reference import Reference
 from gatedpo_mega.training.step import train_step
 
 
-def train(cfg: Config, make_data: Any) -> list[dict[str, Any]]:
+def train(cfg: Config, make_data: Any, watch: SignalWatch | None = None) -> list[dict[str, Any]]:
     """Run ``cfg`` on the initialised default process group. ``make_data(cfg, layout) -> RunData``.
 
     Returns the per-step metrics of this invocation (on every rank: they are broadcast from the rank that
-    computes them). A signal of ``train.save_on_signal`` from here on stops the run after the step it is in, with a
-    checkpoint of that step (``Preempted``).
+    computes them). A signal of ``train.save_on_signal`` that ``watch`` records (by default: one from here on)
+    stops the run after the step it is in, with a checkpoint of that step (``Preempted``).
     """
-    with SignalWatch(cfg.train.save_on_signal) as watch:
+    if watch is not None:
         return _train(cfg, make_data, watch)
+    with SignalWatch(cfg.train.save_on_signal) as own:
+        return _train(cfg, make_data, own)
 
 
 def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ class SignalWatch:
         if self.received is None:
             self.received = signal.Signals(signum)
 
-    def __enter__(self) -> SignalWatch:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -72,12 +72,15 @@ class ForwardingWatch(SignalWatch):
     """For a launching process: passes each signal it records on to ``pids`` (the ranks it started), so that
     ``kill <launcher>`` reaches every rank."""
 
-    def __init__(self, names: list[str] | tuple[str, ...], pids: list[int]) -> None:
+    def __init__(self, names: list[str] | tuple[str, ...], pids: list[int | None]) -> None:
         super().__init__(names)
         self.pids = pids
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         super()._handle(signum, frame)
-        for pid in self.pids:
+        self.forward(signal.Signals(signum))
+
+    def forward(self, sig: signal.Signals) -> None:
+        for pid in [p for p in self.pids if p is not None]:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, sig)
