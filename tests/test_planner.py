@@ -205,16 +205,20 @@ def test_bad_arguments_are_one_line():
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_predicted_peak_is_within_15_percent_of_the_measured_one(tmp_path):
-    """3 shapes x 3 layouts of 2 CPU processes (TP, PP with the unfused output layer, ZeRO 2 and 3; fp32 and bf16;
-    the fused objective): tools/plan_check.py, which trains each 2 steps."""
+    """6 of tools/plan_check.py's 3 shapes x 3 layouts of 2 CPU processes, each shape at two layouts and each layout
+    kind (TP, PP with the unfused output layer, data-parallel under ZeRO 2 or 3) on two shapes, fp32 and bf16, the
+    fused objective; each trains 2 steps. (The script runs all 9 for docs/planning.md.)"""
     out = tmp_path / "rows.json"
+    picked = ["wide-fp32/TP2-Z1", "wide-fp32/DP2-Z3", "deep-bf16/PP2-Z0-unfused", "deep-bf16/DP2-Z2",
+              "vocab-32k/TP2-Z1-fused-objective", "vocab-32k/PP2-Z1-unfused"]  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/plan_check.py"), "--json", str(out), "--out", str(tmp_path / "runs")],
+        [sys.executable, str(ROOT / "tools/plan_check.py"), "--json", str(out), "--out", str(tmp_path / "runs"),
+         "--only", *picked],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert out.exists(), proc.stdout + proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert len(rows) == 9
+    assert [r["case"] for r in rows] == picked
     bad = [r for r in rows if abs(r["error"]) > 0.15]
     assert not bad, proc.stdout
     assert proc.returncode == 0, proc.stdout

@@ -6,7 +6,8 @@ resident memory of the busiest rank (``memory/peak_mib_max_rank`` in metrics.jso
 
 Prints one row per case (predicted, measured, error) and exits 1 when a case is off by more than 15%.
 ``--size ci`` (3 shapes x 3 layouts, 50-80M parameters: a rank's tensors are 1-3x the process baseline) is what
-tests/test_planner.py runs; ``large`` doubles the width.
+the README's figure comes from; tests/test_planner.py runs 6 of its cases (each shape at two layouts, each layout
+kind on two shapes); ``large`` doubles the width.
 """
 
 from __future__ import annotations

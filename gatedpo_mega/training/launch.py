@@ -8,6 +8,7 @@ failed first, not the ones it took down with it. Only an unexpected error (a bug
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -164,6 +165,11 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> int:
         return 0
     except Exception as e:
         code = _report(rank, cfg, e)
+        if code == PREEMPTED:
+            # Every rank leaves after rank 0 has said what was saved (srun --kill-on-bad-exit stops the step when
+            # the first rank exits non-zero).
+            with contextlib.suppress(Exception):
+                dist.barrier()
         if code == PEER_STOPPED:
             # Tearing down a group whose peer vanished can abort the process in gloo's threads ("terminate called
             # without an active exception", exit -6), which the launcher would take for this rank's own failure.

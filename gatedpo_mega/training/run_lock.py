@@ -81,8 +81,11 @@ class RunLock:
         self.token = secrets.token_hex(8)
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._made: list[Path] = []
 
     def acquire(self) -> None:
+        # The folders made here go again at release when the run left nothing in them (a refused run leaves none).
+        self._made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             if self._create():
@@ -174,6 +177,11 @@ class RunLock:
         holder, _ = self._read()
         if holder and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)
+        for folder in self._made:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run's outputs), or gone
+                break
 
 
 @contextlib.contextmanager
