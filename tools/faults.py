@@ -1123,6 +1123,10 @@ def signals(work: Work, count: int) -> Row:
         step = int(at.group(1)) if at else None
         if stopped.rc == 0:
             state = f"{moment}: the run ended before the signal took effect"
+        elif stopped.rc == -signal.SIGTERM and not (out / "metrics.jsonl").exists():
+            state = (
+                f"{moment}: ended by it while Python was still importing (no handler yet), nothing written"
+            )
         elif stopped.rc != 75 or len(said) != 1 or has_traceback(stopped.stderr) or errors(stopped.stderr):
             detail = f"{moment}: exit {stopped.rc}: {exception_line(stopped.stderr)}"
             row.cases.append(Case(name, FAILURE, detail, 0, tail(stopped.stderr)))

@@ -141,7 +141,7 @@ def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-def _run_this_process(cfg: Config, make_data: Any = None) -> int:
+def _run_this_process(cfg: Config, make_data: Any = None, watch: SignalWatch | None = None) -> int:
     """Train on this process in the default group (joined here unless already joined); returns the exit code,
     having printed the reason for a non-zero one before the group is torn down."""
     from gatedpo_mega.training.data import make_run_data
@@ -154,7 +154,8 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     rank = int(os.environ.get("RANK", "0"))
     # From here a signal is recorded, not fatal: one during start-up stops the run after its first step.
-    watch = SignalWatch(cfg.train.save_on_signal).__enter__()
+    own = watch is None
+    watch = watch or SignalWatch(cfg.train.save_on_signal).__enter__()
     try:
         if not dist.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -179,7 +180,8 @@ def _run_this_process(cfg: Config, make_data: Any = None) -> int:
             os._exit(code)
         return code
     finally:
-        watch.__exit__()
+        if own:
+            watch.__exit__()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -273,7 +275,16 @@ def launch(
 ) -> int:
     """Run ``cfg`` to the end; returns the exit code. ``make_data(cfg, layout) -> RunData`` replaces the data
     pipeline (a module-level function: it is pickled into the processes). ``notes``: lines about the config
-    (``load_run_config``'s), printed with the summary by the launching process only."""
+    (``load_run_config``'s), printed with the summary by the launching process only. A signal of
+    ``train.save_on_signal`` is recorded from here on: the run saves after the step it is in, or, before any rank
+    started, stops there (exit 75)."""
+    with SignalWatch(cfg.train.save_on_signal) as watch:
+        return _launch(cfg, nproc, make_data, watch, quiet=quiet, notes=notes)
+
+
+def _launch(
+    cfg: Config, nproc: int | None, make_data: Any, watch: SignalWatch, *, quiet: bool, notes: Sequence[str]
+) -> int:
     os.environ.update(launcher_env(os.environ))  # a task of srun: SLURM's variables as torch's (cluster.py)
     under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if under_launcher else (nproc or 1)
@@ -282,29 +293,37 @@ def launch(
     # receive the resolved config.
     cfg, hub_notes = resolve_hub_ids(cfg, data=make_data is None)
     if under_launcher and int(os.environ["RANK"]) != 0:
-        return _run_this_process(cfg, make_data)
+        return _run_this_process(cfg, make_data, watch)
     # The output folder is this run's until it ends (under a launcher: rank 0 holds it); refusals come before any
     # process starts (under a launcher: by rank 0 only, before the group forms).
     with run_lock(cfg.train.output_dir):
         check_resume(cfg, world)
         preflight(cfg, data=make_data is None)
-        return _start(cfg, world, make_data, under_launcher=under_launcher, quiet=quiet,
-                      lines=summary(cfg, world, hub_notes, notes))  # fmt: skip
+        lines = summary(cfg, world, hub_notes, notes)
+        if under_launcher:
+            print(lines, flush=True)
+            return _run_this_process(cfg, make_data, watch)
+        if not quiet:
+            print(lines, flush=True)
+        if watch.received is not None and world > 1:
+            print(
+                f"gatedpo: preempted: {watch.received.name} during start-up, before any rank started: nothing to "
+                "save; --resume (train.resume=auto) starts the run again from its latest checkpoint",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            return PREEMPTED
+        return _start(cfg, world, make_data, watch)
 
 
-def _start(cfg: Config, world: int, make_data: Any, *, under_launcher: bool, quiet: bool, lines: str) -> int:
-    """Run the ranks: this process's under a launcher or at world 1, else ``world`` local processes."""
-    if under_launcher:
-        print(lines, flush=True)
-        return _run_this_process(cfg, make_data)
-    if not quiet:
-        print(lines, flush=True)
+def _start(cfg: Config, world: int, make_data: Any, early: SignalWatch) -> int:
+    """Run the ranks here: this process at world 1, else ``world`` local processes, to which a signal is passed
+    on (``early``: the launching process's watch, which may record one while they are being started)."""
     port = _free_port()
     if world == 1:
         saved = dict(os.environ)  # in this process: leave no RANK/WORLD_SIZE behind for a later launch
         try:
             os.environ.update(_local_env(0, 1, port))
-            return _run_this_process(cfg, make_data)
+            return _run_this_process(cfg, make_data, early)
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -318,17 +337,19 @@ def _start(cfg: Config, world: int, make_data: Any, *, under_launcher: bool, qui
         for p in procs:
             p.start()
             pids.append(p.pid)
-        if watch.received is not None:  # before every rank was started: pass it on to all of them
-            watch.forward(watch.received)
+        received = watch.received or early.received
+        if received is not None:  # while the ranks were being started: pass it on to all of them
+            watch.forward(received)
         failure = _wait(procs)
+    received = watch.received or early.received
     if failure is None:
         return 0
     r, code = failure
-    if watch.received is not None and all(p.exitcode in (PREEMPTED, -watch.received) for p in procs):
+    if received is not None and all(p.exitcode in (PREEMPTED, -received) for p in procs):
         if all(p.exitcode != PREEMPTED for p in procs):  # every rank ended before its handler was in place
             print(
-                f"gatedpo: preempted: {watch.received.name} during start-up, before the first step: nothing to "
-                "save; the run starts again from its latest checkpoint with --resume (train.resume=auto)",
+                f"gatedpo: preempted: {received.name} during start-up, before the first step: nothing to save; "
+                "--resume (train.resume=auto) starts the run again from its latest checkpoint",
                 file=sys.stderr, flush=True,
             )  # fmt: skip
         return PREEMPTED  # else rank 0 said which step was saved
