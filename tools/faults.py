@@ -1071,11 +1071,19 @@ def _train_config(work: Work, i: int, overrides: list[str]) -> Case:
 # 8. Signals: the run saves and stops
 
 
-def _children(pid: int) -> list[int]:
+def _ranks(pid: int) -> list[int]:
+    """The rank processes the launcher ``pid`` started (multiprocessing's spawned children, not its resource
+    tracker), in the order they were started."""
     try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+    ranks = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                ranks.append(child)
+    return ranks
 
 
 def _signaller(mode: str, rng: random.Random, out: Path) -> tuple[str, Callable[[float, Any], None]]:
@@ -1094,7 +1102,7 @@ def _signaller(mode: str, rng: random.Random, out: Path) -> tuple[str, Callable[
         if not sent and _rows_written(out) >= rows:
             sent.append(t)
             if mode == "rank":
-                ranks = _children(proc.pid)
+                ranks = _ranks(proc.pid)
                 os.kill(ranks[rank] if rank < len(ranks) else proc.pid, signal.SIGUSR1)
             else:
                 proc.send_signal(signal.SIGTERM)
