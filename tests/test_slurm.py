@@ -1,6 +1,7 @@
 """Ranks started by SLURM give the numbers of ``gatedpo train --nproc 4``: four processes with the environment srun
 sets (always), and under a real one-node cluster (``tools/slurm_local.sh``): ``srun -n 4``, and
-``launcher/slurm.sbatch`` in both of its modes, the srun one requeued mid-run and resumed."""
+``launcher/slurm.sbatch`` in both of its modes, the srun one preempted mid-run (its warning signal), requeued and
+resumed."""
 
 import json
 import os
@@ -227,11 +228,11 @@ def test_sbatch_torchrun_mode(slurm, work, reference):
     assert "[rank0]:no checkpoint in" in node_log.read_text()  # one file per node, lines prefixed by rank
 
 
-def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
+def test_sbatch_srun_mode_preempted_mid_run_saves_requeues_and_resumes(slurm, work, reference):
     out = work / "sbatch-srun"
     job = _sbatch(slurm, work, "srun", out)
     deadline = time.monotonic() + 300
-    while not (out / "checkpoints" / "step-00000002").exists():  # the first checkpoint: requeue now
+    while not (out / "checkpoints" / "step-00000002").exists():  # the first checkpoint: preempt now
         show = subprocess.run(
             ["scontrol", "show", "job", job], capture_output=True, text=True, env=slurm
         ).stdout
@@ -241,22 +242,22 @@ def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
             "RUNNING",
         ), show
         time.sleep(0.05)
-    # Requeued held, released once the node has finished the first run: a requeued job the scheduler starts again
-    # at once can reach slurmd while it still holds the job as killed ("Job 3 already killed, do not launch batch
-    # job": FAILED 1:0 with nothing in its log). Production requeues wait out a BeginTime delay for the same reason.
-    subprocess.run(["scontrol", "requeuehold", job], check=True, env=slurm, timeout=60)
-    while "JobState=PENDING" not in (show := subprocess.run(["scontrol", "show", "job", job], capture_output=True,
-                                                            text=True, env=slurm).stdout):  # fmt: skip
+    # What --signal=B:USR1@180 sends before the time limit: the script passes it on to the ranks, they save at the
+    # end of their step and exit 75, and the script requeues the job.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, env=slurm, timeout=60)
+    while "Restarts=1" not in (show := subprocess.run(["scontrol", "show", "job", job], capture_output=True,
+                                                      text=True, env=slurm).stdout) or "JobState=PENDING" not in show:  # fmt: skip
         assert time.monotonic() < deadline and "JobState=COMPLETED" not in show, show
         time.sleep(0.1)
+    # A requeued job the scheduler starts again at once can reach slurmd while it still holds the job as killed
+    # ("Job 3 already killed, do not launch batch job": FAILED 1:0 with nothing in its log); production requeues
+    # wait out a BeginTime delay (~2 minutes) for the same reason. Here: once the node is idle, start it now.
     while (state := subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
                                    env=slurm).stdout.split()) != ["idle"]:  # fmt: skip
         assert time.monotonic() < deadline, f"the node did not become idle after the requeue: {state}"
         time.sleep(0.2)
     time.sleep(2)
-    # A requeued job also waits ~2 minutes before it may start again (its BeginTime): start it now.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=slurm, timeout=60)
-    subprocess.run(["scontrol", "release", job], check=True, env=slurm, timeout=60)
     show = _wait_for_end(slurm, job, restarts=1, timeout=600)
     logs = work / "logs-srun"
     ranks = [logs / f"gatedpo-srun-{job}-{r}.out" for r in range(WORLD)]
@@ -265,8 +266,13 @@ def test_sbatch_srun_mode_requeued_mid_run_resumes(slurm, work, reference):
     assert _rows(out) == reference
     batch = (logs / f"gatedpo-srun-{job}.out").read_text()
     assert "(restart 0)" in batch and "(restart 1)" in batch  # one log, appended by the second start
+    assert f"gatedpo: job {job} preempted (step exit " in batch and "): requeued" in batch
     rank0 = ranks[0].read_text()
     assert f"no checkpoint in {out}/checkpoints: starting at step 0" in rank0
+    saved = re.search(r"gatedpo: preempted: SIGUSR1 received: stopped after step (\d+) of 6, checkpoint (\S+) "
+                      r"written and verified", rank0)  # fmt: skip
+    assert saved and 2 <= int(saved.group(1)) < STEPS, rank0[-3000:]
+    assert saved.group(2) == str(out / "checkpoints" / f"step-{int(saved.group(1)):08d}")
     resumed = re.search(r"resumed from \S+ \(step (\d+)\)", rank0)
-    assert resumed and int(resumed.group(1)) < STEPS, "the job ended before it was requeued"
+    assert resumed and resumed.group(1) == saved.group(1)
     assert all(p.exists() for p in ranks)
