@@ -131,7 +131,7 @@ def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, An
             saved = None
             if (t.save_every and step % t.save_every == 0) or (last and t.save_final):
                 saved = save(step)
-            stop = agreed(watch) if t.save_on_signal and not last else None
+            stop = agreed(watch, device) if t.save_on_signal and not last else None
             if stop is not None:
                 preempt(stop, step, saved or save(step))
         backend.save_final(engine, layout)

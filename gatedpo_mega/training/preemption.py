@@ -58,11 +58,11 @@ class SignalWatch:
         self._previous.clear()
 
 
-def agreed(watch: SignalWatch) -> str | None:
+def agreed(watch: SignalWatch, device: torch.device) -> str | None:
     """Collective over the default group: the name of a signal some rank received (the lowest-numbered one when
-    several did), or None. Every rank gets the same answer."""
+    several did), or None. Every rank gets the same answer. ``device``: the backend's (NCCL needs CUDA tensors)."""
     mine = int(watch.received) if watch.received is not None else 0
-    flag = torch.tensor([mine if mine else 1 << 30], dtype=torch.int64)
+    flag = torch.tensor([mine if mine else 1 << 30], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     value = int(flag.item())
     return None if value == 1 << 30 else signal.Signals(value).name

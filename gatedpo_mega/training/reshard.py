@@ -148,7 +148,11 @@ def _write_flat(
             p.data.copy_(values["fp32"][name].view_as(p))  # replicated over data-parallel ranks: all of it
         lo, size = layout.dp_rank * part.numel(), part.numel()
         part.data.copy_(whole["fp32"][lo : lo + size])
-        inner.state[part] = {"step": step.clone(), **{k: whole[k][lo : lo + size].clone() for k in MOMENTS}}
+        moments = {k: whole[k][lo : lo + size].to(part.device, copy=True) for k in MOMENTS}
+        inner.state[part] = {
+            "step": step.clone(),
+            **moments,
+        }  # torch keeps a non-fused Adam's step on the CPU
 
 
 def _write_stage3(
