@@ -181,8 +181,8 @@ class TrainConfig:
     save_on_signal: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
     def __post_init__(self) -> None:
-        self.report_to = _report_to(self.report_to)
-        self.save_on_signal = _signal_names(self.save_on_signal)
+        self.report_to = _choices("train.report_to", self.report_to, REPORT_TO, "tracker")
+        self.save_on_signal = _choices("train.save_on_signal", self.save_on_signal, SIGNALS, "signal")
         for name in ("max_steps", "micro_batch_size", "global_batch_size", "reference_batch_size"):
             positive(f"train.{name}", getattr(self, name))
         for name in ("save_every", "keep_checkpoints", "eval_every", "eval_max_pairs"):
@@ -215,32 +215,20 @@ class TrainConfig:
             )
 
 
-def _report_to(names: list[str]) -> list[str]:
-    """``train.report_to`` without repeats; ``[none]`` is the empty list."""
+def _choices(key: str, names: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
+    """A list option of ``allowed`` names (``what`` each is) without repeats; ``[none]`` is the empty list."""
     if "none" in names:
         if len(names) > 1:
-            raise ValueError(f"train.report_to={names}: none names no tracker and goes alone")
+            raise ValueError(f"{key}={names}: none names no {what} and goes alone")
         return []
     for name in names:
-        if name not in REPORT_TO:
-            raise ValueError(f"train.report_to: {name!r} is not one of {', '.join(REPORT_TO)} (or none)")
+        if name not in allowed:
+            raise ValueError(f"{key}: {name!r} is not one of {', '.join(allowed)} (or none)")
     return list(dict.fromkeys(names))
 
 
 # The signals a scheduler sends before it stops a job (SLURM's --signal, Kubernetes and spot instances: SIGTERM).
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
-
-
-def _signal_names(names: list[str]) -> list[str]:
-    """``train.save_on_signal`` without repeats, each a signal a job may be sent before it is stopped."""
-    if "none" in names:
-        if len(names) > 1:
-            raise ValueError(f"train.save_on_signal={names}: none names no signal and goes alone")
-        return []
-    for name in names:
-        if name not in SIGNALS:
-            raise ValueError(f"train.save_on_signal: {name!r} is not one of {', '.join(SIGNALS)} (or none)")
-    return list(dict.fromkeys(names))
 
 
 @dataclass(kw_only=True, slots=True)

@@ -16,6 +16,7 @@ the transformers backend (its tensors are not megatron-core's).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,30 +56,31 @@ def reshard_refusal(saved: dict[str, Any], mine: dict[str, Any], cfg: Config) ->
 
 
 def load_resharded(path: Path, engine: Any, cfg: Config, layout: Layout, meta: dict[str, Any]) -> None:
-    """Write the checkpoint ``path``'s model and optimizer state into ``engine`` at this run's ``layout``."""
-    try:
-        values = {key: _local_values(path, key, cfg, layout, meta) for key in STATES}
-    except ConvertError as e:
-        raise ReshardError(f"cannot resume at another layout: {e}") from None
+    """Write the checkpoint ``path``'s model and optimizer state into ``engine`` at this run's ``layout``.
+
+    One parameter at a time: a rank holds the whole (TP-shard) tensor of one parameter and the memory-mapped pages
+    of the files it reads, never a second copy of its model or optimizer state."""
     names = {p: n for n, p in engine.module.named_parameters()}
-    missing = sorted(set(names.values()) - set(values["fp32"]))
-    if missing:
-        raise ReshardError(f"checkpoint {path} has no tensor for this run's parameter {missing[0]}")
-    saved = torch.load(_model_states(path), map_location="cpu", weights_only=False)
-    step = _saved_step(path)
     opt = engine.optimizer
     if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO 3
-        _write_stage3(opt, names, values, step, layout)
-    else:
-        if hasattr(opt, "bf16_groups"):  # DeepSpeed's BF16_Optimizer (bf16 at ZeRO 1)
-            flats, groups, parts = opt.bf16_groups_flat, opt.bf16_groups, opt.fp32_groups_flat_partition
-        else:  # ZeRO 1 and 2
-            flats, groups, parts = (
-                opt.bit16_groups_flat,
-                opt.bit16_groups,
-                opt.single_partition_of_fp32_groups,
-            )
-        _write_flat(opt.optimizer, flats, groups, parts, names, values, step, layout)
+        target: _Target = _Stage3(opt, names, layout)
+    elif hasattr(opt, "bf16_groups"):  # DeepSpeed's BF16_Optimizer (bf16 at ZeRO 1)
+        target = _Flat(opt.optimizer, opt.bf16_groups_flat, opt.bf16_groups, opt.fp32_groups_flat_partition,
+                       names, layout)  # fmt: skip
+    else:  # ZeRO 1 and 2
+        target = _Flat(opt.optimizer, opt.bit16_groups_flat, opt.bit16_groups, opt.single_partition_of_fp32_groups,
+                       names, layout)  # fmt: skip
+    try:
+        for key in STATES:
+            for name, shard in _local_shards(path, key, cfg, layout, meta):
+                target.put(name, key, shard)
+    except ConvertError as e:
+        raise ReshardError(f"cannot resume at another layout: {e}") from None
+    missing = sorted(set(names.values()) - target.written)
+    if missing:
+        raise ReshardError(f"checkpoint {path} has no tensor for this run's parameter {missing[0]}")
+    target.finish(_saved_step(path))
+    saved = torch.load(_model_states(path), map_location="cpu", weights_only=False)
     scheduler = engine.lr_scheduler
     scheduler.load_state_dict(saved["lr_scheduler"])
     for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
@@ -88,22 +90,18 @@ def load_resharded(path: Path, engine: Any, cfg: Config, layout: Layout, meta: d
     engine.skipped_steps = saved.get("skipped_steps", 0)
 
 
-def _local_values(
+def _local_shards(
     path: Path, key: str, cfg: Config, layout: Layout, meta: dict[str, Any]
-) -> dict[str, torch.Tensor]:
-    """This rank's tensor-parallel shard of ``key`` (fp32 master, exp_avg, exp_avg_sq) of every parameter of its
-    pipeline stage, by local name, from the checkpoint's partitions of every rank."""
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """This rank's tensor-parallel shard of ``key`` (fp32 master, exp_avg, exp_avg_sq) of each parameter of its
+    pipeline stage, by local name, one at a time, from the checkpoint's partitions of every rank."""
     ckpt = TrainCheckpoint(path, source=key)
     view = HFView(ckpt.get, ckpt.cfg, vocab_size=ckpt.vocab_size, tensor=ckpt.tensor, pipeline=ckpt.pipeline)
-    out = dict(
-        (name, t.clone())
-        for name, t in iter_mcore_rank(
-            view.__getitem__, cfg.model, vocab_size=int(meta["vocab_size"]), tensor=layout.tp,
-            pipeline=layout.pp, tp_rank=layout.tp_rank, pp_rank=layout.pp_rank,
-        )
+    yield from iter_mcore_rank(
+        view.__getitem__, cfg.model, vocab_size=int(meta["vocab_size"]), tensor=layout.tp,
+        pipeline=layout.pp, tp_rank=layout.tp_rank, pp_rank=layout.pp_rank,
     )  # fmt: skip
     ckpt.release()
-    return out
 
 
 def _model_states(path: Path) -> Path:
@@ -133,51 +131,84 @@ def _offset(view: torch.Tensor, flat: torch.Tensor) -> int:
     return offset
 
 
-def _write_flat(
-    inner: Any, flats: list[torch.Tensor], groups: list[list[torch.Tensor]], parts: list[torch.Tensor],
-    names: dict[Any, str], values: dict[str, dict[str, torch.Tensor]], step: torch.Tensor, layout: Layout,
-) -> None:  # fmt: skip
+class _Target:
+    """Where this rank's engine keeps each parameter's fp32 master, moments and weights."""
+
+    written: set[str]
+
+    def put(self, name: str, key: str, full: torch.Tensor) -> None:
+        """``full``: this rank's TP shard of parameter ``name``'s ``key``, whole over data parallelism."""
+        raise NotImplementedError
+
+    def finish(self, step: torch.Tensor) -> None:
+        """Adam's state in place, with ``step`` (torch keeps a non-fused Adam's step on the CPU)."""
+        raise NotImplementedError
+
+
+class _Flat(_Target):
     """ZeRO 1/2 and BF16_Optimizer: each group's parameters are views into one flat buffer, cut into equal
     contiguous data-parallel partitions; this rank's fp32 partition is ``parts[g]``, Adam's state keyed by it."""
-    for flat, params, part in zip(flats, groups, parts, strict=True):
-        whole = {key: torch.zeros(flat.numel(), dtype=torch.float32) for key in STATES}
-        for p in params:
-            at, name = _offset(p.data, flat), names[p]
-            for key in STATES:
-                whole[key][at : at + p.numel()] = values[key][name].reshape(-1)
-            p.data.copy_(values["fp32"][name].view_as(p))  # replicated over data-parallel ranks: all of it
-        lo, size = layout.dp_rank * part.numel(), part.numel()
-        part.data.copy_(whole["fp32"][lo : lo + size])
-        moments = {k: whole[k][lo : lo + size].to(part.device, copy=True) for k in MOMENTS}
-        inner.state[part] = {
-            "step": step.clone(),
-            **moments,
-        }  # torch keeps a non-fused Adam's step on the CPU
+
+    def __init__(
+        self, inner: Any, flats: list[torch.Tensor], groups: list[list[torch.Tensor]], parts: list[torch.Tensor],
+        names: dict[Any, str], layout: Layout,
+    ) -> None:  # fmt: skip
+        self.inner, self.parts, self.written = inner, parts, set()
+        self.moments = [{k: torch.zeros_like(part) for k in MOMENTS} for part in parts]
+        self.where: dict[
+            str, tuple[int, int, Any]
+        ] = {}  # name -> (group, offset in its flat buffer, parameter)
+        for g, (flat, params) in enumerate(zip(flats, groups, strict=True)):
+            for p in params:
+                self.where[names[p]] = (g, _offset(p.data, flat), p)
+        self.dp_rank = layout.dp_rank
+
+    def put(self, name: str, key: str, full: torch.Tensor) -> None:
+        g, at, p = self.where[name]
+        part = self.parts[g]
+        size = part.numel()
+        lo, hi = max(at, self.dp_rank * size), min(at + p.numel(), (self.dp_rank + 1) * size)
+        dest = part.data if key == "fp32" else self.moments[g][key]
+        if lo < hi:
+            dest[lo - self.dp_rank * size : hi - self.dp_rank * size] = full.reshape(-1)[lo - at : hi - at]
+        if key == "fp32":
+            p.data.copy_(full.view_as(p))  # the weights are replicated over data-parallel ranks: all of it
+            self.written.add(name)
+
+    def finish(self, step: torch.Tensor) -> None:
+        for part, moments in zip(self.parts, self.moments, strict=True):
+            self.inner.state[part] = {"step": step.clone(), **moments}
 
 
-def _write_stage3(
-    opt: Any,
-    names: dict[Any, str],
-    values: dict[str, dict[str, torch.Tensor]],
-    step: torch.Tensor,
-    layout: Layout,
-) -> None:
+class _Stage3(_Target):
     """ZeRO 3: every parameter is cut on its own into data-parallel pieces of ``ds_tensor.numel()`` elements (the
     last padded); each sub-group's pieces are views into one flat buffer, its fp32 copy and Adam's state alike."""
-    for params, flat, fp32 in zip(
-        opt.fp16_groups, opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat, strict=True
-    ):
-        state = {key: torch.zeros_like(fp32) for key in MOMENTS}
-        for p in params:
-            piece, name = p.ds_tensor, names[p]
-            n, at = piece.numel(), _offset(piece, flat)
-            for key in STATES:
-                full = values[key][name].reshape(-1)
-                padded = torch.cat([full, full.new_zeros(n * layout.dp - full.numel())])
-                mine = padded[layout.dp_rank * n : (layout.dp_rank + 1) * n]
-                if key == "fp32":
-                    fp32.data[at : at + n] = mine
-                    piece.data.copy_(mine.to(piece.dtype))
-                else:
-                    state[key][at : at + n] = mine
-        opt.optimizer.state[fp32] = {"step": step.clone(), **state}
+
+    def __init__(self, opt: Any, names: dict[Any, str], layout: Layout) -> None:
+        self.opt, self.layout, self.written = opt, layout, set()
+        self.fp32 = opt.fp32_partitioned_groups_flat
+        self.moments = [{k: torch.zeros_like(f) for k in MOMENTS} for f in self.fp32]
+        self.where: dict[
+            str, tuple[int, int, Any]
+        ] = {}  # name -> (sub-group, offset of its piece, parameter)
+        for i, (params, flat) in enumerate(
+            zip(opt.fp16_groups, opt.fp16_partitioned_groups_flat, strict=True)
+        ):
+            for p in params:
+                self.where[names[p]] = (i, _offset(p.ds_tensor, flat), p)
+
+    def put(self, name: str, key: str, full: torch.Tensor) -> None:
+        i, at, p = self.where[name]
+        n, rank, dp = p.ds_tensor.numel(), self.layout.dp_rank, self.layout.dp
+        flat = full.reshape(-1)
+        mine = torch.cat([flat, flat.new_zeros(n * dp - flat.numel())])[rank * n : (rank + 1) * n]
+        if key == "fp32":
+            self.fp32[i].data[at : at + n] = mine
+            p.ds_tensor.data.copy_(mine.to(p.ds_tensor.dtype))
+            self.written.add(name)
+        else:
+            self.moments[i][key][at : at + n] = mine
+
+    def finish(self, step: torch.Tensor) -> None:
+        for fp32, moments in zip(self.fp32, self.moments, strict=True):
+            self.opt.optimizer.state[fp32] = {"step": step.clone(), **moments}
