@@ -30,8 +30,8 @@ from gatedpo_mega.training.checkpoint import (
 from gatedpo_mega.training.data import RunData
 from gatedpo_mega.training.evaluation import evaluate
 from gatedpo_mega.training.initial_weights import source_hf_config
-from gatedpo_mega.training.metrics_log import MetricsLog, step_record
-from gatedpo_mega.training.preemption import Preempted, SignalWatch, agreed
+from gatedpo_mega.training.metrics_log import MetricsLog, peak_memory_mib, step_record
+from gatedpo_mega.training.preemption import Preempted, SignalWatch, at_step_end
 from gatedpo_mega.training.reference import Reference
 from gatedpo_mega.training.step import train_step
 
@@ -122,7 +122,9 @@ def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, An
             t0 = time.perf_counter()
             reference.prepare(ctx, batches)
             sums = train_step(engine, backend, layout, ctx, batches)
-            record = step_record(step, sums, batches, engine, layout, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            peak_mib, stop = at_step_end(watch, peak_memory_mib(), device)
+            record = step_record(step, sums, batches, engine, layout, seconds, peak_mib=peak_mib)
             last = step == t.max_steps
             if evaluating and (step % t.eval_every == 0 or last):
                 record |= evaluate(backend, engine.module, layout, ctx, reference, data, device)
@@ -131,8 +133,7 @@ def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, An
             saved = None
             if (t.save_every and step % t.save_every == 0) or (last and t.save_final):
                 saved = save(step)
-            stop = agreed(watch, device) if t.save_on_signal and not last else None
-            if stop is not None:
+            if stop is not None and not last:  # with its evaluation and checkpoint, as an uninterrupted step
                 preempt(stop, step, saved or save(step))
         backend.save_final(engine, layout)
     except BaseException:

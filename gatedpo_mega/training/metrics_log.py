@@ -99,10 +99,19 @@ def kept_records(path: Path, start_step: int) -> list[str]:
     return kept
 
 
+def peak_memory_mib() -> float:
+    """This process's peak memory so far: device memory on GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def step_record(
-    step: int, sums: list[Any], batches: list[PreferenceBatch], engine: Any, layout: Layout, seconds: float
-) -> dict[str, Any]:
-    """Reduce the metrics over the data-parallel group and bring them to every rank."""
+    step: int, sums: list[Any], batches: list[PreferenceBatch], engine: Any, layout: Layout, seconds: float,
+    *, peak_mib: float,
+) -> dict[str, Any]:  # fmt: skip
+    """Reduce the metrics over the data-parallel group and bring them to every rank. ``peak_mib``: the busiest
+    rank's peak memory (reduced by the caller, with the step's other max over every rank)."""
     metrics = reduce_metric_sums(sums, layout.dp_group) if layout.last_stage else {}
     device = batches[0].input_ids.device  # collectives on the backend's device (NCCL needs CUDA tensors)
     # Tokens the model ran on (padding included) and real tokens (padding excluded): the pipeline's throughput, and
@@ -115,14 +124,6 @@ def step_record(
     payload = [metrics]
     if layout.pp > 1:
         dist.broadcast_object_list(payload, src=layout.logger_rank)
-    # Peak memory of the busiest rank: device memory on GPU, resident set size on CPU.
-    if torch.cuda.is_available():
-        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**20], dtype=torch.float64, device="cuda")
-    else:
-        peak = torch.tensor(
-            [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=device
-        )
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     norm = engine.get_global_grad_norm()
     record = {"step": step, **payload[0]}
     record["grad_norm"] = float(norm) if norm is not None else float("nan")
@@ -131,5 +132,5 @@ def step_record(
     record["real_tokens_per_second"] = float(tokens[1]) / max(seconds, 1e-9)
     record["padding_fraction"] = 1.0 - float(tokens[1]) / float(tokens[0])
     record["step_seconds"] = seconds
-    record["memory/peak_mib_max_rank"] = float(peak)
+    record["memory/peak_mib_max_rank"] = peak_mib
     return record

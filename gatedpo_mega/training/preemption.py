@@ -2,8 +2,9 @@
 
 A scheduler that takes the nodes back (SLURM's ``--signal``, Kubernetes, spot instances) sends SIGTERM or SIGUSR1
 some time before it kills the job. A handler here only records the signal; the loop finishes the step it is in,
-and after every step all ranks agree on whether any of them received one (``agreed``: one all-reduce of one
-number), so a signal delivered to a single rank stops all of them at the same step. The loop then writes a whole
+and after every step all ranks agree on whether any of them received one (``at_step_end``: in the all-reduce that
+already brings the busiest rank's peak memory to the step's record), so a signal delivered to a single rank stops
+all of them at the same step. The loop then writes a whole
 checkpoint of that step, verifies it, and every rank exits with ``PREEMPTED`` (75, ``EX_TEMPFAIL``: "try again"),
 which a requeueing job script tells apart from a failure. A second signal during the save is recorded and
 ignored: the checkpoint is written whole or, if the process is killed first, not at all (``checkpoint.py``).
@@ -58,14 +59,16 @@ class SignalWatch:
         self._previous.clear()
 
 
-def agreed(watch: SignalWatch, device: torch.device) -> str | None:
-    """Collective over the default group: the name of a signal some rank received (the lowest-numbered one when
-    several did), or None. Every rank gets the same answer. ``device``: the backend's (NCCL needs CUDA tensors)."""
-    mine = int(watch.received) if watch.received is not None else 0
-    flag = torch.tensor([mine if mine else 1 << 30], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    value = int(flag.item())
-    return None if value == 1 << 30 else signal.Signals(value).name
+def at_step_end(watch: SignalWatch, peak_mib: float, device: torch.device) -> tuple[float, str | None]:
+    """Collective over the default group, once per step: the busiest rank's peak memory (``peak_mib`` is this
+    rank's) and the name of a signal some rank received (None: none; the highest-numbered when several did). One
+    all-reduce for both, so that watching for signals adds no collective to a step. Every rank gets the same
+    answer. ``device``: the backend's (NCCL needs CUDA tensors)."""
+    mine = float(watch.received) if watch.received is not None else 0.0
+    values = torch.tensor([peak_mib, mine], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    peak, code = float(values[0]), int(values[1])
+    return peak, (signal.Signals(code).name if code else None)
 
 
 class ForwardingWatch(SignalWatch):
