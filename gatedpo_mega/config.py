@@ -52,6 +52,48 @@ class ParallelConfig:
             )
 
 
+# The linear layers LoRA can adapt, by their Hugging Face names (megatron-core fuses q/k/v into linear_qkv and
+# gate/up into linear_fc1; gatedpo_mega/megatron/lora.py keeps one adapter per name inside the fused layer).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(kw_only=True, slots=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA) on the decoder's linear layers, with the base model frozen: each targeted
+    ``W x`` becomes ``W x + (alpha / rank) B A dropout(x)``, ``A`` [rank, in] and ``B`` [out, rank] (zero at the
+    start, so the first step's policy is the base). rank 0: off, every parameter is trained."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on each adapter's input only (the base and the reference see no dropout)
+    # Hugging Face names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) or all-linear (all seven)
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self) -> None:
+        positive("model.lora.rank", self.rank, allow_zero=True)
+        positive("model.lora.alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.lora.dropout={self.dropout} must be in [0, 1)")
+        names = list(self.target_modules)
+        not_empty("model.lora.target_modules", names)
+        if "all-linear" in names:
+            names = [n for n in names if n != "all-linear"] + list(LORA_TARGETS)
+        for name in names:
+            if name not in LORA_TARGETS:
+                raise ValueError(
+                    f"model.lora.target_modules: {name!r} is not one of {', '.join(LORA_TARGETS)} (or all-linear)"
+                )
+        self.target_modules = [n for n in LORA_TARGETS if n in names]  # one spelling: the canonical order
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     """A Llama-family decoder (RMSNorm, SwiGLU, rotary embeddings, grouped-query attention)."""
@@ -90,6 +132,11 @@ class ModelConfig:
     # where not written, and an mcore folder's or checkpoint's make_vocab_size_divisible_by (its embedding is padded).
     init_from: str = ""
     backend: str = "megatron"  # megatron | transformers (a Hugging Face causal LM from init_from, under ZeRO)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to start the adapters from,
+    # instead of A random and B zero; its rank, alpha and targets fill model.lora's (a written one must agree).
+    # The reference is then the starting policy: the base with this adapter, frozen.
+    init_adapter: str = ""
 
     def __post_init__(self) -> None:
         for name in (
@@ -131,6 +178,11 @@ class ModelConfig:
             )
         if self.backend == "transformers" and not self.init_from:
             raise ValueError("model.backend=transformers needs model.init_from: a Hugging Face model folder")
+        if self.init_adapter and not self.lora.enabled:
+            raise ValueError(
+                f"model.init_adapter={self.init_adapter!r} starts LoRA adapters: set model.lora.rank (or let "
+                "gatedpo train read it from the adapter's adapter_config.json)"
+            )
 
     @property
     def kv_channels(self) -> int:
@@ -159,9 +211,9 @@ class TrainConfig:
         0  # steps between evaluations (hash split, data.eval_sets) (0: none; also after the last step)
     )
     eval_max_pairs: int = 0  # evaluate on the first N pairs of each evaluation set (0: all)
-    reference: str = (
-        "precomputed"  # precomputed | live (a frozen copy of the initial model, forward per step)
-    )
+    # precomputed (once, from the initial weights) | live (a forward per step: a frozen copy of the initial model;
+    # with LoRA the policy itself with its adapters off, no copy) | auto (live with LoRA, precomputed otherwise)
+    reference: str = "auto"
     collective_timeout_minutes: float = 30.0  # a rank stuck in a collective this long fails the run
     lr: float = 1e-3
     min_lr: float = 1e-4  # cosine decay floor
@@ -187,7 +239,7 @@ class TrainConfig:
             positive(f"train.{name}", getattr(self, name))
         for name in ("save_every", "keep_checkpoints", "eval_every", "eval_max_pairs"):
             positive(f"train.{name}", getattr(self, name), allow_zero=True)
-        choice("train.reference", self.reference, ("precomputed", "live"))
+        choice("train.reference", self.reference, ("auto", "precomputed", "live"))
         if isinstance(self.resume, str) and self.resume != "auto":
             raise ValueError(f"train.resume must be true, false or auto; got {self.resume!r}")
         valid_seed("train.seed", self.seed)
@@ -242,6 +294,9 @@ class Config:
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
 
     def __post_init__(self) -> None:
+        if self.train.reference == "auto":
+            lora_live = self.model.lora.enabled and self.objective.name not in SFT_OBJECTIVES
+            self.train.reference = "live" if lora_live else "precomputed"
         if self.objective.name in SFT_OBJECTIVES and self.gate.enabled:
             raise ValueError(
                 f"gate.shape={self.gate.shape}: the gate attenuates preference gradients on rejected responses; "

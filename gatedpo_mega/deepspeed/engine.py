@@ -112,7 +112,8 @@ def build_engine(
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        if p.requires_grad:  # with LoRA: the adapters only (the base is frozen)
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

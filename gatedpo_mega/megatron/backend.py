@@ -17,6 +17,7 @@ import torch.distributed as dist
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.loss import LossContext, OutputRequest, output_request
 from gatedpo_mega.megatron.attention import SDPAttention
+from gatedpo_mega.megatron.lora import add_adapters, freeze_initial
 from gatedpo_mega.megatron.model import StageInfo, build_model
 from gatedpo_mega.megatron.output import set_output_request
 from gatedpo_mega.megatron.parallel import Layout
@@ -98,7 +99,20 @@ class MegatronBackend:
             from gatedpo_mega.training.initial_weights import load_initial_weights
 
             load_initial_weights(model, cfg, layout, vocab_size)
-        return model.to(device)
+        if cfg.model.lora.enabled:  # the base frozen, adapters on its linears (megatron/lora.py)
+            stage = stage_info(cfg, layout)
+            add_adapters(
+                model, cfg.model, layer_offset=stage.layer_offset, tp_group=layout.tp_group,
+                tp_rank=layout.tp_rank, tp_size=layout.tp, seed=cfg.train.seed,
+            )  # fmt: skip
+            if cfg.model.init_adapter:
+                from gatedpo_mega.convert.peft import load_peft_adapter
+
+                load_peft_adapter(model, cfg.model, stage.layer_offset, layout.tp_rank, layout.tp)
+        model = model.to(device)
+        if cfg.model.init_adapter:
+            freeze_initial(model)  # the starting policy, the reference of this run
+        return model
 
     def forward(self, model: torch.nn.Module, batch: PreferenceBatch, request: OutputRequest) -> torch.Tensor:
         return model_forward(model, batch, request)

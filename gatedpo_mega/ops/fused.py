@@ -76,8 +76,13 @@ class _FusedLogprobs(torch.autograd.Function):
         start, valid, chunk = ctx.meta
         g = grad_logp.to(lse.dtype).masked_fill(targets == IGNORE_INDEX, 0.0)
         grad_hidden = torch.zeros_like(hidden)
-        # Half-precision weights accumulate their gradient over chunks in float32.
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype(weight.dtype), device=weight.device)
+        # Half-precision weights accumulate their gradient over chunks in float32; a frozen weight (LoRA) has none.
+        want_weight = ctx.needs_input_grad[1]
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=acc_dtype(weight.dtype), device=weight.device)
+            if want_weight
+            else None
+        )
         n = targets.shape[0]
         w = weight[:valid]
         buf = torch.empty((min(chunk, n), max(valid, 1)), dtype=lse.dtype, device=hidden.device)
@@ -89,11 +94,14 @@ class _FusedLogprobs(torch.autograd.Function):
             )
             dz = dz.to(hidden.dtype)
             grad_hidden[sl] = dz @ w
+            if grad_weight is None:
+                continue
             if grad_weight.dtype == dz.dtype:
                 grad_weight[:valid].addmm_(dz.t(), h)  # in place: no [V, H] temporary
             else:  # half precision: a bf16/fp16 matmul (fast), accumulated over chunks in float32
                 grad_weight[:valid] += dz.t() @ h
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None, None
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def fused_token_logprobs(
@@ -158,7 +166,10 @@ class _FusedPairLoss(torch.autograd.Function):
         losses = torch.empty(b, dtype=acc, device=hidden.device)
         stats = [torch.zeros(rows, t, dtype=acc, device=hidden.device) for _ in range(3)]
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        # A frozen output layer (LoRA) needs no weight gradient: matmul 3 is skipped.
+        grad_weight = (
+            torch.zeros(weight.shape, dtype=acc, device=weight.device) if weight.requires_grad else None
+        )
         w = weight[:valid]
         for i in range(0, b, pairs_per_chunk):
             pairs = slice(i, min(i + pairs_per_chunk, b))
@@ -183,8 +194,9 @@ class _FusedPairLoss(torch.autograd.Function):
             dz = shard_logit_grad(logits, tgt, lse, g.reshape(-1).masked_fill(~keep, 0.0), start, valid)
             dz = dz.to(hidden.dtype)
             grad_hidden[idx] = (dz @ w).view(-1, t, h_dim)  # matmul 2 of 3
-            grad_weight[:valid].addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3
-        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype)]  # see scaled_stored_grads
+            if grad_weight is not None:
+                grad_weight[:valid].addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3
+        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None]
         logp_all, logp_max_all, entropy_all = stats
         ctx.mark_non_differentiable(logp_all, logp_max_all, entropy_all)
         return losses, logp_all, logp_max_all, entropy_all
@@ -194,7 +206,9 @@ class _FusedPairLoss(torch.autograd.Function):
         return *scaled_stored_grads(ctx, grad_loss, "fused_pair_loss"), None, None, None, None, None, None
 
 
-def scaled_stored_grads(ctx: Any, grad_loss: torch.Tensor, op: str) -> tuple[torch.Tensor, torch.Tensor]:
+def scaled_stored_grads(
+    ctx: Any, grad_loss: torch.Tensor, op: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The backward of an op that computed its gradients in forward (``ctx.grads``): scale them by the incoming
     gradient of the per-pair losses, which must be the same for every pair, since the weight gradient was summed
     over pairs in forward (the mean over pairs and micro-batches gives exactly that).
@@ -207,7 +221,8 @@ def scaled_stored_grads(ctx: Any, grad_loss: torch.Tensor, op: str) -> tuple[tor
     unequal = f"{op}: the per-pair losses must be reduced with equal weights (sum or mean)"
     check_on_device(torch.all(scale == scale[0]), unequal, lambda: unequal, error=RuntimeError)
     grad_hidden.mul_(scale[0].to(grad_hidden.dtype))
-    grad_weight.mul_(scale[0].to(grad_weight.dtype))
+    if grad_weight is not None:
+        grad_weight.mul_(scale[0].to(grad_weight.dtype))
     return grad_hidden, grad_weight
 
 

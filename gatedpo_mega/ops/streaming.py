@@ -86,11 +86,15 @@ class _StreamingPairLoss(torch.autograd.Function):
         losses = torch.empty(b, dtype=acc, device=dev)
         stats = [torch.zeros(rows, t, dtype=acc, device=dev) for _ in range(3)]
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=acc, device=dev)
+        want_weight = (
+            weight.requires_grad
+        )  # a frozen output layer (LoRA): matmul 3 and its accumulators skipped
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=dev) if want_weight else None
         # Objectives of the margin alone (no NLL term) fix c_r / c_c before the pair's loss is known, so the rejected
         # row (run first) is scaled by that ratio and the chosen row added onto it: one accumulator instead of two.
         margin_only = objective.rejected_ratio is not None
-        buffers = [torch.zeros(valid, h_dim, dtype=acc, device=dev) for _ in range(1 if margin_only else 2)]
+        n_buffers = (1 if margin_only else 2) if want_weight else 0
+        buffers = [torch.zeros(valid, h_dim, dtype=acc, device=dev) for _ in range(n_buffers)]
         w = weight[:valid]
         work = workspace(min(chunk, t), valid, acc, dev)  # the chunk temporaries, reused by every chunk
         token_gate, seq_gate = objective.token_gate, objective.row_gate
@@ -106,8 +110,10 @@ class _StreamingPairLoss(torch.autograd.Function):
             sums = torch.zeros(2, dtype=acc, device=dev)
             counts = (targets[[i, b + i]] != IGNORE_INDEX).sum(-1).to(acc)
             for side, r in ((1, b + i), (0, i)) if margin_only else ((0, i), (1, b + i)):
-                buf = buffers[0] if margin_only else buffers[side]
-                if objective.rejected_ratio is not None and side == 0:  # D = ratio * D_r, then + D_c
+                buf = (buffers[0] if margin_only else buffers[side]) if want_weight else None
+                if buf is None:
+                    pass
+                elif objective.rejected_ratio is not None and side == 0:  # D = ratio * D_r, then + D_c
                     ratio = objective.rejected_ratio(counts) * row_gate(b + i)
                     buf.mul_(float(ratio))
                 else:
@@ -133,17 +139,20 @@ class _StreamingPairLoss(torch.autograd.Function):
                     dz = shard_logit_grad(logits, tgt, lse, a, start, valid, out=work[0][:rows_n, :valid])
                     dz = dz.to(hidden.dtype)
                     grad_hidden[r, sl] = dz @ w  # matmul 2 of 3 (unscaled)
-                    buf.addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3 (unscaled)
+                    if buf is not None:
+                        buf.addmm_(dz.t().to(acc), h.to(acc))  # matmul 3 of 3 (unscaled)
             loss, c_c, c_r = _pair_coefficients(i, sums, counts, objective)
             c_r = c_r * row_gate(b + i)  # one gate per rejected response (sequence granularity)
             losses[i] = loss
             grad_hidden[i].mul_(c_c.to(hidden.dtype))
             grad_hidden[b + i].mul_(c_r.to(hidden.dtype))
-            if valid and margin_only:
+            if grad_weight is None:
+                pass
+            elif valid and margin_only:
                 grad_weight[:valid].add_(buffers[0], alpha=float(c_c))
             elif valid:
                 grad_weight[:valid].add_(buffers[0], alpha=float(c_c)).add_(buffers[1], alpha=float(c_r))
-        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype)]  # see scaled_stored_grads
+        ctx.grads = [grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None]
         ctx.mark_non_differentiable(*stats)
         return losses, *stats
 

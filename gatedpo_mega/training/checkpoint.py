@@ -58,7 +58,9 @@ from gatedpo_mega.training.reshard import layout_changes, load_resharded, reshar
 
 # Besides the weights' shapes, what the saved state depends on: the padded vocabulary, the optimizer's dtype and
 # which model the engine wraps. The other model fields (fused_logprobs, init_from, ...) may differ on resume.
-RESUME_FIELDS = (*SHAPE_FIELDS, "make_vocab_size_divisible_by", "dtype", "backend")
+RESUME_FIELDS = (*SHAPE_FIELDS, "make_vocab_size_divisible_by", "dtype", "backend", "lora")
+# A LoRA checkpoint holds the adapters only: the run that resumes it must build the same base and starting adapters.
+LORA_BASE_FIELDS = ("init_from", "init_adapter")
 
 
 class CheckpointError(UserError):
@@ -282,6 +284,17 @@ def check_fits(
         raise CheckpointError(
             f"checkpoint {path} holds a model with model.{key}={saved!r}; this run has model.{key}={mine!r}"
         )
+    differs = (
+        first_difference(meta["model"], asdict(cfg.model), LORA_BASE_FIELDS)
+        if cfg.model.lora.enabled
+        else None
+    )
+    if differs:
+        key, saved, mine = differs
+        raise CheckpointError(
+            f"checkpoint {path} holds LoRA adapters of the base model.{key}={saved!r}; this run has "
+            f"model.{key}={mine!r}"
+        )
     if vocab_size is not None and meta["vocab_size"] != vocab_size:
         raise CheckpointError(
             f"checkpoint {path} holds a vocabulary of {meta['vocab_size']}; this run's is {vocab_size}"
@@ -349,7 +362,12 @@ def save_checkpoint(
     engine.checkpoint_engine = recorder
     engine._copy_recovery_script = recorder.guarded(engine._copy_recovery_script)
     try:
-        engine.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        # With LoRA the checkpoint holds the adapters and their optimizer state; the frozen base is named by
+        # model.init_from (or the seed) in config.yaml and meta.json, not copied.
+        engine.save_checkpoint(
+            str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False,
+            exclude_frozen_parameters=cfg.model.lora.enabled,
+        )  # fmt: skip
     finally:
         engine.checkpoint_engine = recorder.inner
         del engine._copy_recovery_script  # the class's method again
@@ -582,6 +600,7 @@ def load_checkpoint(
             tag=DEEPSPEED_TAG,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
+            load_module_strict=not cfg.model.lora.enabled,  # LoRA: the adapters only; the base is built
         )
         if load_path is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state under {path / DEEPSPEED_DIR}")

@@ -1,6 +1,6 @@
 """The reference log-probs: precomputed once from the initial weights (cached beside the data), or ``live``: a
 frozen copy of the initial model (same sharding, no gradients, no optimizer state) run forward on each step's
-micro-batches."""
+micro-batches; with LoRA the policy itself with its adapters switched off (or as they started), no copy."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from gatedpo_mega.config import Config
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.errors import UserError
 from gatedpo_mega.loss import LossContext, reference_loss_func
+from gatedpo_mega.megatron.lora import adapters
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.objectives import SFT_OBJECTIVES
 from gatedpo_mega.training.data import EvalData, RunData
@@ -98,6 +99,7 @@ class Reference:
     ) -> None:
         self.backend, self.layout, self.data = backend, layout, data
         self.live: torch.nn.Module | None = None
+        self.adapter_mode = "on"  # how a live reference runs LoRA adapters (megatron/lora.py ``adapters``)
         self.needed = cfg.objective.name not in SFT_OBJECTIVES
         self.train_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.eval_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # by the set's metric prefix
@@ -107,6 +109,10 @@ class Reference:
             objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, vocab_size=data.vocab_size,
             reference=None, ref_tokens=None, fused=cfg.model.fused_logprobs,
         )  # fmt: skip
+        if cfg.train.reference == "live" and cfg.model.lora.enabled:
+            # The policy itself, with its adapters off (the base) or as they started (model.init_adapter): no copy.
+            self.live, self.adapter_mode = model, "initial" if cfg.model.init_adapter else "off"
+            return
         if cfg.train.reference == "live":
             # Built again rather than copied (the model holds process groups): the same initial weights.
             self.live = backend.build(layout, data.vocab_size, device).requires_grad_(False).eval()
@@ -135,9 +141,10 @@ class Reference:
             return
         if self.live is not None:
             n = self.data.num_pairs if evals is None else evals.num_pairs
-            ctx.reference, ctx.ref_tokens = reference_pass(
-                self.backend, self.live, self.layout, self.ctx, batches, n, reduce=False
-            )
+            with adapters(self.live, self.adapter_mode):
+                ctx.reference, ctx.ref_tokens = reference_pass(
+                    self.backend, self.live, self.layout, self.ctx, batches, n, reduce=False
+                )
             return
         table = self.train_table if evals is None else self.eval_tables[evals.prefix]
         assert table is not None
