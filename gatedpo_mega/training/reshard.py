@@ -52,6 +52,8 @@ def reshard_refusal(saved: dict[str, Any], mine: dict[str, Any], cfg: Config) ->
         return "resuming at another layout needs ZeRO stage 1-3 on both sides (DeepSpeed's partitions are read and written)"
     if cfg.model.backend != "megatron":
         return "resuming at another layout needs model.backend=megatron"
+    if cfg.model.lora.enabled:
+        return "a LoRA checkpoint (adapters only) resumes at its own layout"
     return None
 
 
