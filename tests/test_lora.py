@@ -121,8 +121,10 @@ def test_lora_run_starts_at_ln2_trains_and_saves_only_adapters(baseline):
         (4, ["parallel.pipeline=2", "parallel.zero_stage=1"]),  # PP 2 x DP 2
         (4, ["parallel.tensor=2", "parallel.zero_stage=2"]),  # TP 2 x DP 2
         (2, ["parallel.zero_stage=3"]),
+        # a frozen embedding: recomputed layers still pass gradients to their adapters
+        (2, ["parallel.tensor=2", "model.recompute=full", "data.packing=true"]),
     ],
-    ids=["tp2pp2", "pp2-dp2-zero1", "tp2-dp2-zero2", "dp2-zero3"],
+    ids=["tp2pp2", "pp2-dp2-zero1", "tp2-dp2-zero2", "dp2-zero3", "tp2-recompute-packed"],
 )
 def test_lora_layouts_match_tp1(world, extra, baseline, cache, tmp_path):
     d, history = baseline

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +52,18 @@ class Site:
         1  # the fused output is [blocks x (part 0 rows, part 1 rows, ...)] (cut over TP by whole blocks)
     )
 
+    def factor_shape(self, hf: str, factor: str, rank: int) -> tuple[int, int]:
+        """The full (unsharded) shape of ``hf``'s factor ``A`` [rank, in] or ``B`` [out, rank]: PEFT's
+        ``lora_A.weight`` / ``lora_B.weight`` of that Hugging Face linear."""
+        return (rank, self.in_features) if factor == "A" else (self.out_features[self.hf.index(hf)], rank)
+
+    def cut_dim(self, factor: str) -> int | None:
+        """The dimension TP cuts ``factor`` along (contiguous pieces), or None (replicated): a column-parallel
+        layer's ``B`` along its rows (the layer's output), a row-parallel layer's ``A`` along its columns (its input)."""
+        if self.parallel == "column":
+            return 0 if factor == "B" else None
+        return 1 if factor == "A" else None
+
 
 def sites(cfg: ModelConfig) -> list[Site]:
     """The four adaptable linears of a decoder layer."""
@@ -70,6 +82,36 @@ def sites(cfg: ModelConfig) -> list[Site]:
 def adapter_param_name(layer: int, site: Site, hf: str, factor: str) -> str:
     """The global megatron-core name of an adapter factor (``factor``: A or B)."""
     return f"decoder.layers.{layer}.{site.mcore}.lora.{factor}.{hf}"
+
+
+@dataclass(frozen=True, slots=True)
+class Factor:
+    """One adapter factor of the whole model: its layer (global index), linear, Hugging Face name, A or B, full
+    shape and TP cut (``Site.cut_dim``)."""
+
+    layer: int
+    site: Site
+    hf: str
+    factor: str  # A | B
+    shape: tuple[int, int]
+    dim: int | None
+
+    @property
+    def name(self) -> str:
+        return adapter_param_name(self.layer, self.site, self.hf, self.factor)
+
+
+def adapter_factors(cfg: ModelConfig, layers: Iterable[int]) -> list[Factor]:
+    """Every factor ``cfg.lora`` gives the global ``layers``: per layer, per linear, per target, ``A`` then ``B``."""
+    targets = cfg.lora.target_modules
+    return [
+        Factor(layer, site, hf, factor, site.factor_shape(hf, factor, cfg.lora.rank), site.cut_dim(factor))
+        for layer in layers
+        for site in sites(cfg)
+        for hf in site.hf
+        if hf in targets
+        for factor in "AB"
+    ]
 
 
 ADAPTER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.lora\.([AB])\.(\w+)$")
@@ -109,15 +151,15 @@ class LoraAdapter(torch.nn.Module):
         self.initial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.A = torch.nn.ParameterDict()
         self.B = torch.nn.ParameterDict()
-        column = site.parallel == "column"
         for hf in targets:
-            out = site.out_features[site.hf.index(hf)]
-            a = torch.nn.Parameter(
-                torch.zeros(rank, site.in_features // (1 if column else tp_size), dtype=dtype)
-            )
-            b = torch.nn.Parameter(torch.zeros(out // (tp_size if column else 1), rank, dtype=dtype))
-            _mark_cut(b, 0) if column else _mark_cut(a, 1)
-            self.A[hf], self.B[hf] = a, b
+            for factor, table in (("A", self.A), ("B", self.B)):
+                shape = list(site.factor_shape(hf, factor, rank))
+                dim = site.cut_dim(factor)
+                if dim is not None:
+                    shape[dim] //= tp_size
+                table[hf] = p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+                if dim is not None:
+                    _mark_cut(p, dim)
 
     def extra_repr(self) -> str:
         return f"{self.site.parallel}, targets={self.targets}, scale={self.scale:g}"
@@ -174,6 +216,10 @@ def _add_increment(module: torch.nn.Module, args: tuple, kwargs: dict, output: t
     return out + adapter(x).to(out.dtype), bias
 
 
+def _input_needs_grad(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
+
+
 def add_adapters(
     model: torch.nn.Module,
     cfg: ModelConfig,
@@ -187,6 +233,12 @@ def add_adapters(
     """Freeze ``model`` and give each targeted linear its adapters (``model.lora``), initialised from ``seed``."""
     lora = cfg.lora
     model.requires_grad_(False)
+    embedding = getattr(model, "embedding", None)  # the first pipeline stage's
+    if embedding is not None:
+        # A frozen embedding's output needs no gradient, and then neither does a recomputed layer's output
+        # (model.recompute=full: megatron-core's checkpoint passes gradients only to inputs that require them):
+        # the adapters inside would get none. The layers' input asks for its gradient instead.
+        embedding.register_forward_hook(_input_needs_grad)
     dtype = next(model.parameters()).dtype
     by_name = {s.mcore: s for s in sites(cfg)}
     for name, module in list(model.named_modules()):
