@@ -8,7 +8,9 @@ lacks first; ``--cpu`` runs the same code at toy shapes (CI), where the CUDA tes
 bf16, DPO against precomputed reference log-probs, synthetic pairs of fixed length T (a quarter prompt, the rest
 response, no padding), ``--pairs`` pairs per step in one micro-batch. Variants: ``unfused`` (logits, then log-probs:
 ``model.fused_logprobs=false``), ``fused`` (the default fused output layer, four matmuls) and ``fused-objective``
-(``model.fused_objective=true``, three matmuls). Each (T, variant) runs in a fresh process; the step time is the
+(``model.fused_objective=true``, three matmuls) and ``lora`` (LoRA rank 16 on all seven linears, the base frozen, the
+live adapters-off reference: forward 2N, backward 2N without weight gradients, reference forward 2N, so the MFU
+formula's 6N still counts its work). Each (T, variant) runs in a fresh process; the step time is the
 median of the wall times between the starts of consecutive timed steps (the device synchronised at each start),
 after ``--warmup`` steps. Peak memory is the step record's ``memory/peak_mib_max_rank``
 (``torch.cuda.max_memory_allocated``; on CPU the process's peak RSS).
@@ -58,6 +60,13 @@ VARIANTS = {
     "unfused": ["model.fused_logprobs=false"],
     "fused": ["model.fused_logprobs=true"],
     "fused-objective": ["model.fused_logprobs=true", "model.fused_objective=true"],
+    # LoRA rank 16 on every linear, the base frozen, the reference the policy with its adapters off (live)
+    "lora": [
+        "model.fused_logprobs=true",
+        "model.lora.rank=16",
+        "model.lora.alpha=32",
+        "train.reference=live",
+    ],
 }
 OP_METHODS = ("naive-lmhead", "fused-recompute", "fused-stream", "liger-fused-dpo", "matmul-floor")
 # bf16 dense tensor-core peaks (NVIDIA's data sheets, without sparsity), by a piece of torch's device name.
@@ -144,12 +153,12 @@ def train_overrides(
 ) -> list[str]:
     shape = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in model.items()]
     return [
-        *shape, *VARIANTS[variant], "model.dtype=bf16", f"model.max_position_embeddings={seq}",
+        *shape, "model.dtype=bf16", f"model.max_position_embeddings={seq}",
         f"data.max_length={seq}", f"data.max_prompt_length={seq // 4}", "parallel.tensor=1", "parallel.pipeline=1", "parallel.zero_stage=1",
         "objective.name=dpo", "gate.shape=none", "train.reference=precomputed",
         f"train.micro_batch_size={args.pairs}", f"train.global_batch_size={args.pairs}",
         f"train.max_steps={args.warmup + args.steps + 1}", "train.save_final=false", "train.report_to=none",
-        f"train.output_dir={out}",
+        f"train.output_dir={out}", *VARIANTS[variant],
     ]  # fmt: skip
 
 
@@ -407,7 +416,10 @@ def main() -> None:
     p.add_argument("--out", help="write the report as JSON here")
     p.add_argument("--lengths", type=int, nargs="+", help="T of (b); default 2048 4096 (--cpu: 64 128)")
     p.add_argument(
-        "--variants", nargs="+", choices=sorted(VARIANTS), default=["unfused", "fused", "fused-objective"]
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=["unfused", "fused", "fused-objective", "lora"],
     )
     p.add_argument("--pairs", type=int, help="pairs per step, 2 x pairs rows of T (default 2; toy 1)")
     p.add_argument("--warmup", type=int, help="untimed training steps first (default 3; toy 1)")
