@@ -5,6 +5,11 @@ and the converters use (``families.layer_tensors``), cut by tensor parallelism a
 over pipeline stages as the backend splits them; DeepSpeed's ZeRO stages hold what their optimizers allocate
 (``docs/planning.md`` says where each term comes from). No model is built and no process group started.
 
+With LoRA (``model.lora.rank`` > 0) the base is frozen: its weights stay (in the model's dtype, cut by TP and PP,
+and by DP under ZeRO-3) but have no gradient and no optimizer state; the adapters (``megatron/lora.py``) get
+gradients, fp32 master weights and Adam's moments, sharded by ZeRO as full parameters are; a linear's input is
+kept for backward only where an adapter reads it; the live reference is the policy with its adapters off: no copy.
+
 Two targets:
 
 - ``cuda``: the allocator's peak (``torch.cuda.max_memory_allocated``), what ``memory/peak_mib_max_rank`` records on
@@ -23,6 +28,7 @@ from dataclasses import dataclass, replace
 from gatedpo_mega.config import Config, ParallelConfig
 from gatedpo_mega.errors import ConfigError, UserError
 from gatedpo_mega.families import layer_tensors
+from gatedpo_mega.megatron.lora import Site, sites
 from gatedpo_mega.ops.logprobs import DEFAULT_CHUNK_ELEMENTS
 
 MiB = 2**20
@@ -53,7 +59,8 @@ class RankPlan:
     """The memory of one pipeline stage's ranks (every tensor and data-parallel rank of a stage holds the same)."""
 
     stage: int
-    parameters: int  # on this rank (its tensor-parallel share of its stage)
+    parameters: int  # on this rank (its tensor-parallel share of its stage), LoRA adapters included
+    trained: int  # of them, those the optimizer steps: all of them, or the LoRA adapters alone
     parts: tuple[Part, ...]  # resident through the step
     backward: tuple[Part, ...]  # on top, at the end of backward: gradients, activations, output temporaries
     step: tuple[
@@ -138,6 +145,43 @@ def total_parameters(cfg: Config, vocab_size: int) -> int:
     return m.num_layers * layer_parameters(one) + m.hidden_size + table * (1 if m.tie_embeddings else 2)
 
 
+# ------------------------------------------------------------------------------------------------- LoRA
+
+
+def _lora_sites(cfg: Config) -> list[tuple[Site, list[str]]]:
+    """The adaptable linears of a layer that LoRA targets, each with its targeted Hugging Face names."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return []
+    found = [(s, [hf for hf in s.hf if hf in lora.target_modules]) for s in sites(cfg.model)]
+    return [(s, targets) for s, targets in found if targets]
+
+
+def lora_layer_tensors(cfg: Config) -> list[int]:
+    """The element counts of one layer's adapter factors on one tensor rank (``megatron/lora.py``): per targeted
+    Hugging Face linear, ``A`` [r, in] and ``B`` [out, r]; a column-parallel site (q/k/v, gate/up) keeps ``A`` whole
+    and cuts ``B``'s rows over TP, a row-parallel one (o_proj, down_proj) cuts ``A``'s columns and keeps ``B``."""
+    r, tp = cfg.model.lora.rank, cfg.parallel.tensor
+    out: list[int] = []
+    for site, targets in _lora_sites(cfg):
+        column = site.parallel == "column"
+        for hf in targets:
+            rows = site.out_features[site.hf.index(hf)]
+            out += [r * (site.in_features // (1 if column else tp)), rows // (tp if column else 1) * r]
+    return out
+
+
+def stage_adapter_parameters(cfg: Config) -> int:
+    """LoRA adapter parameters on one tensor rank of a pipeline stage (0 without LoRA)."""
+    return cfg.model.num_layers // cfg.parallel.pipeline * sum(lora_layer_tensors(cfg))
+
+
+def adapter_parameters(cfg: Config) -> int:
+    """The model's LoRA adapter parameters, counted once (what PEFT calls its trainable parameters)."""
+    one = replace(cfg, parallel=ParallelConfig(tensor=1, pipeline=1, zero_stage=cfg.parallel.zero_stage))
+    return stage_adapter_parameters(one)
+
+
 # ------------------------------------------------------------------------------------------------- activations
 
 
@@ -146,20 +190,35 @@ def rows_tokens(cfg: Config) -> int:
     return 2 * cfg.train.micro_batch_size * cfg.data.max_length
 
 
+def linear_inputs_kept(cfg: Config) -> int:
+    """Elements per token of the four linears' inputs kept for backward on one tensor rank: all of them for their
+    weight gradients; with LoRA only where an adapter reads the input (it keeps it for ``A``'s gradient): the
+    frozen base keeps none (megatron-core's ``linear_with_frozen_weight`` saves its weight alone)."""
+    tp = cfg.parallel.tensor
+    targeted = {s.mcore for s, _ in _lora_sites(cfg)}
+    return sum(
+        s.in_features // (tp if s.parallel == "row" else 1)
+        for s in sites(cfg.model)
+        if not cfg.model.lora.enabled or s.mcore in targeted
+    )
+
+
 def layer_activation_bytes(cfg: Config, tokens: int) -> int:
     """What one decoder layer keeps for backward for ``tokens`` tokens on one tensor rank (no sequence
     parallelism: the norms' inputs are whole on every tensor rank; SDPA keeps q, k, v, its output and the
-    log-sum-exp, never [T, T] scores; ``attention=local`` keeps the scores and their softmax)."""
+    log-sum-exp, never [T, T] scores; ``attention=local`` keeps the scores and their softmax). LoRA's own tensors
+    are ``adapter_activation_bytes``."""
     m, tp = cfg.model, cfg.parallel.tensor
     b = DTYPE_BYTES[m.dtype]
     h, f = m.hidden_size, m.ffn_hidden_size // tp
     q = m.num_attention_heads * m.kv_channels // tp
     kv = m.num_query_groups * m.kv_channels // tp
     per_token = (
-        4 * h  # the two norms' inputs and the two projections' (normed) inputs
+        2 * h  # the two norms' inputs
+        + linear_inputs_kept(cfg)  # the projections' inputs: normed (h, h), attention's output (q), SwiGLU's (f)
         + q + 2 * kv  # attention's q, k, v
-        + 2 * q  # attention's output, and the same as the output projection's input
-        + 2 * f + f  # [gate; up] out (SwiGLU's input) and SwiGLU's output (fc2's input)
+        + q  # attention's output
+        + 2 * f  # [gate; up] out (SwiGLU's input)
     )  # fmt: skip
     total = per_token * tokens * b
     if m.attention == "local":
@@ -167,6 +226,24 @@ def layer_activation_bytes(cfg: Config, tokens: int) -> int:
         rows = 2 * cfg.train.micro_batch_size
         total += 2 * heads * rows * cfg.data.max_length**2 * b
     return total
+
+
+def adapter_activation_bytes(cfg: Config, tokens: int) -> int:
+    """What one layer's LoRA adapters keep for backward on one tensor rank, beyond the input they share with
+    ``linear_inputs_kept``: the rank-r intermediate ``A x`` of every target (whole on every tensor rank), the
+    concatenated ``A`` of a fused site with several targets, and with dropout the mask over the whole input of
+    each site (a row-parallel rank keeps a slice of a whole mask) while the dropped input takes the input's place."""
+    lora = cfg.model.lora
+    b = DTYPE_BYTES[cfg.model.dtype]
+    total = 0
+    for site, targets in _lora_sites(cfg):
+        k = len(targets)
+        total += tokens * lora.rank * k
+        if site.parallel == "column" and k > 1:
+            total += site.in_features * lora.rank * k
+        if lora.dropout > 0:
+            total += tokens * site.in_features
+    return total * b
 
 
 def in_flight(cfg: Config, stage: int) -> int:
@@ -190,7 +267,8 @@ def output_temporaries(cfg: Config, vocab_size: int, tokens: int) -> tuple[int, 
     if m.fused_logprobs:
         chunk = min(tokens, max(1, DEFAULT_CHUNK_ELEMENTS // (local * tp)))
         # the chunk's logits and two float32 workspaces; fused_objective adds two [V/TP, H] float32 accumulators
-        extra = 2 * local * m.hidden_size * FP32 if m.fused_objective else 0
+        # of the output layer's gradient, which a frozen output layer (LoRA) does not have
+        extra = 2 * local * m.hidden_size * FP32 if m.fused_objective and not m.lora.enabled else 0
         what = f"fused: {chunk} tokens of logits at a time" + (
             " + 2 float32 [V/TP, H] accumulators" if extra else ""
         )
@@ -217,39 +295,66 @@ def rank_tensors(cfg: Config, vocab_size: int, stage: int) -> list[int]:
     return out
 
 
+def adapter_tensors(cfg: Config) -> list[int]:
+    """The element counts of a stage's LoRA adapter factors on one tensor rank."""
+    return lora_layer_tensors(cfg) * (cfg.model.num_layers // cfg.parallel.pipeline)
+
+
 def retained_by_malloc(cfg: Config, vocab_size: int, stage: int) -> int:
-    """Bytes of the parameters glibc's malloc keeps after they are freed: ZeRO flattens every parameter into one
-    buffer and frees the originals; blocks of 32 MiB and more (its largest mmap threshold) go back to the system, the
-    smaller ones stay in the heap the process holds."""
+    """Bytes of the parameters glibc's malloc keeps after they are freed: ZeRO flattens every parameter it steps
+    into one buffer and frees the originals (ZeRO-3 partitions every parameter, a frozen one too); blocks of 32 MiB
+    and more (its largest mmap threshold) go back to the system, the smaller ones stay in the heap the process
+    holds. With LoRA, ZeRO 1 and 2 flatten the adapters alone."""
     wb = DTYPE_BYTES[cfg.model.dtype]
-    return sum(n * wb for n in rank_tensors(cfg, vocab_size, stage) if n * wb < MALLOC_MMAP_MAX)
+    freed = adapter_tensors(cfg)
+    if not cfg.model.lora.enabled or cfg.parallel.zero_stage == 3:
+        freed = freed + rank_tensors(cfg, vocab_size, stage)
+    return sum(n * wb for n in freed if n * wb < MALLOC_MMAP_MAX)
 
 
 def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) -> RankPlan:
     """What DeepSpeed (gatedpo_mega/deepspeed/engine.py: torch's AdamW, no offload) and megatron-core hold on one
     rank of ``stage``. Without ZeRO, DeepSpeed steps AdamW on the parameters (fp32) or on an fp32 copy of each
-    (bf16), unsharded; from stage 1 it flattens the parameters and steps one flat fp32 partition of 1/DP."""
+    (bf16), unsharded; from stage 1 it flattens the parameters and steps one flat fp32 partition of 1/DP. With
+    LoRA what it steps is the adapters alone (the parameters that require a gradient)."""
     m, par, t = cfg.model, cfg.parallel, cfg.train
-    zero = par.zero_stage
+    zero, lora = par.zero_stage, m.lora.enabled
     wb = DTYPE_BYTES[m.dtype]
-    n = stage_parameters(cfg, vocab_size, stage)
+    base = stage_parameters(cfg, vocab_size, stage)
+    adapters = stage_adapter_parameters(cfg)
+    n = base + adapters  # held
+    trained = adapters if lora else n  # stepped: gradients and optimizer state
     last = stage == par.pipeline - 1
     split = dp if zero >= 1 else 1
     part_n = math.ceil(n / split)
+    part_t = math.ceil(trained / split)
+    of = "of the adapters" if lora else "of the weights"
     parts: list[Part] = []
 
     def add(into: list[Part], name: str, nbytes: float, note: str) -> None:
         if nbytes > 0:
             into.append(Part(name, int(nbytes), note))
 
+    frozen = ", frozen (LoRA): no gradient, no optimizer state" if lora else ""
     if zero == 3:
-        add(parts, "weights", part_n * wb, f"{m.dtype}, 1/{dp} of {n:,} (ZeRO-3)")
+        add(parts, "weights", math.ceil(base / dp) * wb, f"{m.dtype}, 1/{dp} of {base:,} (ZeRO-3){frozen}")
     else:
-        add(parts, "weights", n * wb, f"{m.dtype}, {n:,} parameters")
+        add(parts, "weights", base * wb, f"{m.dtype}, {base:,} parameters{frozen}")
+    if lora:
+        cut = f"1/{dp} of {adapters:,} (ZeRO-3)" if zero == 3 else f"{adapters:,} parameters"
+        add(
+            parts, "LoRA adapters", math.ceil(adapters / (dp if zero == 3 else 1)) * wb,
+            f"{m.dtype}, {cut}: rank {m.lora.rank} on {', '.join(m.lora.target_modules)}",
+        )  # fmt: skip
     if zero >= 1 or wb == 2:
-        add(parts, "optimizer: fp32 master weights", part_n * FP32, f"1/{split} of the weights")
-    add(parts, "optimizer: Adam moments", 2 * part_n * FP32, f"2 x fp32, 1/{split} of the weights")
-    if t.reference == "live":
+        add(parts, "optimizer: fp32 master weights", part_t * FP32, f"1/{split} {of}")
+    add(parts, "optimizer: Adam moments", 2 * part_t * FP32, f"2 x fp32, 1/{split} {of}")
+    if t.reference == "live" and lora:
+        if m.init_adapter:
+            add(parts, "reference model", adapters * wb, "the starting adapters, frozen (model.init_adapter)")
+        else:
+            parts.append(Part("reference model", 0, "none: the policy with its adapters off (LoRA)"))
+    elif t.reference == "live":
         add(
             parts,
             "reference model",
@@ -266,26 +371,26 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
                 parts,
                 "host allocator",
                 kept,
-                "freed weights under 32 MiB each, kept by malloc (DeepSpeed flattened them)",
+                f"freed {'adapters' if lora and zero < 3 else 'weights'} under 32 MiB each, kept by malloc "
+                "(DeepSpeed flattened them)",
             )
 
     # Gradients as they stand at the end of backward.
     grads: list[Part] = []
+    which = "every adapter's .grad (the frozen base has none)" if lora else "every parameter's .grad"
     if zero <= 1:
-        add(
-            grads, "gradients", n * wb, f"{m.dtype}, every parameter's .grad (accumulated over micro-batches)"
-        )
+        add(grads, "gradients", trained * wb, f"{m.dtype}, {which} (accumulated over micro-batches)")
     else:
         add(
             grads,
             "gradients",
-            part_n * wb,
-            f"{m.dtype}, 1/{dp} (ZeRO-{zero} partitions them as they are reduced)",
+            part_t * wb,
+            f"{m.dtype}, 1/{dp} {of} (ZeRO-{zero} partitions them as they are reduced)",
         )
         add(
             grads,
             "communication: reduce bucket",
-            min(REDUCE_BUCKET, n) * wb,
+            min(REDUCE_BUCKET, trained) * wb,
             "ZeRO's gradient reduction bucket",
         )
     if zero == 3:
@@ -311,10 +416,22 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
             kept,
             f"layer inputs x {layers} layers x {flight} micro-batch(es) + one layer recomputed",
         )
+        add(
+            backward,
+            "activations: LoRA adapters",
+            adapter_activation_bytes(cfg, tokens),
+            "one layer recomputed",
+        )
     else:
         add(
             backward, "activations", layers * layer_activation_bytes(cfg, tokens) * flight,
-            f"{layers} layers x {tokens} tokens x {flight} micro-batch(es) in flight",
+            f"{layers} layers x {tokens} tokens x {flight} micro-batch(es) in flight"
+            + (" (the frozen linears keep no input)" if lora else ""),
+        )  # fmt: skip
+        add(
+            backward, "activations: LoRA adapters", layers * adapter_activation_bytes(cfg, tokens) * flight,
+            f"rank-{m.lora.rank} intermediates" + (", dropout masks" if m.lora.dropout > 0 else "")
+            + f" x {layers} layers x {flight} micro-batch(es)",
         )  # fmt: skip
     if last:
         out, what = output_temporaries(cfg, vocab_size, tokens)
@@ -326,22 +443,34 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
     # flat partition.
     step: list[Part] = list(grads)
     if zero == 0:
-        add(step, "communication: flattened gradients", n * wb, "DeepSpeed's all-reduce of the gradients")
+        add(
+            step,
+            "communication: flattened gradients",
+            trained * wb,
+            "DeepSpeed's all-reduce of the gradients",
+        )
         if wb == 2:
-            add(step, "gradients: fp32 copies", n * FP32, "each gradient in fp32 for its master weight")
-        largest = max(rank_tensors(cfg, vocab_size, stage))
-        temps = n * FP32 if target == "cuda" else 2 * largest * FP32
+            add(step, "gradients: fp32 copies", trained * FP32, "each gradient in fp32 for its master weight")
+        largest = max(adapter_tensors(cfg) if lora else rank_tensors(cfg, vocab_size, stage))
+        temps = trained * FP32 if target == "cuda" else 2 * largest * FP32
     else:
         if zero == 1 or wb == 2:
-            add(step, "gradients: fp32 partition", part_n * FP32, f"the flat 1/{split} DeepSpeed steps on")
-        temps = (1 if target == "cuda" else 2) * part_n * FP32
+            add(step, "gradients: fp32 partition", part_t * FP32, f"the flat 1/{split} DeepSpeed steps on")
+        temps = (1 if target == "cuda" else 2) * part_t * FP32
     how = (
         "foreach: sqrt(v) of every tensor at once"
         if target == "cuda"
         else "sqrt(v) and its quotient, per tensor"
     )
     add(step, "optimizer step temporaries", temps, f"AdamW's {how}")
-    return RankPlan(stage=stage, parameters=n, parts=tuple(parts), backward=tuple(backward), step=tuple(step))
+    return RankPlan(
+        stage=stage,
+        parameters=n,
+        trained=trained,
+        parts=tuple(parts),
+        backward=tuple(backward),
+        step=tuple(step),
+    )
 
 
 def plan_memory(cfg: Config, *, world: int, vocab_size: int, target: str = "cuda") -> Plan:
@@ -372,25 +501,44 @@ GPUS_PER_NODE = 8
 LAYER_OVERHEAD_S = 60e-6
 
 
+def flops_per_parameter_token(cfg: Config) -> float:
+    """Multiply-adds x 2 per parameter and token of a training step: forward 2, backward 4 (the inputs' gradients
+    and the weights'), a recomputed forward 2 more. With LoRA the frozen base has no weight gradients (backward 2)
+    and the live reference is one more forward of the same model (adapters off); the adapters' own are negligible."""
+    m = cfg.model
+    recompute = 2 if m.recompute == "full" else 0
+    if m.lora.enabled:
+        return 4 + recompute + (2 if cfg.train.reference == "live" else 0)
+    return 6 + recompute
+
+
 def step_seconds(cfg: Config, dp: int, vocab_size: int) -> float:
     """Seconds per step on the GPU above: the busiest stage's compute stretched by the pipeline bubble, a fixed cost
     per layer and micro-batch, the tensor-parallel all-reduces (within a node) and the data-parallel gradient
-    traffic (across nodes once the job spans more than one)."""
+    traffic (across nodes once the job spans more than one): the trained parameters' gradients, and under ZeRO-3
+    the gathers of every parameter (forward, backward and a live LoRA reference's forward)."""
     m, par = cfg.model, cfg.parallel
     tp, pp = par.tensor, par.pipeline
     tokens = rows_tokens(cfg)
     micro = micro_batches(cfg, dp)
     params = max(stage_parameters(cfg, vocab_size, s) for s in range(pp))
     layers = m.num_layers // pp
-    recompute = 4 / 3 if m.recompute == "full" else 1.0
-    compute = 6 * params * tokens * recompute / ACHIEVED_FLOPS + 3 * layers * LAYER_OVERHEAD_S
+    compute = (
+        flops_per_parameter_token(cfg) * params * tokens / ACHIEVED_FLOPS + 3 * layers * LAYER_OVERHEAD_S
+    )
     wb = DTYPE_BYTES[m.dtype]
     # two all-reduces of [tokens, hidden] per layer forward and two backward, each moving 2 (tp-1)/tp of it
     tp_bytes = 4 * layers * tokens * m.hidden_size * wb * 2 * (tp - 1) / tp
     per_micro = compute + tp_bytes / NVLINK_BYTES_PER_S
     world = tp * pp * dp
     dp_rate = NETWORK_BYTES_PER_S if world > GPUS_PER_NODE else NVLINK_BYTES_PER_S
-    dp_bytes = 2 * params * wb * (dp - 1) / dp * (1.5 if par.zero_stage == 3 else 1.0)
+    share = (dp - 1) / dp
+    if m.lora.enabled:
+        dp_bytes = 2 * stage_adapter_parameters(cfg) * wb * share
+        if par.zero_stage == 3:
+            dp_bytes += (3 if cfg.train.reference == "live" else 2) * params * wb * share
+    else:
+        dp_bytes = 2 * params * wb * share * (1.5 if par.zero_stage == 3 else 1.0)
     return per_micro * (micro + pp - 1) + dp_bytes / dp_rate
 
 
@@ -492,7 +640,17 @@ def format_plan(plan: Plan) -> str:
         f"{plan.dp}, ZeRO {par.zero_stage}, {cfg.model.dtype}, micro-batch {cfg.train.micro_batch_size} pairs x "
         f"{cfg.data.max_length} tokens; target {plan.target}"
     )
-    lines = [head, f"busiest rank: {stage} ({r.parameters:,} parameters on it)", ""]
+    on_it = f"{r.parameters:,} parameters on it"
+    lora = cfg.model.lora
+    if lora.enabled:
+        n = adapter_parameters(cfg)
+        head += (
+            f"\nLoRA rank {lora.rank} on {', '.join(lora.target_modules)}: {n:,} adapter parameters trained "
+            f"({100 * n / total_parameters(cfg, plan.vocab_size):.2g}% of the model), the base frozen; reference "
+            f"{cfg.train.reference}"
+        )
+        on_it += f", {r.trained:,} of them trained"
+    lines = [head, f"busiest rank: {stage} ({on_it})", ""]
     lines.append(f"| {'part':<38} | {'MiB':>9} | where it comes from")
     lines.append(f"|{'-' * 40}|{'-' * 11}|{'-' * 30}")
     for p in r.parts:
@@ -529,7 +687,10 @@ def plan_json(plan: Plan) -> dict[str, object]:
         "target": plan.target,
         "busiest_stage": r.stage,
         "parameters_on_rank": r.parameters,
+        "trained_parameters_on_rank": r.trained,
         "total_parameters": total_parameters(plan.cfg, plan.vocab_size),
+        "lora_rank": plan.cfg.model.lora.rank,
+        "adapter_parameters": adapter_parameters(plan.cfg),
         "vocab_size": plan.vocab_size,
         "layout": {
             "tensor": plan.cfg.parallel.tensor,

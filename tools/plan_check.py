@@ -5,9 +5,10 @@ resident memory of the busiest rank (``memory/peak_mib_max_rank`` in metrics.jso
     python tools/plan_check.py [--size ci|large] [--only NAME ...] [--json FILE] [--out DIR]
 
 Prints one row per case (predicted, measured, error) and exits 1 when a case is off by more than 15%.
-``--size ci`` (3 shapes x 3 layouts, 50-80M parameters: a rank's tensors are 1-3x the process baseline) is what
-the README's figure comes from; tests/test_planner.py runs 6 of its cases (each shape at two layouts, each layout
-kind on two shapes); ``large`` doubles the width.
+``--size ci`` (3 shapes x 3 layouts, 50-80M parameters: a rank's tensors are 1-3x the process baseline, and one
+LoRA case: the frozen base, rank-16 adapters, the live reference) is what the README's figure comes from;
+tests/test_planner.py runs 6 of its cases (each shape at two layouts, each layout kind on two shapes);
+``large`` doubles the width.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ SHAPES = {
     },
 }  # fmt: skip
 # Three layouts of 2 ranks per shape: tensor-parallel, pipeline-parallel with the unfused output layer, and
-# data-parallel under a sharding ZeRO stage.
+# data-parallel under a sharding ZeRO stage; and LoRA once (the base frozen, only the adapters stepped, the live
+# reference the policy with its adapters off).
 LAYOUTS = {
     "wide-fp32": [
         {"parallel.tensor": 2, "parallel.zero_stage": 1},
         {"parallel.pipeline": 2, "parallel.zero_stage": 1, "model.fused_logprobs": False},
         {"parallel.zero_stage": 3},
+        {"parallel.zero_stage": 2, "model.lora.rank": 16},
     ],
     "deep-bf16": [
         {"parallel.tensor": 2, "parallel.zero_stage": 1},
@@ -81,6 +84,8 @@ def _label(layout: dict[str, object]) -> str:
         parts.append("unfused")
     if layout.get("model.fused_objective"):
         parts.append("fused-objective")
+    if layout.get("model.lora.rank"):
+        parts.append(f"lora{layout['model.lora.rank']}")
     return "-".join(parts)
 
 
