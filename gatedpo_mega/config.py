@@ -179,9 +179,11 @@ class ModelConfig:
         if self.backend == "transformers" and not self.init_from:
             raise ValueError("model.backend=transformers needs model.init_from: a Hugging Face model folder")
         if self.init_adapter and not self.lora.enabled:
+            # A run's config has model.lora filled from the adapter's adapter_config.json by then
+            # (training/preflight.py load_run_config); a config built from the files alone (load_config) has not.
             raise ValueError(
-                f"model.init_adapter={self.init_adapter!r} starts LoRA adapters: set model.lora.rank (or let "
-                "gatedpo train read it from the adapter's adapter_config.json)"
+                f"model.init_adapter={self.init_adapter!r} starts LoRA adapters: set model.lora.rank, or load the "
+                "config as gatedpo train does (load_run_config), which reads it from the adapter's adapter_config.json"
             )
 
     @property

@@ -1,8 +1,10 @@
 """Checkpoint conversion: Hugging Face Llama-family folders <-> megatron-core checkpoints at any TP x PP, and
-DeepSpeed ZeRO training checkpoints -> Hugging Face. See ``docs/convert.md``."""
+DeepSpeed ZeRO training checkpoints -> Hugging Face (a LoRA run's merged, or as a PEFT adapter folder). See
+``docs/convert.md``."""
 
 from gatedpo_mega.convert.commands import add_convert_commands, hf_to_mcore, mcore_to_hf, reshard, zero_to_hf
 from gatedpo_mega.convert.errors import (
+    AdapterError,
     CheckpointFormatError,
     ConvertError,
     DestinationError,
@@ -17,6 +19,7 @@ from gatedpo_mega.convert.mapping import hf_shapes, hf_to_mcore_state, local_sha
 from gatedpo_mega.convert.mcore import load_mcore_weights, rank_file, read_mcore_meta
 
 __all__ = [
+    "AdapterError",
     "CheckpointFormatError",
     "ConvertError",
     "DestinationError",

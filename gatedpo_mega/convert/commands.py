@@ -7,9 +7,12 @@ complete; every refusal is one line naming the file or tensor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,10 @@ from gatedpo_mega.convert.folders import (
     write_hf_weights,
 )
 from gatedpo_mega.convert.hf_config import hf_model_config, to_hf_config
+from gatedpo_mega.convert.lora_checkpoint import adapter_tensor, hf_weights
 from gatedpo_mega.convert.mapping import HFView, LocalGetter, check_hf_names, check_layout, hf_shapes
 from gatedpo_mega.convert.mcore import McoreFolder, write_mcore_folder
+from gatedpo_mega.convert.peft import write_peft_folder
 from gatedpo_mega.convert.tokenizer import TokenizerSource, classify, run_tokenizer, write_tokenizer
 from gatedpo_mega.convert.train_checkpoint import TrainCheckpoint
 from gatedpo_mega.formats import DTYPES, MCORE_META, TOKENIZER_DIR, TRAIN_META
@@ -95,7 +100,7 @@ def hf_to_mcore(
 
 def _write_hf(
     dst: Path,
-    view: HFView,
+    view: Mapping[str, torch.Tensor],
     cfg: ModelConfig,
     vocab: int,
     *,
@@ -191,13 +196,16 @@ def zero_to_hf(
     max_shard_size: str = DEFAULT_SHARD,
     dtype: str | None = None,
     tokenizer: str | Path | None = None,
+    adapter_only: bool = False,
 ) -> Path:
-    """A training checkpoint's fp32 master weights (any ZeRO stage) to a Hugging Face folder."""
+    """A training checkpoint's fp32 master weights (any ZeRO stage) to a Hugging Face folder: a LoRA run's adapters
+    merged into its base, or with ``adapter_only`` a PEFT adapter folder."""
     limit = parse_size(max_shard_size)
     given = _given_tokenizer(tokenizer) if tokenizer else None
     return _train_to_hf(
-        Path(src), Path(dst), source="fp32", force=force, limit=limit, dtype=dtype, tokenizer=given
-    )
+        Path(src), Path(dst), source="fp32", force=force, limit=limit, dtype=dtype, tokenizer=given,
+        adapter_only=adapter_only,
+    )  # fmt: skip
 
 
 def _train_to_hf(
@@ -209,31 +217,52 @@ def _train_to_hf(
     limit: int,
     dtype: str | None,
     tokenizer: TokenizerSource | None,
+    adapter_only: bool = False,
 ) -> Path:
-    """``tokenizer``: the one to write (default: the run's, ``run_tokenizer``)."""
+    """``tokenizer``: the one to write (default: the run's, ``run_tokenizer``). A LoRA run's checkpoint holds its
+    adapters only: merged into its base (``lora_checkpoint``), or alone as a PEFT folder (``adapter_only``)."""
     if not (src / TRAIN_META).exists() and not src.is_dir():
         raise ConvertError(f"{src}: no such checkpoint folder")
     ckpt = TrainCheckpoint(src, source=source)
+    lora = ckpt.cfg.lora
+    if adapter_only and not lora.enabled:
+        raise ConvertError(
+            f"--adapter-only: {ckpt.path} is not a LoRA run's checkpoint (model.lora.rank is 0: it holds the whole "
+            "model); export it without --adapter-only"
+        )
     dtype = dtype or ckpt.cfg.dtype
-    view = HFView(ckpt.get, ckpt.cfg, vocab_size=ckpt.vocab_size, tensor=ckpt.tensor, pipeline=ckpt.pipeline)
     with (
+        contextlib.ExitStack() as stack,
         tempfile.TemporaryDirectory(prefix="gatedpo-tokenizer-") as scratch,
         staged_destination(dst, force=force, sources=(ckpt.path,)) as tmp,
     ):
         tok = tokenizer or run_tokenizer(ckpt.path, scratch=Path(scratch))
-        files = _write_hf(
-            tmp,
-            view,
-            ckpt.cfg,
-            ckpt.vocab_size,
-            base_config=ckpt.hf_config,
-            dtype=dtype,
-            max_shard_size=limit,
-            tokenizer=tok,
-            release=ckpt.release,
-        )
+        if adapter_only:
+            get = partial(adapter_tensor, ckpt)
+            written = write_peft_folder(
+                tmp, ckpt.cfg, get, dtype=DTYPES[dtype], base=ckpt.cfg.init_from or None
+            )
+            files = [written.name]
+            if tok is not None:
+                write_tokenizer(tok, tmp)
+        else:
+            files = _write_hf(
+                tmp,
+                hf_weights(ckpt, stack),
+                ckpt.cfg,
+                ckpt.vocab_size,
+                base_config=ckpt.hf_config,
+                dtype=dtype,
+                max_shard_size=limit,
+                tokenizer=tok,
+                release=ckpt.release,
+            )
     ckpt.release()
     what = "fp32 master weights" if ckpt.source == "fp32" else "module weights"
+    if lora.enabled:
+        base = f"model.init_from={ckpt.cfg.init_from}" if ckpt.cfg.init_from else "the seeded initialisation"
+        how = "alone, as a PEFT adapter" if adapter_only else f"merged into their base, {base}"
+        what += f" of LoRA adapters (rank {lora.rank}, alpha {lora.alpha:g}, {','.join(lora.target_modules)}) {how}"
     print(f"{ckpt.path}: step {ckpt.meta.get('step')}, ZeRO {ckpt.zero_stage}, {what}")
     _report(dst, files, dtype, tok)
     return dst
@@ -287,8 +316,9 @@ def _cmd_mcore_to_hf(a: argparse.Namespace) -> int:
 
 def _cmd_zero_to_hf(a: argparse.Namespace) -> int:
     zero_to_hf(
-        a.src, a.dst, force=a.force, max_shard_size=a.max_shard_size, dtype=a.dtype, tokenizer=a.tokenizer
-    )
+        a.src, a.dst, force=a.force, max_shard_size=a.max_shard_size, dtype=a.dtype, tokenizer=a.tokenizer,
+        adapter_only=a.adapter_only,
+    )  # fmt: skip
     return 0
 
 
@@ -352,4 +382,10 @@ def add_convert_commands(sub: Any) -> None:
     )
     common(p, "training checkpoint folder (OUTPUT/checkpoints/step-N), or a run's output folder (latest)")
     hf_out(p)
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a LoRA run's checkpoint: write its adapters as a PEFT folder (adapter_config.json + "
+        "adapter_model.safetensors) instead of merging them into the base",
+    )
     p.set_defaults(func=_cmd_zero_to_hf)

@@ -35,3 +35,7 @@ class CheckpointFormatError(ConvertError):
 
 class DestinationError(ConvertError):
     """The destination exists and is not empty (use --force), or overlaps the source."""
+
+
+class AdapterError(ConvertError):
+    """A PEFT LoRA adapter folder is missing, is not plain LoRA, or does not fit the model's LoRA config."""

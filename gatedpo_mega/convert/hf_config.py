@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gatedpo_mega.config import ModelConfig
+from gatedpo_mega.config import LoraConfig, ModelConfig
 from gatedpo_mega.convert.errors import UnsupportedModelError
 from gatedpo_mega.families import FAMILIES, FEATURES, family_of
 
@@ -125,8 +125,11 @@ def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 def model_config_from_dict(d: dict[str, Any], where: str) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {k: v for k, v in d.items() if k in names}
     try:
-        return ModelConfig(**{k: v for k, v in d.items() if k in names})
+        if isinstance(fields.get("lora"), dict):  # a saved config's model.lora section
+            fields["lora"] = LoraConfig(**fields["lora"])
+        return ModelConfig(**fields)
     except (TypeError, ValueError) as e:
         raise UnsupportedModelError(f"{where}: model config: {e}") from None
 

@@ -33,6 +33,7 @@ from gatedpo_mega.convert.errors import (
     UnexpectedTensorError,
 )
 from gatedpo_mega.families import LAYER, Shape, layer_tensors
+from gatedpo_mega.megatron.lora import adapter_factors
 from gatedpo_mega.megatron.model import padded_vocab_size
 from gatedpo_mega.megatron.parallel import indivisible, shard, unshard
 
@@ -123,6 +124,19 @@ def local_shapes(
         local_name(p.name, offset): local_shape(p, tensor)
         for p in stage_params(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp_rank)
     }
+
+
+def adapter_local_shapes(cfg: ModelConfig, *, tensor: int, pipeline: int, pp_rank: int) -> dict[str, Shape]:
+    """The LoRA factors of stage ``pp_rank`` (``megatron/lora.py``), local names and shapes as any TP rank holds
+    them: all that a LoRA run's checkpoint holds (its base is ``model.init_from``'s)."""
+    per = cfg.num_layers // pipeline
+    out: dict[str, Shape] = {}
+    for f in adapter_factors(cfg, range(pp_rank * per, (pp_rank + 1) * per)):
+        shape = list(f.shape)
+        if f.dim is not None:
+            shape[f.dim] //= tensor
+        out[local_name(f.name, pp_rank * per)] = tuple(shape)
+    return out
 
 
 def _fuse(p: Param, parts: list[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:

@@ -32,7 +32,7 @@ from gatedpo_mega.convert.errors import (
 )
 from gatedpo_mega.convert.folders import read_json
 from gatedpo_mega.convert.hf_config import model_config_from_dict
-from gatedpo_mega.convert.mapping import check_layout, local_shapes
+from gatedpo_mega.convert.mapping import adapter_local_shapes, check_layout, local_shapes
 from gatedpo_mega.formats import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -62,7 +62,8 @@ def _load(path: Path) -> dict[str, Any]:
 
 
 class TrainCheckpoint:
-    """A training checkpoint opened for reading one rank's tensors at a time: ``get(tp_rank, pp_rank, name)``."""
+    """A training checkpoint opened for reading one rank's tensors at a time: ``get(tp_rank, pp_rank, name)``. A
+    LoRA run's (``cfg.lora.enabled``) holds the adapter factors only (``mapping.adapter_local_shapes``)."""
 
     def __init__(self, path: str | Path, *, source: str = "fp32") -> None:
         self.path = find_checkpoint(path, CheckpointFormatError)
@@ -138,9 +139,14 @@ class TrainCheckpoint:
     def _rank(self, tp_rank: int, pp_rank: int) -> _Rank:
         mp = pp_rank * self.tensor + tp_rank
         if mp not in self._ranks:
-            expected = local_shapes(
-                self.cfg, self.vocab_size, tensor=self.tensor, pipeline=self.pipeline, pp_rank=pp_rank
-            )
+            if self.cfg.lora.enabled:  # a LoRA run saves its adapters only (exclude_frozen_parameters)
+                expected = adapter_local_shapes(
+                    self.cfg, tensor=self.tensor, pipeline=self.pipeline, pp_rank=pp_rank
+                )
+            else:
+                expected = local_shapes(
+                    self.cfg, self.vocab_size, tensor=self.tensor, pipeline=self.pipeline, pp_rank=pp_rank
+                )
             optim = [self._optim_file(d, mp) for d in range(self.data)] if self._optim_prefix else None
             self._ranks[mp] = _Rank(self._model_file(mp), optim, expected, source=self.source)
         return self._ranks[mp]

@@ -161,23 +161,27 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def init_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The full (unsharded) float32 initial value of the parameter of global ``name`` and full ``shape``: Normal(0,
+    std) weights (std / sqrt(2 L) on the two residual-branch outputs, as GPT-2 and Megatron scale them), ones for
+    norms, zeros for biases (the rules of ``families.layer_tensors``), each drawn from its own global-name generator.
+    A tied output layer is the embedding's draw."""
+    if cfg.tie_embeddings and name == "output_layer.weight":
+        name = "embedding.word_embeddings.weight"  # the same draw as the embedding it mirrors
+    rule = init_rule(init_rules(cfg), name)
+    if rule == "ones":
+        return torch.ones(shape)
+    if rule == "zeros":
+        return torch.zeros(shape)
+    std = {"normal": cfg.init_std, "residual": cfg.init_std / math.sqrt(2.0 * cfg.num_layers)}[rule]
+    return torch.randn(shape, generator=_generator(seed, name)) * std
+
+
 def init_parameters(model: torch.nn.Module, cfg: ModelConfig, *, stage: StageInfo, seed: int) -> None:
-    """Normal(0, std) weights (std / sqrt(2 L) on the two residual-branch outputs, as GPT-2 and Megatron scale
-    them), ones for norms, zeros for biases (the rules of ``families.layer_tensors``); each drawn full-size from
-    its own global-name generator."""
-    std = {"normal": cfg.init_std, "residual": cfg.init_std / math.sqrt(2.0 * cfg.num_layers)}
-    rules = init_rules(cfg)
+    """Every parameter of ``model`` (one pipeline stage, one TP rank) from ``init_tensor``: this rank's slice."""
     with torch.no_grad():
         for local, p in model.named_parameters():
-            name = global_name(local, stage.layer_offset)
-            if cfg.tie_embeddings and name == "output_layer.weight":
-                name = "embedding.word_embeddings.weight"  # the same draw as the embedding it mirrors
-            shape = full_shape(p, stage.tp_size)
-            rule = init_rule(rules, name)
-            if rule == "ones":
-                full = torch.ones(shape)
-            elif rule == "zeros":
-                full = torch.zeros(shape)
-            else:
-                full = torch.randn(shape, generator=_generator(seed, name)) * std[rule]
+            full = init_tensor(
+                cfg, global_name(local, stage.layer_offset), full_shape(p, stage.tp_size), seed
+            )
             p.copy_(local_slice(full, p, stage.tp_rank, stage.tp_size).to(p.dtype))

@@ -206,6 +206,31 @@ def adopt_source_shapes(tree: dict[str, Any]) -> tuple[dict[str, Any], list[str]
     return {**tree, "model": {**model, **adopted}}, notes
 
 
+def adopt_adapter_fields(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``model.lora``'s rank, alpha and target_modules read from ``model.init_adapter``'s
+    ``adapter_config.json`` (``convert.peft.read_adapter_config``: what is not plain LoRA is refused) where not
+    written; every written one that disagrees is named in one ``UserError``."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or not isinstance(folder := model.get("init_adapter"), str) or not folder:
+        return tree
+    lora = model.get("lora", {})
+    if not isinstance(lora, dict):
+        return tree  # refused when the config is built
+    from gatedpo_mega.config import LoraConfig
+    from gatedpo_mega.convert.peft import lora_mismatches, read_adapter_config
+
+    fields = read_adapter_config(folder)
+    written = {k: read_field(LoraConfig, "model.lora", k, v) for k, v in lora.items() if k in fields}
+    try:  # the written values as the config spells them (all-linear: the seven names)
+        mine = LoraConfig(**{**fields, **written})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    found = lora_mismatches(fields, mine)
+    if found:
+        raise UserError(f"model.init_adapter={folder} disagrees with the config: " + "; ".join(found))
+    return {**tree, "model": {**model, "lora": {**lora, **fields}}}
+
+
 def source_identity(path_text: str) -> str:
     """A short hash of what the initial weights are (names, sizes and times of the files): the reference
     log-probs cached for one source are never read for another."""

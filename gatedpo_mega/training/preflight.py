@@ -1,8 +1,9 @@
 """What a run reads, checked in the launching process before any worker or process group starts.
 
 First the config itself: ``load_run_config`` builds it from the user's files with the model fields that
-``model.init_from`` fixes read from the source (``adopt_source_shapes``), so that the user writes none of them and a
-written one that disagrees is refused in one line before anything else is read.
+``model.init_from`` fixes read from the source (``adopt_source_shapes``), and ``model.lora``'s from a PEFT adapter in
+``model.init_adapter`` (``adopt_adapter_fields``), so that the user writes none of them and a written one that
+disagrees is refused in one line before anything else is read.
 
 Each check is the one the ranks run later, called early: the data pipeline itself (every record of the training data
 and of each ``data.eval_sets`` set read and validated, tokenized into the cache the ranks then read), the packages of the ``train.report_to`` trackers, the tokenizer (trained here first when the config asks for it), and ``model.init_from`` against the config (every
@@ -25,15 +26,21 @@ from gatedpo_mega.data.pipeline import ensure_tokenizer, load_eval_set
 from gatedpo_mega.data.sources import hub_dataset
 from gatedpo_mega.hub import hub_id, resolve_model
 from gatedpo_mega.training.data import run_vocab_size
-from gatedpo_mega.training.initial_weights import adopt_source_shapes, check_source_fits, read_source
+from gatedpo_mega.training.initial_weights import (
+    adopt_adapter_fields,
+    adopt_source_shapes,
+    check_source_fits,
+    read_source,
+)
 from gatedpo_mega.training.reporters import check_installed
 
 
 def load_run_config(paths: ConfigPaths, overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
     """A run's config from the user's YAML files and ``key=value`` overrides, the fields ``model.init_from`` fixes
-    read from the source; and the lines to show about written values the source replaced."""
+    read from the source and ``model.lora``'s from ``model.init_adapter``; and the lines to show about written values
+    the source replaced."""
     tree, notes = adopt_source_shapes(load_tree(paths, overrides))
-    return build_config(tree), notes
+    return build_config(adopt_adapter_fields(tree)), notes
 
 
 def preflight(cfg: Config, *, data: bool = True) -> None:
@@ -50,6 +57,11 @@ def preflight(cfg: Config, *, data: bool = True) -> None:
     if cfg.model.init_from:
         src = read_source(cfg.model.init_from)
         check_source_fits(cfg, src, vocab if vocab is not None else cfg.model.vocab_size or src.vocab_size)
+    if cfg.model.init_adapter:
+        from gatedpo_mega.convert.peft import check_adapter
+
+        # its LoRA config, and every tensor's shape where the config holds the model's (the megatron backend)
+        check_adapter(cfg.model, tensors=cfg.model.backend == "megatron")
 
 
 def resolve_hub_ids(cfg: Config, *, data: bool = True) -> tuple[Config, list[str]]:
