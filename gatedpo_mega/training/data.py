@@ -20,7 +20,7 @@ from gatedpo_mega.data.pipeline import PreferenceData, load_eval_set
 from gatedpo_mega.data.tokenized import TokenizedPairs
 from gatedpo_mega.errors import ConfigError
 from gatedpo_mega.megatron.parallel import Layout
-from gatedpo_mega.training.initial_weights import source_identity, source_vocab_size
+from gatedpo_mega.training.initial_weights import files_identity, source_identity, source_vocab_size
 
 
 class StepSource(Protocol):
@@ -72,6 +72,8 @@ def reference_key(cfg: Config, vocab_size: int) -> str:
             if cfg.model.init_from
             else cfg.train.seed,  # it draws the weights only without init_from
             "init": source_identity(cfg.model.init_from),
+            # the starting adapters' files (the reference of a run from model.init_adapter is that policy)
+            **({"adapter": files_identity(Path(cfg.model.init_adapter))} if cfg.model.init_adapter else {}),
         },
         sort_keys=True,
     )

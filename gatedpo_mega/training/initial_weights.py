@@ -239,6 +239,11 @@ def source_identity(path_text: str) -> str:
     path = Path(path_text)
     if source_kind(path) == "checkpoint":
         path = resolve_checkpoint(path)
+    return files_identity(path)
+
+
+def files_identity(path: Path) -> str:
+    """A short hash of a folder's file names, sizes and modification times (and its resolved path)."""
     h = hashlib.sha256(str(path.resolve()).encode())
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         st = f.stat()
