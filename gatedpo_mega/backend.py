@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -49,6 +50,12 @@ class Backend(Protocol):
         forward_only: bool,
     ) -> list[dict[str, Any]]:
         """Forward (and backward) of every micro-batch; ``loss_func``'s aux outputs on the last stage."""
+        ...
+
+    def adapters(self, model: torch.nn.Module, mode: str) -> AbstractContextManager[None]:
+        """A context in which ``model``'s LoRA adapters are ``on``, ``off`` (the base model: LoRA's live reference)
+        or ``initial`` (as they were when the model was built: a run from ``model.init_adapter``); no gradients are
+        taken inside ``off`` or ``initial``. ``on`` with no adapters: nothing changes."""
         ...
 
     def after_backward(self, model: torch.nn.Module, layout: Layout) -> None:

@@ -85,39 +85,70 @@ def save_hf_folder(
     rank: int,
     zero_stage: int,
     tokenizer: TokenizerSource | None = None,
+    adapter_dst: Path | None = None,
 ) -> None:
     """Write the trained model as a Hugging Face folder (safetensors, config, and ``tokenizer``, else the tokenizer
-    files of ``src``) into ``dst``, atomically. Collective under ZeRO-3 (the parameters are gathered)."""
+    files of ``src``) into ``dst``, atomically. With LoRA (a ``PeftModel``) that is the adapters merged into the base
+    (``hf/lora.py`` ``merged_state``), and ``adapter_dst`` gets the adapter alone as a PEFT folder (with the same
+    tokenizer). Collective under ZeRO-3 (the parameters are gathered)."""
     import deepspeed
     import torch.distributed as dist
 
+    from gatedpo_mega.hf.lora import is_peft, merged_state, save_adapter_folder
+
     model = engine.module
+    peft = is_peft(model)
+    hf: Any = model.get_base_model() if peft else model
     params = list(model.parameters())
     gather = (
         deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else nullcontext()
     )
     with gather:
         if rank == 0:
-            tmp = dst.with_name(f".tmp-{dst.name}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            head = model.get_output_embeddings()
+            tmp = _staging(dst)
+            head = hf.get_output_embeddings()
             fused = isinstance(head, FusedLMHead)
             if fused:  # save the plain linear layer (the same weight)
                 linear = torch.nn.Linear(head.weight.shape[1], head.weight.shape[0], bias=False)
                 linear.weight = head.weight
-                model.set_output_embeddings(linear)
+                hf.set_output_embeddings(linear)
             try:
-                state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+                if peft:
+                    state = merged_state(model)
+                else:
+                    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                hf.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             finally:
                 if fused:
-                    model.set_output_embeddings(head)
-            if tokenizer is not None:
-                write_tokenizer(tokenizer, tmp)
-            for name in TOKENIZER_FILES if tokenizer is None else ("generation_config.json",):
-                if (Path(src) / name).is_file() and not (tmp / name).exists():
-                    shutil.copy2(Path(src) / name, tmp / name)
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+                    hf.set_output_embeddings(head)
+            _add_tokenizer(tmp, src, tokenizer)
+            if peft and adapter_dst is not None:
+                tmp_adapter = _staging(adapter_dst)
+                save_adapter_folder(model, tmp_adapter)
+                _add_tokenizer(tmp_adapter, None, tokenizer)
+                _publish(tmp_adapter, adapter_dst)
+            _publish(tmp, dst)
     dist.barrier()
+
+
+def _staging(dst: Path) -> Path:
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def _add_tokenizer(tmp: Path, src: str | Path | None, tokenizer: TokenizerSource | None) -> None:
+    """``tokenizer`` into ``tmp``, else the tokenizer files of ``src`` (and its generation config in either case)."""
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, tmp)
+    if src is None:
+        return
+    for name in TOKENIZER_FILES if tokenizer is None else ("generation_config.json",):
+        if (Path(src) / name).is_file() and not (tmp / name).exists():
+            shutil.copy2(Path(src) / name, tmp / name)
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)

@@ -8,6 +8,7 @@ their hidden states and the schedule moves them along.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.loss import LossContext, OutputRequest, output_request
 from gatedpo_mega.megatron.attention import SDPAttention
-from gatedpo_mega.megatron.lora import add_adapters, freeze_initial
+from gatedpo_mega.megatron.lora import adapters, add_adapters, freeze_initial
 from gatedpo_mega.megatron.model import StageInfo, build_model
 from gatedpo_mega.megatron.output import set_output_request
 from gatedpo_mega.megatron.parallel import Layout
@@ -116,6 +117,10 @@ class MegatronBackend:
 
     def forward(self, model: torch.nn.Module, batch: PreferenceBatch, request: OutputRequest) -> torch.Tensor:
         return model_forward(model, batch, request)
+
+    def adapters(self, model: torch.nn.Module, mode: str) -> AbstractContextManager[None]:
+        """megatron/lora.py's: every ``LoraAdapter`` of the model switched to ``mode``."""
+        return adapters(model, mode)
 
     def schedule(
         self,

@@ -15,7 +15,6 @@ from gatedpo_mega.config import Config
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.errors import UserError
 from gatedpo_mega.loss import LossContext, reference_loss_func
-from gatedpo_mega.megatron.lora import adapters
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.objectives import SFT_OBJECTIVES
 from gatedpo_mega.training.data import EvalData, RunData
@@ -99,7 +98,7 @@ class Reference:
     ) -> None:
         self.backend, self.layout, self.data = backend, layout, data
         self.live: torch.nn.Module | None = None
-        self.adapter_mode = "on"  # how a live reference runs LoRA adapters (megatron/lora.py ``adapters``)
+        self.adapter_mode = "on"  # how a live reference runs LoRA adapters (``Backend.adapters``)
         self.needed = cfg.objective.name not in SFT_OBJECTIVES
         self.train_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.eval_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # by the set's metric prefix
@@ -141,7 +140,7 @@ class Reference:
             return
         if self.live is not None:
             n = self.data.num_pairs if evals is None else evals.num_pairs
-            with adapters(self.live, self.adapter_mode):
+            with self.backend.adapters(self.live, self.adapter_mode):
                 ctx.reference, ctx.ref_tokens = reference_pass(
                     self.backend, self.live, self.layout, self.ctx, batches, n, reduce=False
                 )
