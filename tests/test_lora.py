@@ -155,6 +155,32 @@ def test_adapters_off_reference_equals_precomputed_and_resume_is_exact(baseline,
         assert again[0][k] == history[2][k], k
 
 
+@pytest.mark.parametrize(
+    ("world", "extra", "change"),
+    [
+        (2, ["parallel.tensor=2"], "tensor 1 -> 2"),
+        (2, ["parallel.zero_stage=3"], "data 1 -> 2, zero_stage 1 -> 3"),
+    ],
+    ids=["tp2", "dp2-zero3"],
+)
+def test_lora_checkpoint_resumes_at_another_layout(world, extra, change, baseline, cache, tmp_path):
+    from distributed import gatedpo
+
+    d, history = baseline
+    resumed = tmp_path / "resumed"
+    shutil.copytree(
+        d, resumed, ignore=shutil.ignore_patterns("step-00000003", "metrics.jsonl", "history.json")
+    )
+    args = [*BASE, f"data.cache_dir={cache}", f"train.output_dir={resumed}", "train.resume=true", *extra]
+    done = gatedpo(world, "train", *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"at another layout ({change}): model and optimizer state resharded" in done.stdout
+    (row,) = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert row["step"] == 3
+    for k in COMPARED:
+        assert row[k] == pytest.approx(history[2][k], rel=2e-5, abs=1e-6), k
+
+
 def _model_worker(rank, world, overrides, out):
     """A LoRA model built as a run builds it, and the same model without adapters."""
     from gatedpo_mega.megatron.backend import MegatronBackend

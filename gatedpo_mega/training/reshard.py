@@ -11,7 +11,8 @@ over. The result is the state the uninterrupted run had, to the rounding of a di
 
 What cannot carry over is refused before anything is loaded (``check_reshardable``): ZeRO stage 0 (DeepSpeed keeps
 no partitions to read or write), another global batch (the loader would see other batches), another model shape,
-the transformers backend (its tensors are not megatron-core's).
+the transformers backend (its tensors are not megatron-core's). A LoRA checkpoint's adapters reshard the same way
+(each factor whole from its TP pieces, then cut as ``megatron/lora.py`` cuts it); the frozen base is built anew.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import torch
 
 from gatedpo_mega.config import Config
 from gatedpo_mega.convert.errors import ConvertError
-from gatedpo_mega.convert.mapping import HFView, iter_mcore_rank
+from gatedpo_mega.convert.lora_checkpoint import adapter_tensor
+from gatedpo_mega.convert.mapping import HFView, iter_mcore_rank, local_name
 from gatedpo_mega.convert.train_checkpoint import MOMENTS, TrainCheckpoint
 from gatedpo_mega.errors import UserError
-from gatedpo_mega.megatron.parallel import Layout
+from gatedpo_mega.megatron.lora import adapter_factors
+from gatedpo_mega.megatron.parallel import Layout, shard
 
 STATES = ("fp32", *MOMENTS)
 
@@ -52,8 +55,6 @@ def reshard_refusal(saved: dict[str, Any], mine: dict[str, Any], cfg: Config) ->
         return "resuming at another layout needs ZeRO stage 1-3 on both sides (DeepSpeed's partitions are read and written)"
     if cfg.model.backend != "megatron":
         return "resuming at another layout needs model.backend=megatron"
-    if cfg.model.lora.enabled:
-        return "a LoRA checkpoint (adapters only) resumes at its own layout"
     return None
 
 
@@ -62,7 +63,7 @@ def load_resharded(path: Path, engine: Any, cfg: Config, layout: Layout, meta: d
 
     One parameter at a time: a rank holds the whole (TP-shard) tensor of one parameter and the memory-mapped pages
     of the files it reads, never a second copy of its model or optimizer state."""
-    names = {p: n for n, p in engine.module.named_parameters()}
+    names = {p: n for n, p in engine.module.named_parameters() if p.requires_grad}  # LoRA: the adapters
     opt = engine.optimizer
     if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO 3
         target: _Target = _Stage3(opt, names, layout)
@@ -98,6 +99,18 @@ def _local_shards(
     """This rank's tensor-parallel shard of ``key`` (fp32 master, exp_avg, exp_avg_sq) of each parameter of its
     pipeline stage, by local name, one at a time, from the checkpoint's partitions of every rank."""
     ckpt = TrainCheckpoint(path, source=key)
+    if (
+        cfg.model.lora.enabled
+    ):  # the adapters only: each factor whole, then this rank's cut (megatron/lora.py)
+        per = cfg.model.num_layers // layout.pp
+        offset = layout.pp_rank * per
+        for f in adapter_factors(cfg.model, range(offset, offset + per)):
+            yield (
+                local_name(f.name, offset),
+                shard(adapter_tensor(ckpt, f), f.dim, 1, layout.tp_rank, layout.tp),
+            )
+        ckpt.release()
+        return
     view = HFView(ckpt.get, ckpt.cfg, vocab_size=ckpt.vocab_size, tensor=ckpt.tensor, pipeline=ckpt.pipeline)
     yield from iter_mcore_rank(
         view.__getitem__, cfg.model, vocab_size=int(meta["vocab_size"]), tensor=layout.tp,
