@@ -22,6 +22,16 @@ padding to a multiple). Defaults: ``padded,gated,trl-precompute`` for ``--data b
 ``padded,packed,trl-default`` for ``--data hh``. Ratios: real tokens/s of the row over TRL's, and the row's peak
 RSS over TRL's (below 1: the row uses less memory), against ``trl-default`` when it runs, else ``trl-precompute``.
 
+LoRA rows (``--lora``, i.e. ``--rows lora,trl-lora``; ratios of ``lora`` against ``trl-lora``): ``lora`` is gatedpo
+with ``model.lora`` rank 16, alpha 32, dropout 0, all-linear (the 7 Hugging Face linears q/k/v/o/gate/up/down),
+``gate.shape=none``, the base frozen and its reference the policy with its adapters off (``train.reference=live``,
+what ``auto`` gives with LoRA: a forward per step, no copy, no precompute; ``--reference`` does not apply);
+``trl-lora`` is ``DPOTrainer`` on the same ``LlamaForCausalLM`` with ``peft_config=peft.LoraConfig(r=16,
+lora_alpha=32, lora_dropout=0.0, target_modules=[the 7], task_type="CAUSAL_LM")`` and ``ref_model=None`` (its
+reference: the adapter-disabled policy, a forward per step), ``precompute_ref_log_probs=False``, no gradient
+checkpointing, padded to a multiple of 8. Both: ``B`` zero at the start (loss ln 2 at step 1), 1,196,032 trainable
+parameters for ``--model 20m`` (checked on the TRL side), the same lr, schedule, clipping and batches as every row.
+
 ``--data hh`` trains on the HH-RLHF sample (``../shared/data/hh-rlhf``) with an 8,000-piece SentencePiece tokenizer
 trained on it (into ``--tokenizer-dir`` when missing); ``--model 20m`` is a Llama shape of 31.8M parameters with that
 vocabulary (hidden 512, 8 layers, 8 heads in 4 key/value groups, SwiGLU 1408, untied); ``--max-length N`` sets
@@ -45,9 +55,10 @@ Run (CPU):
 
     source .venv/bin/activate
     export DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=$PWD/.venv/torch_extensions
-    pip install trl          # benchmark only; without it the gatedpo rows still run
+    pip install -c constraints/cpu-py311.txt trl==1.16.0   # benchmark only; without it the gatedpo rows run
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 2 [--threads 1] [--micro-batch 2] [--out DIR]
     python benchmarks/bench_vs_trl.py --data hh --model 20m --max-length 512 --steps 20 --repeats 2
+    python benchmarks/bench_vs_trl.py --lora [--data hh --model 20m --max-length 512] ...   # LoRA rows
 
 ``--repeats N`` runs every row N times, round-robin, and keeps each row's fastest run. ``--threads`` (default 1)
 sets ``OMP_NUM_THREADS`` for both trainers: on a shared host torch's busy-waiting intra-op threads make step
@@ -84,17 +95,25 @@ MODELS: dict[str, dict[str, int]] = {
         "ffn_hidden_size": 1408,
     },
 }
-# Rows: (trainer, gatedpo gate, gatedpo packing). trl-default: DPOTrainer's defaults (a reference model forward
-# per step, gradient checkpointing, no padding to a multiple); trl-precompute: the like-for-like row of the small
-# table (reference log-probs precomputed, no gradient checkpointing, padded to a multiple of 8 as gatedpo pads).
-ROWS: dict[str, tuple[str, str, bool]] = {
-    "padded": ("gatedpo", "none", False),
-    "gated": ("gatedpo", "sigmoid", False),
-    "packed": ("gatedpo", "none", True),
-    "trl-precompute": ("trl", "none", False),
-    "trl-default": ("trl", "none", False),
+# Rows: (trainer, gatedpo gate, gatedpo packing, LoRA). trl-default: DPOTrainer's defaults (a reference model
+# forward per step, gradient checkpointing, no padding to a multiple); trl-precompute: the like-for-like row of the
+# small table (reference log-probs precomputed, no gradient checkpointing, padded to a multiple of 8 as gatedpo
+# pads). lora / trl-lora: LoRA (LORA below) on the frozen model, the reference the policy with its adapters off
+# (a forward per step, no copy, no precompute), no gradient checkpointing, padded to a multiple of 8.
+ROWS: dict[str, tuple[str, str, bool, bool]] = {
+    "padded": ("gatedpo", "none", False, False),
+    "gated": ("gatedpo", "sigmoid", False, False),
+    "packed": ("gatedpo", "none", True, False),
+    "lora": ("gatedpo", "none", False, True),
+    "trl-precompute": ("trl", "none", False, False),
+    "trl-default": ("trl", "none", False, False),
+    "trl-lora": ("trl", "none", False, True),
 }
 DEFAULT_ROWS = {"builtin": "padded,gated,trl-precompute", "hh": "padded,packed,trl-default"}
+LORA_ROWS = "lora,trl-lora"  # --lora
+# The LoRA rows' adapters: gatedpo's model.lora and peft's LoraConfig (r, lora_alpha, lora_dropout, target_modules).
+LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear
 
 IMPORTS = {
     "gatedpo": "import deepspeed, megatron.core, gatedpo_mega.training.loop, gatedpo_mega.training.data",
@@ -105,7 +124,7 @@ IMPORTS = {
 def overrides(args: argparse.Namespace, row: str = "padded") -> list[str]:
     """The gatedpo config of one row (also what the TRL worker reads its settings from)."""
     out = Path(args.out)
-    _, gate, packing = ROWS[row]
+    _, gate, packing, lora = ROWS[row]
     ov = [
         "parallel.tensor=1",
         "parallel.pipeline=1",
@@ -113,7 +132,8 @@ def overrides(args: argparse.Namespace, row: str = "padded") -> list[str]:
         f"train.micro_batch_size={args.micro_batch}",
         f"train.global_batch_size={PAIRS_PER_STEP}",
         f"train.output_dir={out / f'gatedpo-{row}'}",
-        f"train.reference={args.reference}",
+        # LoRA rows: the policy with its adapters off, a forward per step (train.reference=auto with LoRA)
+        f"train.reference={'live' if lora else args.reference}",
         f"data.cache_dir={out / 'cache'}",
         f"data.packing={str(packing).lower()}",
         "objective.name=dpo",
@@ -123,6 +143,9 @@ def overrides(args: argparse.Namespace, row: str = "padded") -> list[str]:
         "gate.tau=1e-4",
     ]
     ov += [f"model.{k}={v}" for k, v in MODELS[args.model].items()]
+    if lora:
+        ov += [f"model.lora.{k}={v}" for k, v in LORA.items()]
+        ov.append("model.lora.target_modules=[all-linear]")
     if args.recompute:
         ov.append("model.recompute=full")
     if args.data == "hh":
@@ -146,6 +169,23 @@ def parameter_count(m: Any, vocab: int) -> int:
     mlp = 3 * h * m.ffn_hidden_size  # gate, up, down (SwiGLU)
     layer = attention + mlp + 2 * h  # two RMSNorm weights
     return vocab * h * (1 if m.tie_embeddings else 2) + m.num_layers * layer + h  # + the final norm
+
+
+def lora_parameter_count(m: Any, rank: int) -> int:
+    """LoRA parameters of all seven linears of every layer (``A`` [rank, in] + ``B`` [out, rank] each)."""
+    h, f = m.hidden_size, m.ffn_hidden_size
+    kv = m.num_query_groups * (h // m.num_attention_heads)
+    in_out = [(h, h), (h, kv), (h, kv), (h, h), (h, f), (h, f), (f, h)]  # q k v o gate up down
+    return m.num_layers * sum(rank * (i + o) for i, o in in_out)
+
+
+def _version(package: str) -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version(package)
+    except md.PackageNotFoundError:
+        return None
 
 
 def step_tokens(args: argparse.Namespace, data: Any, cfg: Any) -> list[dict[str, int]]:
@@ -215,13 +255,18 @@ def summarize(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
 
 
 def method_name(args: argparse.Namespace, row: str) -> str:
-    trainer, gate, packing = ROWS[row]
+    trainer, gate, packing, lora = ROWS[row]
+    adapters = f"LoRA r{LORA['rank']} a{LORA['alpha']:g} all-linear"
     if trainer == "trl":
+        if lora:
+            return f"TRL DPOTrainer + peft {adapters} (sigmoid; ref adapters off)"
         if row == "trl-default":
             return "TRL DPOTrainer defaults (sigmoid; ref model per step, grad ckpt)"
         return "TRL DPOTrainer (sigmoid; ref precomputed)"
     layout = "packed" if packing else "padded"
     recompute = "; recompute full" if args.recompute else ""
+    if lora:
+        return f"gatedpo DPO {layout} {adapters} (gate {gate}; ref adapters off{recompute})"
     return f"gatedpo DPO {layout} (gate {gate}; ref {args.reference}{recompute})"
 
 
@@ -308,8 +353,8 @@ def trl_worker(args: argparse.Namespace) -> None:
     from gatedpo_mega.deepspeed.engine import lr_lambda  # torch and math only
 
     row = args.trl_row
-    default = row == "trl-default"
-    cfg = load_config(CONFIG, overrides(args))
+    default, lora = row == "trl-default", ROWS[row][3]
+    cfg = load_config(CONFIG, overrides(args, row))
     t, m = cfg.train, cfg.model
     data = load_preference_data(cfg.data, seed=t.seed)
     tok = data.tokenizer
@@ -358,8 +403,26 @@ def trl_worker(args: argparse.Namespace) -> None:
         ),
     ).to(torch.float32)
     parameters = sum(p.numel() for p in model.parameters())
-    if not default:
+    peft_kwargs: dict[str, Any] = {}
+    if lora:
+        # peft wraps the model inside DPOTrainer; with ref_model=None the reference is the policy with its adapters
+        # disabled (no copy), computed in every step (no precompute) as gatedpo's live LoRA reference is.
+        import peft
+
+        lc = cfg.model.lora
+        assert lc.target_modules == LORA_TARGETS, lc.target_modules
+        peft_kwargs["peft_config"] = peft.LoraConfig(
+            r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
         ref_kwargs: dict[str, Any] = {
+            "precompute_ref_log_probs": False,
+            "gradient_checkpointing": False,
+            "pad_to_multiple_of": cfg.data.pad_to_multiple,
+            "max_length": None,
+        }
+    elif not default:
+        ref_kwargs = {
             "precompute_ref_log_probs": True,
             "precompute_ref_batch_size": t.reference_batch_size,
             "gradient_checkpointing": False,
@@ -399,8 +462,9 @@ def trl_worker(args: argparse.Namespace) -> None:
             self.steps: list[dict[str, Any]] = []
 
         def count(self, module: Any, a: Any, kw: dict[str, Any]) -> None:
-            """The policy's forwards only (the hook is on the policy, not on TRL's reference model)."""
-            if self.active:
+            """The policy's forwards only: the hook is on the policy, not on TRL's reference model, and the
+            reference forward of the policy with its adapters disabled (trl-lora) runs under ``no_grad``."""
+            if self.active and torch.is_grad_enabled():
                 ids = kw["input_ids"] if "input_ids" in kw else a[0]
                 mask = kw.get("attention_mask")
                 self.tokens += ids.numel()
@@ -439,9 +503,12 @@ def trl_worker(args: argparse.Namespace) -> None:
         use_cpu=True, seed=t.seed, bf16=False, fp16=False, **ref_kwargs,
     )  # fmt: skip
     trainer = PreTokenizedDPOTrainer(
-        model=model, args=config, train_dataset=dataset, processing_class=hf_tok, callbacks=[timer]
-    )
+        model=model, args=config, train_dataset=dataset, processing_class=hf_tok, callbacks=[timer],
+        **peft_kwargs,
+    )  # fmt: skip
     assert trainer.ref_model is None if not default else trainer.ref_model is not None
+    assert lora == (type(trainer.model).__name__ != "LlamaForCausalLM"), type(trainer.model)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     import resource
 
@@ -451,18 +518,24 @@ def trl_worker(args: argparse.Namespace) -> None:
                   "padding_free", "bf16", "disable_dropout", "optim", "use_liger_kernel", "activation_offloading")
     }  # fmt: skip
     applied["reference_model"] = trainer.ref_model is not None
+    applied["model_class"] = type(trainer.model).__name__
     Path(args.trl_worker).write_text(
         json.dumps(
             {
                 "steps": timer.steps,
                 "parameters": parameters,
+                "trainable_parameters": trainable,
                 "settings": {
                     k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v)
                     for k, v in applied.items()
                 },
                 "peak_rss_mib_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "torch_threads": torch.get_num_threads(),
-                "versions": {"trl": trl.__version__, "transformers": transformers.__version__},
+                "versions": {
+                    "trl": trl.__version__,
+                    "transformers": transformers.__version__,
+                    "peft": _version("peft"),
+                },
             }
         )
     )
@@ -489,6 +562,7 @@ def run_trl(
         versions=worker["versions"],
         torch_threads=worker["torch_threads"],
         parameters=worker["parameters"],
+        trainable_parameters=worker["trainable_parameters"],
         settings=worker["settings"],
         real_tokens_match_gatedpo=res["real_tokens_each_step"] == expected,
     )
@@ -499,7 +573,15 @@ def run_trl(
 # Orchestration and the table
 
 
-def table(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> str:
+def ratio_refs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """Each row's TRL row for the ratios: ``trl-lora`` for the LoRA rows; for the others ``trl-default`` when it
+    ran, else ``trl-precompute`` (None: no TRL counterpart ran)."""
+    trl = {r["row"]: r for r in rows if ROWS[r["row"]][0] == "trl"}
+    full = trl.get("trl-default") or trl.get("trl-precompute")
+    return {r["row"]: trl.get("trl-lora") if ROWS[r["row"]][3] else full for r in rows}
+
+
+def table(rows: list[dict[str, Any]], refs: dict[str, dict[str, Any] | None]) -> str:
     head = (
         "| method | steps (timed) | median step s | real tokens/step | padded tokens/step | real tokens/s | "
         "padded tokens/s | peak RSS MiB | wall s | before step 1 s | real tokens/s ratio vs TRL | "
@@ -507,6 +589,7 @@ def table(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> str:
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
+        ref = refs[r["row"]]
         ratio_t = f"{r['real_tokens_per_s'] / ref['real_tokens_per_s']:.2f}" if ref else "n/a"
         ratio_m = f"{r['peak_rss_mib'] / ref['peak_rss_mib']:.2f}" if ref else "n/a"
         lines.append(
@@ -569,7 +652,13 @@ def main() -> None:
     )  # fmt: skip
     p.add_argument(
         "--rows", help=f"comma-separated rows out of {', '.join(ROWS)} (default: {DEFAULT_ROWS['builtin']} for "
-        f"--data builtin, {DEFAULT_ROWS['hh']} for --data hh); TRL's ratios are against trl-default when it runs",
+        f"--data builtin, {DEFAULT_ROWS['hh']} for --data hh); TRL's ratios are against trl-default when it runs "
+        "(the LoRA rows': against trl-lora)",
+    )  # fmt: skip
+    p.add_argument(
+        "--lora", action="store_true",
+        help=f"the LoRA rows, --rows {LORA_ROWS}: rank {LORA['rank']}, alpha {LORA['alpha']}, dropout "
+        f"{LORA['dropout']:g}, all-linear, the reference the policy with its adapters off (--reference does not apply)",
     )  # fmt: skip
     p.add_argument(
         "--reference", choices=("precomputed", "live"),
@@ -593,7 +682,11 @@ def main() -> None:
     if PAIRS_PER_STEP % args.micro_batch or args.steps <= args.warmup:
         p.error(f"--micro-batch must divide {PAIRS_PER_STEP} and --steps must exceed --warmup")
     args.reference = args.reference or ("live" if args.data == "hh" else "precomputed")
-    rows_wanted = [r for r in (args.rows or DEFAULT_ROWS[args.data]).split(",") if r]
+    if args.lora and args.rows:
+        p.error(f"--lora is --rows {LORA_ROWS}: give one of the two")
+    rows_wanted = [
+        r for r in (args.rows or (LORA_ROWS if args.lora else DEFAULT_ROWS[args.data])).split(",") if r
+    ]
     if unknown := [r for r in rows_wanted if r not in ROWS]:
         p.error(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(ROWS)})")
     if args.no_gated:
@@ -631,13 +724,16 @@ def main() -> None:
     tokens = step_tokens(args, data, cfg)
     vocab = cfg.model.vocab_size or data.tokenizer.vocab_size
     n_params = parameter_count(cfg.model, vocab)
+    n_lora = lora_parameter_count(cfg.model, LORA["rank"])
     m = cfg.model
     print(
         f"model {args.model}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads in "
         f"{m.num_query_groups} KV groups, SwiGLU {m.ffn_hidden_size}, vocabulary {vocab}, untied: "
-        f"{n_params:,} parameters ({n_params / 1e6:.1f}M)",
+        f"{n_params:,} parameters ({n_params / 1e6:.1f}M)"
+        + (f"; LoRA rank {LORA['rank']} on all 7 linears: {n_lora:,} trainable" if any(
+            ROWS[r][3] for r in rows_wanted) else ""),
         flush=True,
-    )
+    )  # fmt: skip
     real, padded = sum(t["real"] for t in tokens), sum(t["padded"] for t in tokens)
     print(
         f"data {args.data}: {len(data.train)} training pairs, max_length {cfg.data.max_length} (prompt "
@@ -673,13 +769,16 @@ def main() -> None:
         best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in group)
         rows.append(best)
     trl_rows = {r["row"]: r for r in rows if ROWS[r["row"]][0] == "trl"}
-    ref = trl_rows.get("trl-default") or trl_rows.get("trl-precompute")
+    refs = ratio_refs(rows)
+    ref = next((r for r in refs.values() if r), None)
     imports = {s: import_rss(s, env) for s in IMPORTS if s == "gatedpo" or ref}
 
     versions = {k: md.version(k) for k in ("torch", "transformers", "deepspeed", "megatron-core")}
+    if any(ROWS[r][3] for r in rows_wanted):
+        versions["peft"] = _version("peft") or "not installed"
     versions["trl"] = installed_trl if trl_rows else f"{installed_trl} (not run)"
     print()
-    print(table(rows, ref))
+    print(table(rows, refs))
     print()
     accumulation = PAIRS_PER_STEP // args.micro_batch
     print(
@@ -687,7 +786,9 @@ def main() -> None:
         f"1-{args.warmup} left out of median and tokens/s; 1 process, {os.cpu_count()} CPUs on the host, torch "
         f"threads {args.threads or 'default'} (TRL reports {ref['torch_threads'] if ref else 'n/a'})"
     )
-    print(f"ratios against: {ref['method'] if ref else 'n/a'}; model {args.model} ({n_params:,} parameters)")
+    against = sorted({r["method"] for r in refs.values() if r})
+    print(f"ratios against: {'; '.join(against) or 'n/a'} (LoRA rows against the LoRA TRL row); model "
+          f"{args.model} ({n_params:,} parameters)")  # fmt: skip
     print(f"1-minute load average before / after each round: {', '.join(f'{x:.1f}' for x in load)}")
     for r in rows:
         print(f"{r['method']}: real tokens/s of each run {r['tokens_per_s_all_runs']}")
@@ -695,9 +796,12 @@ def main() -> None:
         print(f"{r['method']}: loss step 1 {r['loss_first']:.4f}, step {r['steps']} {r['loss_last']:.4f}")
     for r in trl_rows.values():
         print(
-            f"{r['method']}: {r['parameters']:,} parameters; real tokens per step equal gatedpo's: "
-            f"{r['real_tokens_match_gatedpo']}; settings {r['settings']}"
+            f"{r['method']}: {r['parameters']:,} parameters ({r['trainable_parameters']:,} trainable); real tokens "
+            f"per step equal gatedpo's: {r['real_tokens_match_gatedpo']}; settings {r['settings']}"
         )
+        if ROWS[r["row"]][3] and r["trainable_parameters"] != n_lora:
+            print(f"WARNING: {r['row']} trains {r['trainable_parameters']:,} parameters, LoRA rank "
+                  f"{LORA['rank']} on the 7 linears is {n_lora:,}")  # fmt: skip
     for r in rows:
         if r.get("peak_rss_mib_metrics") is not None:
             print(
@@ -708,6 +812,7 @@ def main() -> None:
     setup = {
         "data": args.data, "model": args.model, "parameters": n_params, "max_length": cfg.data.max_length,
         "max_prompt_length": cfg.data.max_prompt_length, "reference": args.reference, "rows": rows_wanted,
+        "lora": {**LORA, "target_modules": LORA_TARGETS, "parameters": n_lora},
         "steps": args.steps, "warmup": args.warmup, "micro_batch": args.micro_batch, "threads": args.threads,
         "step_tokens": tokens,
     }  # fmt: skip
