@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from gatedpo_mega.config import LORA_TARGETS, ModelConfig
+from gatedpo_mega.config import ModelConfig
+from gatedpo_mega.convert.peft import check_adapter
 from gatedpo_mega.errors import UserError
 
 DEFAULT = "default"  # PEFT's name of the adapter that trains
@@ -44,7 +45,7 @@ def add_lora(model: torch.nn.Module, cfg: ModelConfig, *, seed: int) -> torch.nn
     where = f"model.init_from={cfg.init_from}"
     try:
         if cfg.init_adapter:
-            check_adapter_config(cfg)
+            check_adapter(cfg, tensors=False)  # plain LoRA agreeing with model.lora (convert/peft.py)
             # The model's own dtype for the adapters (as on the megatron backend; DeepSpeed keeps fp32 masters).
             model = peft.PeftModel.from_pretrained(
                 model, cfg.init_adapter, is_trainable=True, autocast_adapter_dtype=False, torch_device="cpu"
@@ -69,47 +70,6 @@ def add_lora(model: torch.nn.Module, cfg: ModelConfig, *, seed: int) -> torch.nn
         raise UserError(f"{what}: PEFT cannot add model.lora's adapters ({str(e).splitlines()[0]})") from None
     seed_adapters(model, seed)
     return model
-
-
-def check_adapter_config(cfg: ModelConfig) -> None:
-    """``cfg.init_adapter``'s ``adapter_config.json`` is a LoRA adapter with ``cfg.lora``'s rank, alpha and targets,
-    or one ``UserError`` naming each difference."""
-    import peft
-
-    folder = cfg.init_adapter
-    try:
-        config = peft.PeftConfig.from_pretrained(folder)
-    except (ValueError, OSError, TypeError) as e:
-        raise UserError(
-            f"model.init_adapter={folder}: not a PEFT adapter folder ({str(e).splitlines()[0]})"
-        ) from None
-    if not isinstance(config, peft.LoraConfig):
-        raise UserError(f"model.init_adapter={folder}: not a LoRA adapter ({config.peft_type})")
-    targets = config.target_modules
-    if targets == "all-linear":
-        targets = list(LORA_TARGETS)
-    # in the config's order (a regular expression stays a string: it never equals a list)
-    names = (
-        [n for n in LORA_TARGETS if n in targets] + sorted(set(targets) - set(LORA_TARGETS))
-        if isinstance(targets, list | set | tuple)
-        else targets
-    )
-    mine = cfg.lora
-    found = [
-        f"model.lora.{key} {_show(theirs)} (adapter_config.json {spelled}) vs {_show(ours)} (config)"
-        for key, spelled, theirs, ours in (
-            ("rank", "r", config.r, mine.rank),
-            ("alpha", "lora_alpha", float(config.lora_alpha), mine.alpha),
-            ("target_modules", "target_modules", names, mine.target_modules),
-        )
-        if theirs != ours
-    ]
-    if found:
-        raise UserError(f"model.init_adapter={folder} disagrees with the config: " + "; ".join(found))
-
-
-def _show(v: Any) -> str:
-    return ",".join(v) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _lora_layers(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
