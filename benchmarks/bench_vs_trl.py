@@ -22,7 +22,8 @@ padding to a multiple). Defaults: ``padded,gated,trl-precompute`` for ``--data b
 ``padded,packed,trl-default`` for ``--data hh``. Ratios: real tokens/s of the row over TRL's, and the row's peak
 RSS over TRL's (below 1: the row uses less memory), against ``trl-default`` when it runs, else ``trl-precompute``.
 
-LoRA rows (``--lora``, i.e. ``--rows lora,trl-lora``; ratios of ``lora`` against ``trl-lora``): ``lora`` is gatedpo
+LoRA rows (``--lora``, i.e. ``--rows lora,lora-packed,trl-lora``; ratios of ``lora`` and ``lora-packed`` against
+``trl-lora``; ``lora-packed`` is ``lora`` with ``data.packing=true``): ``lora`` is gatedpo
 with ``model.lora`` rank 16, alpha 32, dropout 0, all-linear (the 7 Hugging Face linears q/k/v/o/gate/up/down),
 ``gate.shape=none``, the base frozen and its reference the policy with its adapters off (``train.reference=live``,
 what ``auto`` gives with LoRA: a forward per step, no copy, no precompute; ``--reference`` does not apply);
@@ -105,12 +106,13 @@ ROWS: dict[str, tuple[str, str, bool, bool]] = {
     "gated": ("gatedpo", "sigmoid", False, False),
     "packed": ("gatedpo", "none", True, False),
     "lora": ("gatedpo", "none", False, True),
+    "lora-packed": ("gatedpo", "none", True, True),
     "trl-precompute": ("trl", "none", False, False),
     "trl-default": ("trl", "none", False, False),
     "trl-lora": ("trl", "none", False, True),
 }
 DEFAULT_ROWS = {"builtin": "padded,gated,trl-precompute", "hh": "padded,packed,trl-default"}
-LORA_ROWS = "lora,trl-lora"  # --lora
+LORA_ROWS = "lora,lora-packed,trl-lora"  # --lora
 # The LoRA rows' adapters: gatedpo's model.lora and peft's LoraConfig (r, lora_alpha, lora_dropout, target_modules).
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear
