@@ -174,6 +174,7 @@ def test_lora_checkpoint_resumes_at_another_layout(world, extra, change, baselin
     args = [*BASE, f"data.cache_dir={cache}", f"train.output_dir={resumed}", "train.resume=true", *extra]
     done = gatedpo(world, "train", *args)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "LoRA rank 4 alpha 8 on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in done.stdout
     assert f"at another layout ({change}): model and optimizer state resharded" in done.stdout
     (row,) = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert row["step"] == 3

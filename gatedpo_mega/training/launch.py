@@ -261,6 +261,11 @@ def summary(cfg: Config, world: int, hub_notes: Sequence[str] = (), notes: Seque
         else f"model {m.num_layers} layers x {m.hidden_size}"
         + (f" from {m.init_from}" if m.init_from else "")
     )
+    if m.lora.enabled:
+        start = f", from {m.init_adapter}" if m.init_adapter else ""
+        model += (
+            f", LoRA rank {m.lora.rank} alpha {m.lora.alpha:g} on {','.join(m.lora.target_modules)}{start}"
+        )
     dp = world // (p.tensor * p.pipeline)
     lines = [*(f"Hugging Face cache: {note}" for note in hub_notes), *notes]
     return "".join(f"gatedpo train: {line}\n" for line in lines) + (
