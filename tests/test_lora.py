@@ -49,33 +49,43 @@ def run(world, extra, cache, out_dir):
 
 
 def final_adapters(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The last checkpoint's adapters, whole (gathered over TP, global layer names), from DeepSpeed's model-states
-    files (ZeRO 0-2: the module's own tensors, fp32 here)."""
+    """The last checkpoint's adapters, whole (gathered over TP, global layer names), from its fp32 master weights
+    (every ZeRO stage's partitions, ``TrainCheckpoint``)."""
+    from gatedpo_mega.convert.lora_checkpoint import adapter_tensor
+    from gatedpo_mega.convert.train_checkpoint import TrainCheckpoint
+    from gatedpo_mega.megatron.lora import adapter_factors
+
+    ckpt = TrainCheckpoint(sorted((run_dir / "checkpoints").glob("step-*"))[-1])
+    out = {f.name: adapter_tensor(ckpt, f) for f in adapter_factors(ckpt.cfg, range(ckpt.cfg.num_layers))}
+    ckpt.release()
+    return out
+
+
+def replicated_factors_agree(run_dir: Path) -> int:
+    """Each factor TP replicates (A of linear_qkv/linear_fc1, B of linear_proj/linear_fc2) is the same tensor on
+    every TP rank of the last checkpoint's module states (ZeRO 0-2): none is trained apart per rank. Returns how
+    many were compared."""
     from gatedpo_mega.megatron.lora import ADAPTER
 
     ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
     meta = json.loads((ckpt / "meta.json").read_text())
     tp, pp = meta["layout"]["tensor"], meta["layout"]["pipeline"]
-    per_stage = meta["model"]["num_layers"] // pp
-    shards: dict[str, list[torch.Tensor]] = {}
+    seen = 0
     for p in range(pp):
-        for t in range(tp):
-            f = ckpt / "deepspeed" / "state" / f"mp_rank_{p * tp + t:02d}_model_states.pt"
-            module = torch.load(f, map_location="cpu", weights_only=False)["module"]
-            for name, x in module.items():
-                m = ADAPTER.match(name)
-                if m:
-                    g = f"decoder.layers.{int(m.group(1)) + p * per_stage}.{m.group(2)}.lora.{m.group(3)}.{m.group(4)}"
-                    shards.setdefault(g, []).append(x.float())
-    out = {}
-    for name, parts in shards.items():
-        column = "linear_qkv" in name or "linear_fc1" in name
-        cut = 0 if (column and ".lora.B." in name) else 1 if (not column and ".lora.A." in name) else None
-        out[name] = torch.cat(parts, dim=cut) if cut is not None else parts[0]
-        if cut is None:  # replicated: every TP rank holds the same tensor
-            for other in parts[1:]:
-                assert torch.equal(other, parts[0]), name
-    return out
+        states = [
+            torch.load(
+                ckpt / "deepspeed" / "state" / f"mp_rank_{p * tp + t:02d}_model_states.pt", weights_only=False
+            )
+            for t in range(tp)
+        ]
+        for name, x in states[0]["module"].items():
+            m = ADAPTER.match(name)
+            column = m is not None and m.group(2) in ("self_attention.linear_qkv", "mlp.linear_fc1")
+            if m is not None and (m.group(3) == "A") == column:
+                for other in states[1:]:
+                    assert torch.equal(other["module"][name], x), name
+                seen += 1
+    return seen
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +139,8 @@ def test_lora_run_starts_at_ln2_trains_and_saves_only_adapters(baseline):
 def test_lora_layouts_match_tp1(world, extra, baseline, cache, tmp_path):
     d, history = baseline
     _same(run(world, extra, cache, tmp_path), history)
-    if "parallel.zero_stage=3" in extra:
-        return  # ZeRO 3 keeps no whole module tensors in its model-states files (the metrics above compare)
+    if "parallel.tensor=2" in extra:
+        assert replicated_factors_agree(tmp_path) == 4 * 7  # 4 layers x 7 linears, one replicated factor each
     mine, ref = final_adapters(tmp_path), final_adapters(d)
     assert set(mine) == set(ref)
     for name in ref:
