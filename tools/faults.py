@@ -23,6 +23,7 @@ are finite), "failure" (a traceback, or a wrong result: metrics that differ, a w
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -33,7 +34,6 @@ import os
 import platform
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -140,22 +140,38 @@ def _env() -> dict[str, str]:
     return env
 
 
+# Starts a command with resource limits set in its own process, then execs it (SIGXFSZ ignored, which exec keeps: a
+# write past RLIMIT_FSIZE fails with EFBIG instead of killing the process). Not a preexec_fn: the rows run side by
+# side in threads, and a fork that runs Python code in a threaded process can deadlock.
+_LIMITED = (
+    "import os, resource, signal, sys\n"
+    "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+    "for spec in sys.argv[1].split(','):\n"
+    "    name, value = spec.split('=')\n"
+    "    resource.setrlimit(getattr(resource, name), (int(value), int(value)))\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
 def gatedpo(
     args: list[str],
     *,
     cwd: Path | None = None,
-    preexec: Callable[[], None] | None = None,
+    limits: dict[str, int] | None = None,
     until: Callable[[float], bool] | None = None,
     poke: Callable[[float, subprocess.Popen[bytes]], None] | None = None,
     timeout: float = 900.0,
 ) -> Result:
-    """``gatedpo ARGS`` in a new session; with ``until(seconds since start)``, the whole process group is killed
-    with SIGKILL as soon as it returns true; ``poke(seconds, process)`` is called while it runs (to signal it)."""
+    """``gatedpo ARGS`` in a new session, under ``limits`` (``{"RLIMIT_FSIZE": bytes, ...}``); with ``until(seconds
+    since start)``, the whole process group is killed with SIGKILL as soon as it returns true; ``poke(seconds,
+    process)`` is called while it runs (to signal it)."""
+    cmd = [sys.executable, "-m", "gatedpo_mega.cli", *args]
+    if limits:
+        cmd = [sys.executable, "-c", _LIMITED, ",".join(f"{k}={v}" for k, v in limits.items()), *cmd]
     start = time.monotonic()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gatedpo_mega.cli", *args], stdout=out, stderr=err, cwd=cwd, env=_env(),
-            preexec_fn=preexec, start_new_session=True,
+            cmd, stdout=out, stderr=err, cwd=cwd, env=_env(), start_new_session=True,
         )  # fmt: skip
         killed = timed_out = False
         while proc.poll() is None:
@@ -539,14 +555,6 @@ def _judge_refusal(out: Path, r: Result, name: str, latest: Path, before: bytes)
 # 3. A full disk
 
 
-def _file_size_limit(limit: int) -> Callable[[], None]:
-    def apply() -> None:  # in the child: writes past the limit fail with EFBIG instead of a signal
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
-
-
 def _folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -584,7 +592,7 @@ def file_size_limits(work: Work, limits: list[int]) -> Row:
     row = Row("fsize", "no room for a checkpoint: RLIMIT_FSIZE (a file cannot grow past the limit)")
     for i, limit in enumerate(limits):
         out = copy_run(work, work.root / f"fsize-{i}", upto=2)
-        r = gatedpo(train_args(work, out, "--resume"), preexec=_file_size_limit(limit))
+        r = gatedpo(train_args(work, out, "--resume"), limits={"RLIMIT_FSIZE": limit})
         name = f"files limited to {limit} bytes"
         row.cases.append(
             _judge_disk(
@@ -1041,10 +1049,6 @@ def _command_line(overrides: list[str]) -> bool:
         return False
 
 
-def _memory_limit() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def _train_config(work: Work, i: int, overrides: list[str]) -> Case:
     from gatedpo_mega.config import load_config
 
@@ -1052,7 +1056,9 @@ def _train_config(work: Work, i: int, overrides: list[str]) -> Case:
     here.mkdir()
     base = [*TINY, "train.max_steps=2", f"data.cache_dir={work.cache}", f"train.output_dir={here / 'out'}"]
     name = " ".join(o if len(o) < 60 else o[:50] + f"...({len(o)} chars)" for o in overrides)
-    r = gatedpo(["train", *base, *overrides], cwd=here, preexec=_memory_limit, timeout=TRAIN_LIMIT_S)
+    r = gatedpo(
+        ["train", *base, *overrides], cwd=here, limits={"RLIMIT_AS": MEMORY_LIMIT}, timeout=TRAIN_LIMIT_S
+    )
     if r.rc is None:
         return Case(name, LIMIT, f"no exit within {TRAIN_LIMIT_S:.0f} s", 0, tail(r.stderr))
     if has_traceback(r.stderr) or (r.rc != 0 and not clear_refusal(r)):
@@ -1350,6 +1356,9 @@ def main(argv: list[str] | None = None) -> int:
         help="only these rows, comma-separated: kills, damage, fsize, tmpfs, data, config, non-finite, signals, "
         "two-runs, layouts",
     )
+    p.add_argument(
+        "--jobs", type=int, default=2, help="rows run side by side (default 2; 1: one after another)"
+    )
     p.add_argument("--hh", type=Path, default=HH, help=f"the HH-RLHF sample (default {HH})")
     p.add_argument("--workdir", type=Path, help="folder for the runs (default: a new temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder (kept anyway when a case fails)")
@@ -1374,17 +1383,16 @@ def main(argv: list[str] | None = None) -> int:
 
     only = set(args.rows.split(",")) if args.rows else None
 
-    def step(produce: Callable[[], Row | tuple[Row, ...]], key: str) -> None:
-        if only is not None and key not in only:
-            return
+    def step(produce: Callable[[], Row | tuple[Row, ...]]) -> list[Row]:
         t0 = time.monotonic()
         made = produce()
-        for row in made if isinstance(made, tuple) else (made,):
+        out = list(made) if isinstance(made, tuple) else [made]
+        for row in out:
             row.seconds = time.monotonic() - t0
-            rows.append(row)
             c = row.counts()
             said = row.not_run or ", ".join(f"{c[o]} {o.replace('_', ' ')}" for o in COLUMNS if c[o])
             print(f"faults: {row.key}: {len(row.cases)} cases: {said} ({row.seconds:.0f} s)", flush=True)
+        return out
 
     reference(work)
     print(
@@ -1392,19 +1400,24 @@ def main(argv: list[str] | None = None) -> int:
         f"in {root}",
         flush=True,
     )
-    step(lambda: kills(work, kill_count), "kills")
-    step(lambda: damaged(work, damage), "damage")
-    step(lambda: file_size_limits(work, limits), "fsize")
-    step(lambda: full_tmpfs(work, free_kib), "tmpfs")
-    step(lambda: corrupted_data(work, data_files, args.hh), "data")
-    step(lambda: config_fuzz(work, config_cases, config_runs), "config")
-    step(lambda: non_finite(work), "non-finite")
-    if signal_count:
-        step(lambda: signals(work, signal_count), "signals")
-    if pair_count:
-        step(lambda: two_runs(work, pair_count), "two-runs")
-    if layout_count:
-        step(lambda: other_layouts(work, layout_count), "layouts")
+    planned: list[tuple[str, Callable[[], Row | tuple[Row, ...]]]] = [
+        ("kills", lambda: kills(work, kill_count)),
+        ("damage", lambda: damaged(work, damage)),
+        ("fsize", lambda: file_size_limits(work, limits)),
+        ("tmpfs", lambda: full_tmpfs(work, free_kib)),
+        ("data", lambda: corrupted_data(work, data_files, args.hh)),
+        ("config", lambda: config_fuzz(work, config_cases, config_runs)),
+        ("non-finite", lambda: non_finite(work)),
+        *([("signals", lambda: signals(work, signal_count))] if signal_count else []),
+        *([("two-runs", lambda: two_runs(work, pair_count))] if pair_count else []),
+        *([("layouts", lambda: other_layouts(work, layout_count))] if layout_count else []),
+    ]
+    # The rows are independent (each its own folders; the reference run and the data cache only read): --jobs of
+    # them run side by side, their runs' waits and start-ups overlapping; the table keeps this order.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(step, produce) for key, produce in planned if only is None or key in only]
+        for future in futures:
+            rows.extend(future.result())
     seconds = time.monotonic() - started
 
     print()
