@@ -39,11 +39,15 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow")
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    # context parallelism (CP): each row's tokens split over this many ranks in the load-balanced zigzag order;
+    # attention runs on keys and values gathered over them (gatedpo_mega/megatron/context.py)
+    context: int = 1
     zero_stage: int = 1
 
     def __post_init__(self) -> None:
         choice("parallel.tensor", self.tensor, (1, 2, 4, 8))
         choice("parallel.pipeline", self.pipeline, (1, 2, 4))
+        choice("parallel.context", self.context, (1, 2, 4, 8, 16))
         choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.pipeline > 1 and self.zero_stage > 1:
             raise ValueError(
@@ -308,6 +312,23 @@ class Config:
             raise ValueError(
                 "model.backend=transformers runs data-parallel under ZeRO only: parallel.tensor and "
                 "parallel.pipeline must be 1 (for TP/PP use the default backend with model.init_from)"
+            )
+        cp = self.parallel.context
+        if cp > 1 and self.model.backend == "transformers":
+            raise ValueError(
+                f"parallel.context={cp} with model.backend=transformers: context parallelism runs in the megatron-core "
+                "backend's attention; use model.backend=megatron with model.init_from (the same weights)"
+            )
+        if cp > 1 and self.model.attention != "sdpa":
+            raise ValueError(
+                f"parallel.context={cp} with model.attention={self.model.attention}: that attention core sees only "
+                "this rank's tokens; use model.attention=sdpa, which gathers the keys and values over the CP ranks"
+            )
+        if cp > 1 and self.model.fused_objective:
+            raise ValueError(
+                f"parallel.context={cp} with model.fused_objective=true: the fused objective streams whole rows through "
+                "the output layer, and each CP rank holds a part of every row; use model.fused_objective=false (the "
+                "fused log-probs still never hold the logits)"
             )
         if self.model.fused_objective and self.parallel.zero_stage == 3:
             raise ValueError(

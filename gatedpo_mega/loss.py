@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from gatedpo_mega.data.batch import Packing, PreferenceBatch
 from gatedpo_mega.errors import NonFiniteError
 from gatedpo_mega.gate import GateConfig, apply_gate, gate_values
+from gatedpo_mega.megatron.context import ContextShard, context_shard
 from gatedpo_mega.metrics import ResponseStats, metric_sums
 from gatedpo_mega.objectives import (
     SFT_OBJECTIVES,
@@ -56,6 +58,7 @@ class LossContext:
         1.0  # dpo_shift's lambda at this step (ObjectiveConfig.shift_at); 1 for the other objectives
     )
     micro_batch: int = 0
+    cp_group: Any = None  # context parallelism: the ranks sharing each row's tokens (megatron/context.py)
     # (micro-batch, detached loss, pair ids) of each micro-batch since the last check (``check_losses`` in
     # training/step.py, once per step): the loss hook itself never waits for the device
     losses: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -66,9 +69,10 @@ class OutputRequest:
     """What a fused output layer is asked to compute for one micro-batch, and what it hands back. It returns the
     statistics in the padded row layout ``[2B, W, 3]`` whatever layout the model ran in."""
 
-    # next-token targets in the model's layout ([2B, W], or [1, T] packed), -100 ignored
+    # next-token targets in the model's layout ([2B, W], or [1, T] packed; this rank's tokens with CP), -100 ignored
     targets: torch.Tensor
     packing: Packing | None = None  # the micro-batch ran packed: how to bring its tokens back to rows
+    shard: ContextShard | None = None  # context parallelism: this rank's tokens of the model's row(s)
     row_targets: torch.Tensor | None = None  # [2B, W] the targets in the padded layout (with packing)
     objective: PairObjective | None = None  # also compute the per-pair loss (training with fused_objective)
     pair_losses: torch.Tensor | None = None  # [B], filled by the layer when it computed them
@@ -136,28 +140,41 @@ def output_request(ctx: LossContext | None, batch: PreferenceBatch) -> OutputReq
             pair_reference(ctx, batch), ctx.objective, ctx.gate, vocab_size=ctx.vocab_size, shift=ctx.shift
         )
     p = batch.packing
+    shard = None
+    if ctx is not None and ctx.cp_group is not None:
+        width = batch.input_ids.shape[1] if p is None else p.input_ids.shape[1]
+        bounds = (0, width) if p is None else p.bounds
+        shard = context_shard(
+            ctx.cp_group, dist.get_world_size(ctx.cp_group), dist.get_rank(ctx.cp_group), bounds
+        )
+    targets = batch.labels if p is None else p.targets
+    if shard is not None:
+        targets = shard.local(targets)
     if p is None:
-        return OutputRequest(batch.labels, objective=objective)
-    return OutputRequest(p.targets, packing=p, row_targets=batch.labels, objective=objective)
+        return OutputRequest(targets, objective=objective, shard=shard)
+    return OutputRequest(targets, packing=p, row_targets=batch.labels, objective=objective, shard=shard)
 
 
 def response_stats(
-    output: torch.Tensor, batch: PreferenceBatch, ctx: LossContext
+    output: torch.Tensor, batch: PreferenceBatch, ctx: LossContext, request: OutputRequest | None = None
 ) -> tuple[ResponseStats, ResponseStats, torch.Tensor]:
     """Per-token statistics of the chosen rows and the rejected rows, and the ungated rejected log-probs.
-    ``output`` is this shard's logits in the model's layout, or a fused output layer's ``[2B, W, 3]`` statistics
-    (in the padded layout)."""
+    ``output`` is this shard's logits in the model's layout (this rank's tokens with CP), or a fused output
+    layer's ``[2B, W, 3]`` statistics (in the padded layout, whole rows). With context parallelism the statistics
+    of every rank's tokens are gathered: what follows runs on whole rows on every CP rank."""
+    if request is None:
+        request = output_request(ctx, batch)
     if ctx.fused:
         logp, logp_max, entropy = output.unbind(-1)
-    elif batch.packing is not None:  # [1, T, V/TP] logits of the packed row; statistics back to rows
-        stats = token_logprobs(
-            output, batch.packing.targets, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size
-        )
-        logp, logp_max, entropy = (batch.packing.rows(x[0]) for x in stats)
     else:
-        logp, logp_max, entropy = token_logprobs(
-            output, batch.labels, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size
-        )
+        stats = torch.stack(
+            token_logprobs(output, request.targets, tp_group=ctx.tp_group, vocab_size=ctx.vocab_size), -1
+        )  # [rows, tokens, 3] in the model's layout
+        if request.shard is not None:
+            stats = request.shard.whole(stats, dim=1)
+        if batch.packing is not None:  # the packed row's statistics back to rows
+            stats = batch.packing.rows(stats[0])
+        logp, logp_max, entropy = stats.unbind(-1)
     mask = batch.loss_mask
     b = batch.pairs
     chosen = ResponseStats(logp[:b], logp_max[:b], entropy[:b], mask[:b])
@@ -175,7 +192,7 @@ def sft_loss_func(
     """``sft``: NLL of the chosen responses; ``sft_extended``: of chosen and rejected (per-sequence, token-mean
     with ``objective.nll_average``)."""
     obj = ctx.objective
-    chosen, rejected, _ = response_stats(output, batch, ctx)
+    chosen, rejected, _ = response_stats(output, batch, ctx, request)
     pc = sequence_logps(chosen.logp, chosen.mask)
     pr = sequence_logps(rejected.logp, rejected.mask)
     nll_c = -sequence_logps(chosen.logp, chosen.mask, average=obj.nll_average)
@@ -198,8 +215,8 @@ def preference_loss_func(
     come from the output layer instead when it computed them (``request.pair_losses``)."""
     obj, gate = ctx.objective, ctx.gate
     if obj.name in SFT_OBJECTIVES:
-        return sft_loss_func(batch, ctx, output)
-    chosen, rejected, rejected_logp = response_stats(output, batch, ctx)
+        return sft_loss_func(batch, ctx, output, request=request)
+    chosen, rejected, rejected_logp = response_stats(output, batch, ctx, request)
     g = None
     if gate.enabled:
         g = gate_values(rejected.logp, rejected.logp_max, rejected.mask, gate, vocab_size=ctx.vocab_size)
@@ -228,7 +245,7 @@ def reference_loss_func(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Forward-only: summed log-probs and token counts per row, keyed by pair id."""
     with torch.no_grad():
-        chosen, rejected, _ = response_stats(output, batch, ctx)
+        chosen, rejected, _ = response_stats(output, batch, ctx, request)
         sums = torch.stack(
             [sequence_logps(chosen.logp, chosen.mask), sequence_logps(rejected.logp, rejected.mask)], 1
         )

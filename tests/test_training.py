@@ -95,6 +95,13 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         (2, ["model.fused_objective=true", "parallel.zero_stage=2"]),
         (4, ["model.recompute=full", "parallel.tensor=2", "parallel.pipeline=2"]),  # activation recomputation
         (2, ["model.recompute=full", "parallel.zero_stage=3", "data.packing=true"]),
+        (2, ["parallel.context=2"]),  # context parallelism (tests/test_context.py has the attention)
+        (4, ["parallel.context=2", "parallel.tensor=2", "model.fused_logprobs=false"]),
+        (
+            4,
+            ["parallel.context=2", "parallel.pipeline=2", "data.packing=true"],
+        ),  # packed CP 2 = unpacked CP 1
+        (4, ["parallel.context=2", "parallel.zero_stage=2"]),  # DP 2 x CP 2: DeepSpeed sums over CP
     ],
     ids=[
         "tp2",
@@ -112,6 +119,10 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         "fused-objective-dp2-zero2",
         "recompute-tp2pp2",
         "recompute-packed-dp2-zero3",
+        "cp2",
+        "cp2-tp2-unfused",
+        "cp2-pp2-packed",
+        "cp2-dp2-zero2",
     ],
 )
 def test_layouts_match_tp1_pp1(world, extra, baseline, cache, tmp_path):

@@ -83,21 +83,34 @@ class PreferenceBatch:
         )
 
 
-def pack(batch: PreferenceBatch, lengths: list[int], *, pad_to_multiple: int, pad_id: int) -> PreferenceBatch:
+def pack(
+    batch: PreferenceBatch,
+    lengths: list[int],
+    *,
+    pad_to_multiple: int,
+    pad_id: int,
+    document_multiple: int = 1,
+) -> PreferenceBatch:
     """``batch`` with its ``Packing``: the rows' first ``lengths[j]`` tokens back to back, in row order, the row
-    padded to a multiple of ``pad_to_multiple`` by a tail that forms its own (ignored) document."""
-    real = sum(lengths)
+    padded to a multiple of ``pad_to_multiple`` by a tail that forms its own (ignored) document. With
+    ``document_multiple`` every document spans a multiple of it (context parallelism cuts each document into
+    ``2 CP`` chunks): its padding follows its last token, where the causal mask keeps it from the real ones, and
+    ``pad_to_multiple`` must then be a multiple of it."""
+    if pad_to_multiple % document_multiple:
+        raise ValueError(f"pad_to_multiple={pad_to_multiple} is not a multiple of {document_multiple}")
+    spans = [-(-n // document_multiple) * document_multiple for n in lengths]
+    real = sum(spans)
     total = -(-real // pad_to_multiple) * pad_to_multiple
     input_ids = torch.full((1, total), pad_id, dtype=torch.long)
     targets = torch.full((1, total), IGNORE_INDEX, dtype=torch.long)
     unpack = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
     starts = [0]
-    for j, n in enumerate(lengths):
+    for j, (n, span) in enumerate(zip(lengths, spans, strict=True)):
         a = starts[-1]
         input_ids[0, a : a + n] = batch.input_ids[j, :n]
         targets[0, a : a + n] = batch.labels[j, :n]
         unpack[j, :n] = torch.arange(a, a + n)
-        starts.append(a + n)
+        starts.append(a + span)
     if total > real:
         starts.append(total)
     cu = torch.tensor(starts, dtype=torch.int32)

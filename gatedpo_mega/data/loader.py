@@ -8,6 +8,7 @@ the same pairs per step (the loss is a mean over the global batch, so they compu
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,10 +20,18 @@ from gatedpo_mega.ops import IGNORE_INDEX
 
 
 def collate(
-    pairs: TokenizedPairs, ids: list[int], *, pad_to_multiple: int, pad_id: int, packing: bool = False
+    pairs: TokenizedPairs,
+    ids: list[int],
+    *,
+    pad_to_multiple: int,
+    pad_id: int,
+    packing: bool = False,
+    document_multiple: int = 1,
 ) -> PreferenceBatch:
     """``B`` pairs as ``2B`` right-padded rows (chosen rows first); labels on response tokens, EOS included. With
-    ``packing``, also the rows back to back in one row (``PreferenceBatch.packing``)."""
+    ``packing``, also the rows back to back in one row (``PreferenceBatch.packing``). ``document_multiple``: every
+    row (packed: every document) spans a multiple of it, as context parallelism's ``2 CP`` chunks need."""
+    pad_to_multiple = math.lcm(pad_to_multiple, document_multiple)
     rows = []
     starts = []
     for i in ids:
@@ -45,7 +54,10 @@ def collate(
         labels[j, first : len(row) - 1] = t[first + 1 :]
     batch = PreferenceBatch(input_ids, labels, torch.tensor(ids, dtype=torch.long))
     if packing:
-        return pack(batch, [len(r) for r in rows], pad_to_multiple=pad_to_multiple, pad_id=pad_id)
+        return pack(
+            batch, [len(r) for r in rows], pad_to_multiple=pad_to_multiple, pad_id=pad_id,
+            document_multiple=document_multiple,
+        )  # fmt: skip
     return batch
 
 
@@ -65,6 +77,7 @@ class PreferenceLoader:
         pad_id: int,
         shuffle: bool = True,
         packing: bool = False,
+        document_multiple: int = 1,
     ) -> None:
         if micro_batch_size < 1 or global_batch_size < 1 or dp_size < 1:
             raise ValueError(
@@ -92,6 +105,7 @@ class PreferenceLoader:
         self.pad_to_multiple, self.pad_id = pad_to_multiple, pad_id
         self.shuffle = shuffle
         self.packing = packing
+        self.document_multiple = document_multiple
         self.num_micro_batches = global_batch_size // (micro_batch_size * dp_size)
         self.steps_per_epoch = len(pairs) // global_batch_size
         # The last incomplete global batch of each epoch is left out (a different set each epoch when shuffled).
@@ -148,6 +162,7 @@ class PreferenceLoader:
                 pad_to_multiple=self.pad_to_multiple,
                 pad_id=self.pad_id,
                 packing=self.packing,
+                document_multiple=self.document_multiple,
             )
             for ids in self.rank_micro_batches(self.epoch, self.step_in_epoch)
         ]

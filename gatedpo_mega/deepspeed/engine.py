@@ -30,6 +30,11 @@ class LayoutMPU:
 
     DeepSpeed counts a replicated (non tensor-parallel) parameter in the gradient norm only where the tensor rank is
     0 and then sums the norm over the model-parallel group (tensor x pipeline), which is what these answer.
+
+    Context parallelism is DeepSpeed's sequence parallelism to it: gradients are all-reduced and ZeRO partitions over
+    the "sequence data parallel" group (data x context), and every reduction divides by that group's size over the
+    sequence-parallel size, i.e. sums over CP and averages over DP (``runtime/engine.py``, ``zero/stage_1_and_2.py``,
+    ``zero/stage3.py``): each CP rank's gradient is its own tokens' share of the whole rows' loss.
     """
 
     def __init__(self, layout: Layout) -> None:
@@ -67,6 +72,24 @@ class LayoutMPU:
 
     def get_data_parallel_world_size(self) -> int:
         return self.layout.dp
+
+    def get_sequence_parallel_group(self) -> Any:
+        return self.layout.cp_group
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self.layout.cp
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self.layout.cp_rank
+
+    def get_sequence_data_parallel_group(self) -> Any:
+        return self.layout.grad_group
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self.layout.dp * self.layout.cp
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self.layout.grad_rank
 
 
 def deepspeed_config(cfg: Config, *, dp: int, num_micro_batches: int, engine_driver: bool) -> dict[str, Any]:

@@ -10,6 +10,11 @@ Packed micro-batches arrive in megatron-core's ``thd`` layout (``PackedSeqParams
 document of the micro-batch back to back in one row, ``cu_seqlens`` marking where each starts. megatron-core then
 applies the rotary embedding per document (positions restart at each ``cu_seqlens`` boundary), and this module runs
 causal attention on each document alone, so no token ever attends across a boundary.
+
+With context parallelism (``megatron/context.py``) each rank holds two chunks of every row (or document) in the
+zigzag order. The keys and values of the whole row are gathered over the CP group (their gradients are summed back
+in backward), and each local chunk attends to the keys of every chunk up to and including its own: one SDPA call
+per chunk, causal aligned to the last key (``causal_lower_right``), which the GPU kernels run without a mask tensor.
 """
 
 from __future__ import annotations
@@ -21,6 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+from torch.nn.attention.bias import causal_lower_right
+
+from gatedpo_mega.megatron.context import chunk_ids, natural_order
+from gatedpo_mega.ops.collectives import gather_shared, group_rank, group_size
 
 
 class SDPAttention(MegatronModule):
@@ -34,11 +43,18 @@ class SDPAttention(MegatronModule):
         attention_type: str,
         attention_dropout: float | None = None,
         softmax_scale: float | None = None,
-        **_: Any,  # cp_comm_type, pg_collection: no context parallelism here
+        pg_collection: Any = None,
+        **_: Any,  # cp_comm_type: the keys and values are all-gathered
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not support context parallelism")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
+                self.cp_group = pg_collection.cp
+            else:
+                from megatron.core import parallel_state
+
+                self.cp_group = parallel_state.get_context_parallel_group()
         head_dim = config.kv_channels
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -59,9 +75,13 @@ class SDPAttention(MegatronModule):
         ``thd`` layout ``[t, heads, d]`` and ``[t, groups, d]`` -> ``[t, heads x d]``."""
         if attention_bias is not None:
             raise ValueError("SDPAttention does not take an attention bias")
+        cp = group_size(self.cp_group)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             # The document bounds as the batch knew them on the host; reading cu_seqlens would wait for the device.
             bounds = getattr(packed_seq_params, "host_bounds", ()) or packed_seq_params.cu_seqlens_q.tolist()
+            if cp > 1:
+                out = self._context_parallel(query[:, None], key[:, None], value[:, None], bounds)
+                return out.reshape(out.shape[0], -1)
             out = torch.cat(
                 [
                     self._causal(query[a:b, None], key[a:b, None], value[a:b, None])
@@ -69,12 +89,37 @@ class SDPAttention(MegatronModule):
                 ]
             )
             return out.reshape(out.shape[0], -1)
-        out = self._causal(query, key, value)
+        if cp > 1:
+            out = self._context_parallel(query, key, value, (0, query.shape[0] * cp))
+        else:
+            out = self._causal(query, key, value)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
     def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Causal attention over ``[s, b, h, d]`` tensors; returns ``[s, b, heads, d]``."""
+        return self._attend(q, k, v, is_causal=True)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **mask: Any) -> torch.Tensor:
         q, k, v = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [b, h, s, d]
         gqa = q.shape[1] != k.shape[1]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=gqa, **mask)
         return out.permute(2, 0, 1, 3)
+
+    def _context_parallel(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...] | list[int]
+    ) -> torch.Tensor:
+        """This rank's zigzag chunks of every document (``bounds``: their starts in the whole row, the end
+        included) attending to the gathered keys and values; ``[s/CP, b, h, d]`` in, the same layout out."""
+        cp, rank = group_size(self.cp_group), group_rank(self.cp_group)
+        order = natural_order(tuple(bounds), cp, q.device)
+        # the whole row's keys and values in natural order: each chunk's keys below are a view of them
+        k_all, v_all = (gather_shared(x, self.cp_group, 0).index_select(0, order) for x in (k, v))
+        outs = []
+        for a, b in pairwise(bounds):
+            size = (b - a) // (2 * cp)  # one chunk of this document
+            for half, c in enumerate(chunk_ids(cp, rank)):
+                start = a // cp + half * size  # where this chunk sits among this rank's tokens
+                end = a + (c + 1) * size  # its last key: the end of chunk c of this document
+                mask = causal_lower_right(size, end - a)
+                outs.append(self._attend(q[start : start + size], k_all[a:end], v_all[a:end], attn_mask=mask))
+        return torch.cat(outs)

@@ -42,14 +42,21 @@ def uses_mask(model: torch.nn.Module) -> bool:
 def model_forward(
     model: torch.nn.Module, batch: PreferenceBatch, request: OutputRequest | None = None
 ) -> torch.Tensor:
-    """Logits ``[2B, W, V/TP]`` (``[1, T, V/TP]`` packed) on the last stage, or ``[2B, W, 3]`` statistics with the
-    fused output layer, which answers ``request`` (by default: the statistics of the batch's targets)."""
-    set_output_request(model, request if request is not None else output_request(None, batch))
+    """Logits ``[2B, W, V/TP]`` (``[1, T, V/TP]`` packed; this rank's ``W/CP`` or ``T/CP`` tokens with context
+    parallelism) on the last stage, or ``[2B, W, 3]`` statistics of whole rows with the fused output layer, which
+    answers ``request`` (by default: the statistics of the batch's targets)."""
+    request = request if request is not None else output_request(None, batch)
+    set_output_request(model, request)
     ids = batch.model_input_ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+    if (
+        request.shard is not None
+    ):  # this rank's tokens; megatron-core's rotary embedding picks their positions
+        ids, positions = request.shard.local(ids), request.shard.local(positions)
     p = batch.packing
     if p is not None:
-        # thd: megatron-core restarts the rotary positions per document; SDPAttention keeps documents apart
+        # thd: megatron-core restarts the rotary positions per document; SDPAttention keeps documents apart. With
+        # context parallelism cu_seqlens stay the whole row's, as megatron-core's thd rotary embedding reads them.
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = p.cu_seqlens
@@ -75,6 +82,18 @@ def forward_step(
     return model_forward(model, batch, request), partial(loss_func, batch, ctx, request=request)
 
 
+def _divided(
+    loss_func: LossFunc,
+    factor: int,
+    batch: PreferenceBatch,
+    ctx: LossContext,
+    output: torch.Tensor,
+    **kw: Any,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    loss, aux = loss_func(batch, ctx, output, **kw)
+    return loss / factor, aux
+
+
 def stage_info(cfg: Config, layout: Layout) -> StageInfo:
     per_stage = cfg.model.num_layers // layout.pp
     return StageInfo(
@@ -94,7 +113,7 @@ class MegatronBackend:
         cfg = self.cfg
         model = build_model(
             cfg.model, vocab_size=vocab_size, stage=stage_info(cfg, layout), pipeline=layout.pp,
-            seed=cfg.train.seed, tp_group=layout.tp_group,
+            seed=cfg.train.seed, tp_group=layout.tp_group, context=layout.cp,
         )  # fmt: skip
         if cfg.model.init_from:
             from gatedpo_mega.training.initial_weights import load_initial_weights
@@ -133,6 +152,12 @@ class MegatronBackend:
     ) -> list[dict[str, Any]]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        cp = self.cfg.parallel.context
+        if cp > 1 and not forward_only:
+            # megatron-core's schedule multiplies each loss by the CP size (its convention: per-rank losses of the
+            # rank's own tokens, averaged over DP x CP). Here every CP rank holds the whole rows' loss and DeepSpeed
+            # sums gradients over CP (its sequence-parallel group): undo the factor.
+            loss_func = partial(_divided, loss_func, cp)
         out: list[dict[str, Any]] = get_forward_backward_func()(
             forward_step_func=partial(forward_step, loss_func, ctx),
             data_iterator=iter(batches),

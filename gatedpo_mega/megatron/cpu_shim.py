@@ -6,6 +6,8 @@ model and the pipeline schedules assume CUDA:
 - ``torch.cuda.current_device()`` as a device (rotary embeddings, p2p shape exchange): answers ``"cpu"``;
 - ``device="cuda"`` in ``pipeline_parallel/schedules.py`` (token counters): that module sees a ``torch`` whose
   tensor factories map ``"cuda"`` to the CPU;
+- ``pin_memory=True`` in ``rope_utils.get_pos_emb_on_this_cp_rank`` (context parallelism): that module sees the
+  same ``torch``, which also drops ``pin_memory`` (there is no pinned allocator without an accelerator);
 - ``Tensor.cuda()`` on tied embeddings under pipeline parallelism: the identity;
 - ``torch.cuda.synchronize()`` in p2p communication: a no-op;
 - the CUDA RNG tracker (``get_cuda_rng_tracker().fork()`` around dropout): a tracker of named CPU generator states;
@@ -71,11 +73,14 @@ def _cpu_device(kwargs: dict[str, Any]) -> dict[str, Any]:
     dev = kwargs.get("device")
     if dev is not None and torch.device(dev).type == "cuda":
         kwargs = {**kwargs, "device": "cpu"}
+    if kwargs.get("pin_memory"):
+        kwargs = {**kwargs, "pin_memory": False}
     return kwargs
 
 
 class _TorchOnCpu(types.ModuleType):
-    """``torch`` as seen by the schedules module: tensor factories put ``device='cuda'`` on the CPU."""
+    """``torch`` as seen by the schedules and rotary modules: tensor factories put ``device='cuda'`` on the CPU,
+    unpinned."""
 
     def __init__(self) -> None:
         super().__init__("torch")
@@ -94,6 +99,7 @@ def apply_cpu_shim() -> bool:
         return False
     if _applied:
         return True
+    from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -101,6 +107,7 @@ def apply_cpu_shim() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     schedules.torch = _TorchOnCpu()  # type: ignore[attr-defined]
+    rope_utils.torch = _TorchOnCpu()  # type: ignore[attr-defined]
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # Activation recomputation saves and restores "the CUDA generator" around each recomputed forward: there is

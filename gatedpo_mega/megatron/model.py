@@ -41,7 +41,9 @@ class StageInfo:
     tp_size: int
 
 
-def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> TransformerConfig
+def transformer_config(
+    cfg: ModelConfig, *, tensor: int, pipeline: int, context: int = 1
+):  # -> TransformerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = DTYPES[cfg.dtype]
@@ -62,6 +64,7 @@ def transformer_config(cfg: ModelConfig, *, tensor: int, pipeline: int):  # -> T
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
+        context_parallel_size=context,  # rotary positions per rank (megatron/context.py's zigzag)
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -99,7 +102,14 @@ def layer_spec(cfg: ModelConfig):  # -> ModuleSpec
 
 
 def build_model(
-    cfg: ModelConfig, *, vocab_size: int, stage: StageInfo, pipeline: int, seed: int, tp_group: Any = None
+    cfg: ModelConfig,
+    *,
+    vocab_size: int,
+    stage: StageInfo,
+    pipeline: int,
+    seed: int,
+    tp_group: Any = None,
+    context: int = 1,
 ):  # -> GPTModel
     """This rank's stage of the model, initialised by ``init_parameters``; with ``cfg.fused_logprobs`` the last
     stage's output layer is ``FusedOutputLayer`` over ``tp_group``."""
@@ -107,7 +117,7 @@ def build_model(
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(seed)  # named RNG states for dropout regions (CPU generators on CPU)
-    tconf = transformer_config(cfg, tensor=stage.tp_size, pipeline=pipeline)
+    tconf = transformer_config(cfg, tensor=stage.tp_size, pipeline=pipeline, context=context)
     model = gpt_model(
         config=tconf,
         transformer_layer_spec=layer_spec(cfg),

@@ -5,7 +5,8 @@ initialisation and DeepSpeed see the same tensor) and runs ``fused_token_logprob
 where DeepSpeed ZeRO-3 has the weight gathered. Each forward is preceded by ``set_output_request``: the micro-batch's
 targets, and with the fused objective a ``PairObjective``, in which case the layer runs ``fused_preference_loss``
 and hands the per-pair losses back on the request. GPTModel then returns ``[B, S, 3]``: target log-prob, top-1
-log-prob, entropy.
+log-prob, entropy. With context parallelism the layer sees this rank's tokens and gathers their statistics over the
+CP group into whole rows (three floats a token; the logits never leave the rank).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class FusedOutputLayer(torch.nn.Module):
             ),
             dim=-1,
         )  # [S, B, 3]
+        if request.shard is not None:  # context parallelism: every rank's tokens, whole rows
+            stats = request.shard.whole(stats, dim=0)
         if packing is not None:  # [T, 1, 3] -> [W, 2B, 3]
             stats = packing.rows(stats[:, 0]).transpose(0, 1)
         return stats, None  # GPTModel transposes to [B, S, 3]

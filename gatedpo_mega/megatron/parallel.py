@@ -48,12 +48,12 @@ def unshard(shards: list[torch.Tensor], dim: int | None, stride: int) -> torch.T
 
 def validate_layout(cfg: Config, world_size: int) -> int:
     """Check that ``cfg`` can run on ``world_size`` processes; returns the data-parallel size."""
-    tp, pp, m, t = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.model, cfg.train
-    if world_size % (tp * pp):
-        raise ConfigError(
-            f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline = {tp} x {pp}"
-        )
-    dp = world_size // (tp * pp)
+    tp, pp, cp, m, t = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context, cfg.model, cfg.train
+    if world_size % (tp * pp * cp):
+        what = "parallel.tensor x parallel.pipeline" + (" x parallel.context" if cp > 1 else "")
+        sizes = f"{tp} x {pp}" + (f" x {cp}" if cp > 1 else "")
+        raise ConfigError(f"world size {world_size} is not a multiple of {what} = {sizes}")
+    dp = world_size // (tp * pp * cp)
     bad = indivisible(m, tp, pp)
     if bad:
         field, value, axis, size = bad
@@ -61,14 +61,15 @@ def validate_layout(cfg: Config, world_size: int) -> int:
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x data-parallel size {dp} (world {world_size} / (tensor {tp} x pipeline {pp}))"
+            f"{t.micro_batch_size} x data-parallel size {dp} (world {world_size} / (tensor {tp} x pipeline {pp}"
+            + (f" x context {cp}))" if cp > 1 else "))")
         )
     return dp
 
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """This rank's place in the TP x PP x DP grid and the groups it talks over."""
+    """This rank's place in the TP x CP x DP x PP grid and the groups it talks over."""
 
     rank: int
     world: int
@@ -83,6 +84,22 @@ class Layout:
     dp_group: Any
     mp_group: Any  # tensor x pipeline: every rank holding a part of one model replica
     embedding_group: Any  # first and last pipeline stage (tied embeddings); None without pipeline parallelism
+    cp: int = 1  # context parallelism: the ranks that share each row's tokens (megatron/context.py)
+    cp_rank: int = 0
+    cp_group: Any = None  # None without context parallelism
+    dp_cp_group: Any = (
+        None  # data x context: where gradients are reduced and ZeRO partitions; dp_group if cp=1
+    )
+
+    @property
+    def grad_group(self) -> Any:
+        """The ranks that hold the same parameters and reduce their gradients: data x context parallel."""
+        return self.dp_cp_group if self.dp_cp_group is not None else self.dp_group
+
+    @property
+    def grad_rank(self) -> int:
+        """This rank's place in ``grad_group`` (its ZeRO partition): megatron-core puts CP inside DP."""
+        return self.dp_rank * self.cp + self.cp_rank
 
     @property
     def first_stage(self) -> bool:
@@ -95,14 +112,17 @@ class Layout:
     @property
     def is_logger(self) -> bool:
         """The one rank that holds the step's metrics and writes them: last stage, first TP and DP rank."""
-        return self.last_stage and self.tp_rank == 0 and self.dp_rank == 0
+        return self.last_stage and self.tp_rank == 0 and self.dp_rank == 0 and self.cp_rank == 0
 
     @property
     def logger_rank(self) -> int:
-        return self.tp * self.dp * (self.pp - 1)  # megatron-core's rank order: tp fastest, then dp, then pp
+        # megatron-core's rank order: tp fastest, then cp, then dp, then pp
+        return self.tp * self.cp * self.dp * (self.pp - 1)
 
 
-def initialize_layout(tensor: int, pipeline: int, *, timeout_minutes: float = 30.0) -> Layout:
+def initialize_layout(
+    tensor: int, pipeline: int, *, context: int = 1, timeout_minutes: float = 30.0
+) -> Layout:
     """megatron-core's groups on the already initialised default process group."""
     from megatron.core import parallel_state as ps
 
@@ -114,6 +134,7 @@ def initialize_layout(tensor: int, pipeline: int, *, timeout_minutes: float = 30
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
+        context_parallel_size=context,
         distributed_timeout_minutes=timeout_minutes,  # type: ignore[arg-type]  # a timedelta takes floats
     )
     return Layout(
@@ -130,4 +151,8 @@ def initialize_layout(tensor: int, pipeline: int, *, timeout_minutes: float = 30
         dp_group=ps.get_data_parallel_group(),
         mp_group=ps.get_model_parallel_group(),
         embedding_group=ps.get_embedding_group(check_initialized=False) if pipeline > 1 else None,
+        cp=context,
+        cp_rank=ps.get_context_parallel_rank(),
+        cp_group=ps.get_context_parallel_group() if context > 1 else None,
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True) if context > 1 else None,
     )

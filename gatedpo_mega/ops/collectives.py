@@ -73,3 +73,63 @@ def copy_to_group(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     return _CopyToGroup.apply(x, group)
+
+
+def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order."""
+    n = dist.get_world_size(group)
+    front = x.movedim(dim, 0).contiguous()  # collectives read contiguous memory (pytorch/pytorch#192920)
+    out = front.new_empty((n * front.shape[0], *front.shape[1:]))
+    dist.all_gather_into_tensor(out, front, group=group)
+    return out.movedim(0, dim)
+
+
+def _own_slice(grad: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+    return grad.chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].contiguous()
+
+
+class _GatherToReplicated(torch.autograd.Function):
+    """Forward: all-gather along ``dim``. Backward: this rank's slice (the consumer is replicated: every rank
+    computes the same gradient of the whole)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return _own_slice(grad, ctx.group, ctx.dim), None, None
+
+
+class _GatherShared(torch.autograd.Function):
+    """Forward: all-gather along ``dim``. Backward: reduce-scatter (every rank used every rank's part, so each
+    part's gradient is the sum over ranks)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
+        ctx.group, ctx.dim = group, dim
+        return _all_gather(x, group, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        front = grad.movedim(ctx.dim, 0).contiguous()  # SDPA's backward hands back strided gradients
+        n = dist.get_world_size(ctx.group)
+        out = front.new_empty((front.shape[0] // n, *front.shape[1:]))
+        dist.reduce_scatter_tensor(out, front, group=ctx.group)
+        return out.movedim(0, ctx.dim), None, None
+
+
+def gather_to_replicated(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tensor:
+    """All ranks' ``x`` along ``dim``, for a consumer replicated on every rank; backward keeps this rank's slice."""
+    if group_size(group) == 1:
+        return x
+    return _GatherToReplicated.apply(x, group, dim)
+
+
+def gather_shared(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tensor:
+    """All ranks' ``x`` along ``dim``, for a consumer that differs per rank (each rank's queries attend to the
+    gathered keys); backward sums the gradients over ranks and keeps this rank's slice."""
+    if group_size(group) == 1:
+        return x
+    return _GatherShared.apply(x, group, dim)

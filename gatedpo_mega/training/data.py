@@ -80,6 +80,11 @@ def reference_key(cfg: Config, vocab_size: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def document_multiple(cfg: Config) -> int:
+    """What every row (packed: every document) must span a multiple of: context parallelism's ``2 CP`` chunks."""
+    return 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
+
+
 def eval_micro_batches(
     pairs: TokenizedPairs, cfg: Config, layout: Layout, pad_id: int
 ) -> tuple[list[PreferenceBatch], list[bool]]:
@@ -97,7 +102,13 @@ def eval_micro_batches(
         mine.append(chunks[0])
         counted.append(False)
     pad = cfg.data.pad_to_multiple
-    batches = [collate(pairs, c, pad_to_multiple=pad, pad_id=pad_id, packing=cfg.data.packing) for c in mine]
+    batches = [
+        collate(
+            pairs, c, pad_to_multiple=pad, pad_id=pad_id, packing=cfg.data.packing,
+            document_multiple=document_multiple(cfg),
+        )
+        for c in mine
+    ]  # fmt: skip
     return batches, counted
 
 
@@ -131,7 +142,7 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
         steps = PreferenceLoader(
             data.train, global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
             dp_rank=layout.dp_rank, dp_size=layout.dp, seed=t.seed, pad_to_multiple=cfg.data.pad_to_multiple,
-            pad_id=tok.pad_id, packing=cfg.data.packing,
+            pad_id=tok.pad_id, packing=cfg.data.packing, document_multiple=document_multiple(cfg),
         )  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -144,7 +155,14 @@ def make_run_data(cfg: Config, layout: Layout) -> RunData:
         chunks[-1] = chunks[-1] + [chunks[-1][0]] * (size - len(chunks[-1]))
     d = cfg.data
     ref = [
-        collate(data.train, c, pad_to_multiple=d.pad_to_multiple, pad_id=tok.pad_id, packing=d.packing)
+        collate(
+            data.train,
+            c,
+            pad_to_multiple=d.pad_to_multiple,
+            pad_id=tok.pad_id,
+            packing=d.packing,
+            document_multiple=document_multiple(cfg),
+        )
         for c in chunks
     ]
     report = data.report.format() + "\n" + steps.describe()

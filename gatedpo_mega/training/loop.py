@@ -52,8 +52,9 @@ def train(cfg: Config, make_data: Any, watch: SignalWatch | None = None) -> list
 def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, Any]]:
     validate_layout(cfg, dist.get_world_size())
     layout = initialize_layout(
-        cfg.parallel.tensor, cfg.parallel.pipeline, timeout_minutes=cfg.train.collective_timeout_minutes
-    )
+        cfg.parallel.tensor, cfg.parallel.pipeline, context=cfg.parallel.context,
+        timeout_minutes=cfg.train.collective_timeout_minutes,
+    )  # fmt: skip
     device = device_for(layout.rank)
     resume_from = find_resume_checkpoint(cfg)  # verified on every rank before anything is loaded
     torch.manual_seed(cfg.train.seed)
@@ -64,7 +65,8 @@ def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, An
     backend = make_backend(cfg)
     model = backend.build(layout, data.vocab_size, device)
     ctx = LossContext(
-        objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, vocab_size=data.vocab_size,
+        objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, cp_group=layout.cp_group,
+        vocab_size=data.vocab_size,
         reference=None, ref_tokens=None, fused=cfg.model.fused_logprobs, fused_objective=cfg.model.fused_objective,
         shift=cfg.objective.shift_at(1, cfg.train.max_steps),
     )  # fmt: skip
