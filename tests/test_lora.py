@@ -133,8 +133,10 @@ def test_lora_run_starts_at_ln2_trains_and_saves_only_adapters(baseline):
         (2, ["parallel.zero_stage=3"]),
         # a frozen embedding: recomputed layers still pass gradients to their adapters
         (2, ["parallel.tensor=2", "model.recompute=full", "data.packing=true"]),
+        # context parallelism: the adapters' checkpoint is read from ZeRO's data x context partitions
+        (2, ["parallel.context=2", "data.packing=true"]),
     ],
-    ids=["tp2pp2", "pp2-dp2-zero1", "tp2-dp2-zero2", "dp2-zero3", "tp2-recompute-packed"],
+    ids=["tp2pp2", "pp2-dp2-zero1", "tp2-dp2-zero2", "dp2-zero3", "tp2-recompute-packed", "cp2-packed"],
 )
 def test_lora_layouts_match_tp1(world, extra, baseline, cache, tmp_path):
     d, history = baseline

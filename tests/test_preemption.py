@@ -301,6 +301,12 @@ def test_resume_at_another_layout_continues_the_uninterrupted_run(cache, tmp_pat
         "zero2": (4, ["parallel.tensor=2", "parallel.zero_stage=2"], "zero_stage 1 -> 2"),
         "pp2": (2, ["parallel.pipeline=2"], "tensor 2 -> 1, pipeline 1 -> 2, data 2 -> 1"),
         "dp2-zero3": (2, ["parallel.zero_stage=3"], "tensor 2 -> 1, zero_stage 1 -> 3"),
+        # ZeRO partitions over data x context: 4 partitions of the resumed run from 2 of the saved one
+        "cp2-dp2-zero2": (
+            4,
+            ["parallel.tensor=1", "parallel.context=2", "parallel.zero_stage=2"],
+            "tensor 2 -> 1, context 1 -> 2, zero_stage 1 -> 2",
+        ),
     }
     for name, (world, layout, changes) in cases.items():
         r = _resume(world, args, src, tmp_path / name, *layout)

@@ -79,7 +79,11 @@ def test_eval_covers_every_held_out_pair_once_at_any_data_parallel_size(cache, t
     extra = ["train.max_steps=2", "train.eval_every=1", "train.reference_batch_size=8"]
     one = run(1, extra, cache, tmp_path, "dp1")
     two = run(2, [*extra, "parallel.zero_stage=3"], cache, tmp_path, "dp2")
-    for a, b in zip(one, two, strict=True):
+    # context parallelism, its reference and eval log-probs computed at CP 2 (a cache of its own)
+    cp = run(
+        2, [*extra, "parallel.context=2", f"data.cache_dir={tmp_path / 'cp-cache'}"], cache, tmp_path, "cp2"
+    )
+    for a, b in [*zip(one, two, strict=True), *zip(one, cp, strict=True)]:
         for k in (
             "eval/loss",
             "eval/rewards/accuracies",

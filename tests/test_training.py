@@ -95,7 +95,10 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         (2, ["model.fused_objective=true", "parallel.zero_stage=2"]),
         (4, ["model.recompute=full", "parallel.tensor=2", "parallel.pipeline=2"]),  # activation recomputation
         (2, ["model.recompute=full", "parallel.zero_stage=3", "data.packing=true"]),
-        (2, ["parallel.context=2"]),  # context parallelism (tests/test_context.py has the attention)
+        (
+            2,
+            ["parallel.context=2", "train.reference=live"],
+        ),  # context parallelism (test_context.py: attention)
         (4, ["parallel.context=2", "parallel.tensor=2", "model.fused_logprobs=false"]),
         (
             4,

@@ -80,6 +80,8 @@ class TrainCheckpoint:
         layout = self.meta["layout"]
         self.tensor, self.pipeline = int(layout["tensor"]), int(layout["pipeline"])
         self.data, self.zero_stage = int(layout["data"]), int(layout["zero_stage"])
+        # ZeRO's partitions: one per data x context parallel rank (context 1 before the key existed)
+        self.partitions = self.data * int(layout.get("context", 1))
         self.hf_config: dict[str, Any] | None = self.meta.get("hf_config")
         check_layout(self.cfg, self.tensor, self.pipeline)
         self.ds = self.path / DEEPSPEED_DIR / DEEPSPEED_TAG
@@ -118,13 +120,14 @@ class TrainCheckpoint:
         mp = self.tensor * self.pipeline
         expected = {self._model_file(m).name for m in range(mp)}
         if self._optim_prefix is not None:
-            expected |= {self._optim_file(d, m).name for d in range(self.data) for m in range(mp)}
+            expected |= {self._optim_file(d, m).name for d in range(self.partitions) for m in range(mp)}
         prefix = self._optim_prefix
         for f in sorted(self.ds.iterdir()):
             optim = prefix is not None and f.name.startswith(prefix) and f.name.endswith("_optim_states.pt")
             if optim and f.name not in expected:
                 raise UnexpectedTensorError(
-                    f"{f}: unexpected file for data {self.data} x tensor {self.tensor} x pipeline {self.pipeline}"
+                    f"{f}: unexpected file for data {self.data} x context {self.partitions // self.data} x tensor "
+                    f"{self.tensor} x pipeline {self.pipeline}"
                 )
         for name in sorted(expected):
             if not (self.ds / name).is_file():
@@ -147,7 +150,7 @@ class TrainCheckpoint:
                 expected = local_shapes(
                     self.cfg, self.vocab_size, tensor=self.tensor, pipeline=self.pipeline, pp_rank=pp_rank
                 )
-            optim = [self._optim_file(d, mp) for d in range(self.data)] if self._optim_prefix else None
+            optim = [self._optim_file(d, mp) for d in range(self.partitions)] if self._optim_prefix else None
             self._ranks[mp] = _Rank(self._model_file(mp), optim, expected, source=self.source)
         return self._ranks[mp]
 

@@ -46,6 +46,11 @@ def model_forward(
     parallelism) on the last stage, or ``[2B, W, 3]`` statistics of whole rows with the fused output layer, which
     answers ``request`` (by default: the statistics of the batch's targets)."""
     request = request if request is not None else output_request(None, batch)
+    cp = getattr(getattr(model, "module", model), "config", None)
+    if request.shard is None and getattr(cp, "context_parallel_size", 1) > 1:
+        raise RuntimeError(
+            "a context-parallel model runs on its rank's tokens: give the LossContext its cp_group"
+        )
     set_output_request(model, request)
     ids = batch.model_input_ids
     positions = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)

@@ -252,8 +252,13 @@ def _meta(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def layout_record(cfg: Config, data_parallel: int) -> dict[str, int]:
+    """The layout a checkpoint records. ZeRO partitions over data x context: ``data * context`` files per
+    model-parallel rank."""
     p = cfg.parallel
-    return {"tensor": p.tensor, "pipeline": p.pipeline, "data": data_parallel, "zero_stage": p.zero_stage}
+    return {
+        "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "data": data_parallel,
+        "zero_stage": p.zero_stage,
+    }  # fmt: skip
 
 
 def check_fits(
@@ -312,7 +317,8 @@ def _saved_global_batch(path: Path) -> int | None:
 
 
 def _fmt(layout: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in layout.items())
+    """``tensor 2, pipeline 1, data 2, zero_stage 1``; context only where there is context parallelism."""
+    return ", ".join(f"{k} {v}" for k, v in layout.items() if not (k == "context" and v == 1))
 
 
 def rng_state() -> dict[str, Any]:

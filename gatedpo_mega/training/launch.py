@@ -266,10 +266,11 @@ def summary(cfg: Config, world: int, hub_notes: Sequence[str] = (), notes: Seque
         model += (
             f", LoRA rank {m.lora.rank} alpha {m.lora.alpha:g} on {','.join(m.lora.target_modules)}{start}"
         )
-    dp = world // (p.tensor * p.pipeline)
+    dp = world // (p.tensor * p.pipeline * p.context)
+    cp = f" x CP {p.context}" if p.context > 1 else ""
     lines = [*(f"Hugging Face cache: {note}" for note in hub_notes), *notes]
     return "".join(f"gatedpo train: {line}\n" for line in lines) + (
-        f"gatedpo train: objective {o.name}, {gate}, {model}, TP {p.tensor} x PP {p.pipeline} x DP {dp}, "
+        f"gatedpo train: objective {o.name}, {gate}, {model}, TP {p.tensor}{cp} x PP {p.pipeline} x DP {dp}, "
         f"ZeRO {p.zero_stage}, {t.max_steps} steps of {t.global_batch_size} pairs -> {t.output_dir} "
         "(config.yaml there)"
     )

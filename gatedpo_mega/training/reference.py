@@ -105,8 +105,8 @@ class Reference:
         if not self.needed:
             return
         self.ctx = LossContext(
-            objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, vocab_size=data.vocab_size,
-            reference=None, ref_tokens=None, fused=cfg.model.fused_logprobs,
+            objective=cfg.objective, gate=cfg.gate, tp_group=layout.tp_group, cp_group=layout.cp_group,
+            vocab_size=data.vocab_size, reference=None, ref_tokens=None, fused=cfg.model.fused_logprobs,
         )  # fmt: skip
         if cfg.train.reference == "live" and cfg.model.lora.enabled:
             # The policy itself, with its adapters off (the base) or as they started (model.init_adapter): no copy.

@@ -41,12 +41,14 @@ class ReshardError(UserError):
     every_rank = True
 
 
-LAYOUT_KEYS = ("tensor", "pipeline", "data", "zero_stage")
+LAYOUT_KEYS = ("tensor", "pipeline", "context", "data", "zero_stage")
+LAYOUT_DEFAULTS = {"context": 1}  # what a checkpoint written before the key existed had
 
 
 def layout_changes(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
     """``["tensor 2 -> 1", ...]``: what differs between the checkpoint's layout and this run's."""
-    return [f"{key} {saved.get(key)} -> {mine[key]}" for key in LAYOUT_KEYS if saved.get(key) != mine[key]]
+    old = {key: saved.get(key, LAYOUT_DEFAULTS.get(key)) for key in LAYOUT_KEYS}
+    return [f"{key} {old[key]} -> {mine[key]}" for key in LAYOUT_KEYS if old[key] != mine[key]]
 
 
 def reshard_refusal(saved: dict[str, Any], mine: dict[str, Any], cfg: Config) -> str | None:
@@ -176,7 +178,7 @@ class _Flat(_Target):
         for g, (flat, params) in enumerate(zip(flats, groups, strict=True)):
             for p in params:
                 self.where[names[p]] = (g, _offset(p.data, flat), p)
-        self.dp_rank = layout.dp_rank
+        self.dp_rank = layout.grad_rank  # this rank's ZeRO partition (data x context)
 
     def put(self, name: str, key: str, full: torch.Tensor) -> None:
         g, at, p = self.where[name]
@@ -214,7 +216,8 @@ class _Stage3(_Target):
 
     def put(self, name: str, key: str, full: torch.Tensor) -> None:
         i, at, p = self.where[name]
-        n, rank, dp = p.ds_tensor.numel(), self.layout.dp_rank, self.layout.dp
+        # ZeRO partitions over data x context
+        n, rank, dp = p.ds_tensor.numel(), self.layout.grad_rank, self.layout.dp * self.layout.cp
         flat = full.reshape(-1)
         mine = torch.cat([flat, flat.new_zeros(n * dp - flat.numel())])[rank * n : (rank + 1) * n]
         if key == "fp32":
