@@ -10,6 +10,12 @@ and by DP under ZeRO-3) but have no gradient and no optimizer state; the adapter
 gradients, fp32 master weights and Adam's moments, sharded by ZeRO as full parameters are; a linear's input is
 kept for backward only where an adapter reads it; the live reference is the policy with its adapters off: no copy.
 
+With context parallelism (``parallel.context`` = CP > 1, ``megatron/context.py``) the world is TP x CP x DP x PP:
+every CP rank of a data-parallel replica holds the replica's TP/PP shard and runs its model on 1/CP of each row's
+tokens (rows padded to a multiple of 2 CP), so every per-token term is divided by CP; attention keeps each layer's
+keys and values gathered over the whole row, the loss gathers 3 float32 statistics a token of the whole row, and
+ZeRO partitions over DP x CP (DeepSpeed's sequence-data-parallel group).
+
 Two targets:
 
 - ``cuda``: the allocator's peak (``torch.cuda.max_memory_allocated``), what ``memory/peak_mib_max_rank`` records on
@@ -21,6 +27,7 @@ Two targets:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -90,7 +97,7 @@ class Plan:
     dp: int
     vocab_size: int
     target: str  # cuda | cpu
-    tokens: int  # per micro-batch row x rows (the longest rows data.max_length allows)
+    tokens: int  # per micro-batch row x rows (the longest rows data.max_length allows), over every CP rank
     ranks: tuple[RankPlan, ...]  # one per pipeline stage
 
     @property
@@ -185,9 +192,28 @@ def adapter_parameters(cfg: Config) -> int:
 # ------------------------------------------------------------------------------------------------- activations
 
 
+def row_length(cfg: Config) -> int:
+    """A full-length row's tokens: ``data.max_length``, padded to a multiple of 2 CP under context parallelism (each
+    CP rank takes two of the 2 CP chunks, the load-balanced zigzag order)."""
+    cp = cfg.parallel.context
+    return cfg.data.max_length if cp == 1 else math.ceil(cfg.data.max_length / (2 * cp)) * 2 * cp
+
+
 def rows_tokens(cfg: Config) -> int:
-    """Tokens of one micro-batch at full length: chosen and rejected rows of ``micro_batch_size`` pairs."""
-    return 2 * cfg.train.micro_batch_size * cfg.data.max_length
+    """Tokens of one micro-batch at full length: chosen and rejected rows of ``micro_batch_size`` pairs, whole (over
+    every CP rank)."""
+    return 2 * cfg.train.micro_batch_size * row_length(cfg)
+
+
+def local_tokens(cfg: Config) -> int:
+    """Tokens of one micro-batch that one rank runs its layers on: its 1/CP share of each row."""
+    return rows_tokens(cfg) // cfg.parallel.context
+
+
+def zero_group(cfg: Config, dp: int) -> int:
+    """The ranks ZeRO partitions optimizer state, gradients and parameters over: data-parallel x context-parallel
+    (DeepSpeed's sequence-data-parallel group; every CP rank holds the same parameters, as every DP rank does)."""
+    return dp * cfg.parallel.context
 
 
 def linear_inputs_kept(cfg: Config) -> int:
@@ -203,29 +229,44 @@ def linear_inputs_kept(cfg: Config) -> int:
     )
 
 
+def gathered_kv_bytes(cfg: Config, tokens: int) -> int:
+    """The keys and values one layer's attention keeps for backward on one tensor rank when a rank runs ``tokens``
+    tokens: its own (CP 1), or under context parallelism those gathered over the CP group, the whole rows'
+    (``tokens`` x CP), of which its own are a part."""
+    m = cfg.model
+    kv = m.num_query_groups * m.kv_channels // cfg.parallel.tensor
+    return 2 * kv * tokens * cfg.parallel.context * DTYPE_BYTES[m.dtype]
+
+
 def layer_activation_bytes(cfg: Config, tokens: int) -> int:
-    """What one decoder layer keeps for backward for ``tokens`` tokens on one tensor rank (no sequence
-    parallelism: the norms' inputs are whole on every tensor rank; SDPA keeps q, k, v, its output and the
-    log-sum-exp, never [T, T] scores; ``attention=local`` keeps the scores and their softmax). LoRA's own tensors
-    are ``adapter_activation_bytes``."""
+    """What one decoder layer keeps for backward on one tensor rank that runs ``tokens`` tokens (under context
+    parallelism its 1/CP share: ``local_tokens``) (no sequence parallelism: the norms' inputs are whole on every
+    tensor rank; SDPA keeps q, k, v, its output and the log-sum-exp, never [T, T] scores; ``attention=local``, which
+    the config allows at CP 1 only, keeps the scores and their softmax). k and v are ``gathered_kv_bytes``; LoRA's
+    own tensors are ``adapter_activation_bytes``."""
     m, tp = cfg.model, cfg.parallel.tensor
     b = DTYPE_BYTES[m.dtype]
     h, f = m.hidden_size, m.ffn_hidden_size // tp
     q = m.num_attention_heads * m.kv_channels // tp
-    kv = m.num_query_groups * m.kv_channels // tp
     per_token = (
         2 * h  # the two norms' inputs
         + linear_inputs_kept(cfg)  # the projections' inputs: normed (h, h), attention's output (q), SwiGLU's (f)
-        + q + 2 * kv  # attention's q, k, v
+        + q  # attention's q (k and v: gathered_kv_bytes)
         + q  # attention's output
         + 2 * f  # [gate; up] out (SwiGLU's input)
     )  # fmt: skip
-    total = per_token * tokens * b
+    total = per_token * tokens * b + gathered_kv_bytes(cfg, tokens)
     if m.attention == "local":
         heads = m.num_attention_heads // tp
         rows = 2 * cfg.train.micro_batch_size
         total += 2 * heads * rows * cfg.data.max_length**2 * b
     return total
+
+
+def loss_gather_bytes(cfg: Config) -> int:
+    """Under context parallelism the loss gathers 3 float32 statistics per token of the whole rows over the CP group
+    (the last stage, one micro-batch); nothing at CP 1."""
+    return 3 * FP32 * rows_tokens(cfg) if cfg.parallel.context > 1 else 0
 
 
 def adapter_activation_bytes(cfg: Config, tokens: int) -> int:
@@ -315,8 +356,8 @@ def retained_by_malloc(cfg: Config, vocab_size: int, stage: int) -> int:
 def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) -> RankPlan:
     """What DeepSpeed (gatedpo_mega/deepspeed/engine.py: torch's AdamW, no offload) and megatron-core hold on one
     rank of ``stage``. Without ZeRO, DeepSpeed steps AdamW on the parameters (fp32) or on an fp32 copy of each
-    (bf16), unsharded; from stage 1 it flattens the parameters and steps one flat fp32 partition of 1/DP. With
-    LoRA what it steps is the adapters alone (the parameters that require a gradient)."""
+    (bf16), unsharded; from stage 1 it flattens the parameters and steps one flat fp32 partition of 1/(DP x CP)
+    (``zero_group``). With LoRA what it steps is the adapters alone (the parameters that require a gradient)."""
     m, par, t = cfg.model, cfg.parallel, cfg.train
     zero, lora = par.zero_stage, m.lora.enabled
     wb = DTYPE_BYTES[m.dtype]
@@ -325,7 +366,8 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
     n = base + adapters  # held
     trained = adapters if lora else n  # stepped: gradients and optimizer state
     last = stage == par.pipeline - 1
-    split = dp if zero >= 1 else 1
+    shards = zero_group(cfg, dp)
+    split = shards if zero >= 1 else 1
     part_n = math.ceil(n / split)
     part_t = math.ceil(trained / split)
     of = "of the adapters" if lora else "of the weights"
@@ -337,13 +379,18 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
 
     frozen = ", frozen (LoRA): no gradient, no optimizer state" if lora else ""
     if zero == 3:
-        add(parts, "weights", math.ceil(base / dp) * wb, f"{m.dtype}, 1/{dp} of {base:,} (ZeRO-3){frozen}")
+        add(
+            parts,
+            "weights",
+            math.ceil(base / shards) * wb,
+            f"{m.dtype}, 1/{shards} of {base:,} (ZeRO-3){frozen}",
+        )
     else:
         add(parts, "weights", base * wb, f"{m.dtype}, {base:,} parameters{frozen}")
     if lora:
-        cut = f"1/{dp} of {adapters:,} (ZeRO-3)" if zero == 3 else f"{adapters:,} parameters"
+        cut = f"1/{shards} of {adapters:,} (ZeRO-3)" if zero == 3 else f"{adapters:,} parameters"
         add(
-            parts, "LoRA adapters", math.ceil(adapters / (dp if zero == 3 else 1)) * wb,
+            parts, "LoRA adapters", math.ceil(adapters / (shards if zero == 3 else 1)) * wb,
             f"{m.dtype}, {cut}: rank {m.lora.rank} on {', '.join(m.lora.target_modules)}",
         )  # fmt: skip
     if zero >= 1 or wb == 2:
@@ -385,7 +432,7 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
             grads,
             "gradients",
             part_t * wb,
-            f"{m.dtype}, 1/{dp} {of} (ZeRO-{zero} partitions them as they are reduced)",
+            f"{m.dtype}, 1/{split} {of} (ZeRO-{zero} partitions them as they are reduced)",
         )
         add(
             grads,
@@ -404,9 +451,10 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
             f"{live:,} parameters whole between forward and backward",
         )
 
-    tokens = rows_tokens(cfg)
+    tokens = local_tokens(cfg)
     layers = m.num_layers // par.pipeline
     flight = in_flight(cfg, stage)
+    over_cp = f" (1/{par.context} of each row: context parallelism)" if par.context > 1 else ""
     backward: list[Part] = list(grads)
     if m.recompute == "full":
         kept = layers * tokens * m.hidden_size * wb * flight + layer_activation_bytes(cfg, tokens)
@@ -414,7 +462,7 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
             backward,
             "activations",
             kept,
-            f"layer inputs x {layers} layers x {flight} micro-batch(es) + one layer recomputed",
+            f"layer inputs x {layers} layers x {flight} micro-batch(es) + one layer recomputed{over_cp}",
         )
         add(
             backward,
@@ -425,7 +473,7 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
     else:
         add(
             backward, "activations", layers * layer_activation_bytes(cfg, tokens) * flight,
-            f"{layers} layers x {tokens} tokens x {flight} micro-batch(es) in flight"
+            f"{layers} layers x {tokens} tokens x {flight} micro-batch(es) in flight{over_cp}"
             + (" (the frozen linears keep no input)" if lora else ""),
         )  # fmt: skip
         add(
@@ -436,6 +484,10 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
     if last:
         out, what = output_temporaries(cfg, vocab_size, tokens)
         add(backward, "output layer + log-probs", out, what)
+        add(
+            backward, "loss: gathered over CP", loss_gather_bytes(cfg),
+            f"3 x fp32 a token of the whole rows ({rows_tokens(cfg)} tokens)",
+        )  # fmt: skip
 
     # The optimizer step: the gradients the optimizer reads in fp32, then AdamW's temporaries: on a GPU torch's
     # foreach AdamW takes sqrt(v) of every tensor it steps at once (one temporary of their size); on a CPU its
@@ -474,7 +526,8 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
 
 
 def plan_memory(cfg: Config, *, world: int, vocab_size: int, target: str = "cuda") -> Plan:
-    """The plan of ``cfg`` on ``world`` ranks; a layout that cannot run is refused as training refuses it."""
+    """The plan of ``cfg`` on ``world`` ranks; a layout that cannot run is refused as training refuses it (among
+    them a world that TP x PP x CP does not divide)."""
     from gatedpo_mega.megatron.parallel import validate_layout
 
     if cfg.model.backend != "megatron":
@@ -512,14 +565,25 @@ def flops_per_parameter_token(cfg: Config) -> float:
     return 6 + recompute
 
 
+def context_gather_bytes(cfg: Config) -> float:
+    """Bytes one rank receives per micro-batch gathering keys and values over the CP group: in each layer of its
+    stage, the all-gather of the whole rows' k and v forward and the reduce-scatter of their gradients backward, each
+    moving (CP - 1)/CP of them; 0 at CP 1."""
+    m, cp = cfg.model, cfg.parallel.context
+    layers = m.num_layers // cfg.parallel.pipeline
+    return 2 * layers * gathered_kv_bytes(cfg, local_tokens(cfg)) * (cp - 1) / cp
+
+
 def step_seconds(cfg: Config, dp: int, vocab_size: int) -> float:
-    """Seconds per step on the GPU above: the busiest stage's compute stretched by the pipeline bubble, a fixed cost
-    per layer and micro-batch, the tensor-parallel all-reduces (within a node) and the data-parallel gradient
-    traffic (across nodes once the job spans more than one): the trained parameters' gradients, and under ZeRO-3
-    the gathers of every parameter (forward, backward and a live LoRA reference's forward)."""
+    """Seconds per step on the GPU above: the busiest stage's compute on a rank's tokens (1/CP of each row)
+    stretched by the pipeline bubble, a fixed cost per layer and micro-batch, the tensor-parallel all-reduces and
+    the context-parallel k/v gathers (within a node while TP x CP fits one, as megatron-core's tp-cp-dp-pp rank
+    order places them) and the gradient traffic over DP x CP (across nodes once the job spans more than one): the
+    trained parameters' gradients, and under ZeRO-3 the gathers of every parameter (forward, backward and a live
+    LoRA reference's forward)."""
     m, par = cfg.model, cfg.parallel
-    tp, pp = par.tensor, par.pipeline
-    tokens = rows_tokens(cfg)
+    tp, pp, cp = par.tensor, par.pipeline, par.context
+    tokens = local_tokens(cfg)
     micro = micro_batches(cfg, dp)
     params = max(stage_parameters(cfg, vocab_size, s) for s in range(pp))
     layers = m.num_layers // pp
@@ -529,10 +593,12 @@ def step_seconds(cfg: Config, dp: int, vocab_size: int) -> float:
     wb = DTYPE_BYTES[m.dtype]
     # two all-reduces of [tokens, hidden] per layer forward and two backward, each moving 2 (tp-1)/tp of it
     tp_bytes = 4 * layers * tokens * m.hidden_size * wb * 2 * (tp - 1) / tp
-    per_micro = compute + tp_bytes / NVLINK_BYTES_PER_S
-    world = tp * pp * dp
+    cp_rate = NETWORK_BYTES_PER_S if tp * cp > GPUS_PER_NODE else NVLINK_BYTES_PER_S
+    per_micro = compute + tp_bytes / NVLINK_BYTES_PER_S + context_gather_bytes(cfg) / cp_rate
+    world = tp * pp * cp * dp
     dp_rate = NETWORK_BYTES_PER_S if world > GPUS_PER_NODE else NVLINK_BYTES_PER_S
-    share = (dp - 1) / dp
+    shards = zero_group(cfg, dp)  # gradients are all-reduced, and ZeRO-3 gathers parameters, over DP x CP
+    share = (shards - 1) / shards
     if m.lora.enabled:
         dp_bytes = 2 * stage_adapter_parameters(cfg) * wb * share
         if par.zero_stage == 3:
@@ -549,6 +615,7 @@ def step_seconds(cfg: Config, dp: int, vocab_size: int) -> float:
 class Candidate:
     tensor: int
     pipeline: int
+    context: int
     dp: int
     zero_stage: int
     micro_batch_size: int
@@ -557,27 +624,27 @@ class Candidate:
 
 
 def candidates(cfg: Config, gpus: int, vocab_size: int, target: str = "cuda") -> Iterator[Candidate]:
-    """Every layout of ``gpus`` ranks the model divides and the batch allows, with its plan."""
+    """Every layout of ``gpus`` ranks (tensor x pipeline x context x data) the model divides and the batch allows,
+    with its plan."""
     t = cfg.train
-    for tp in (1, 2, 4, 8):
-        for pp in (1, 2, 4):
-            if gpus % (tp * pp):
-                continue
-            dp = gpus // (tp * pp)
-            for zero in (0, 1, 2, 3):
-                for micro in (1, 2, 4, 8, 16):
-                    if t.global_batch_size % (micro * dp):
-                        continue
-                    try:
-                        trial = replace(
-                            cfg,
-                            parallel=ParallelConfig(tensor=tp, pipeline=pp, zero_stage=zero),
-                            train=replace(t, micro_batch_size=micro),
-                        )
-                        plan = plan_memory(trial, world=gpus, vocab_size=vocab_size, target=target)
-                    except (ConfigError, ValueError):
-                        continue
-                    yield Candidate(tp, pp, dp, zero, micro, plan.per_rank_peak_bytes, plan.step_time)
+    for tp, pp, cp in itertools.product((1, 2, 4, 8), (1, 2, 4), (1, 2, 4, 8)):
+        if gpus % (tp * pp * cp):
+            continue
+        dp = gpus // (tp * pp * cp)
+        for zero in (0, 1, 2, 3):
+            for micro in (1, 2, 4, 8, 16):
+                if t.global_batch_size % (micro * dp):
+                    continue
+                try:
+                    trial = replace(
+                        cfg,
+                        parallel=ParallelConfig(tensor=tp, pipeline=pp, context=cp, zero_stage=zero),
+                        train=replace(t, micro_batch_size=micro),
+                    )
+                    plan = plan_memory(trial, world=gpus, vocab_size=vocab_size, target=target)
+                except (ConfigError, ValueError):
+                    continue
+                yield Candidate(tp, pp, cp, dp, zero, micro, plan.per_rank_peak_bytes, plan.step_time)
 
 
 def feasible(
@@ -634,11 +701,15 @@ def format_plan(plan: Plan) -> str:
     cfg, r = plan.cfg, plan.busiest
     par = cfg.parallel
     stage = f"pipeline stage {r.stage} of {par.pipeline}" if par.pipeline > 1 else "every rank"
+    cp = par.context
+    grid = f"TP {par.tensor}" + (f" x CP {cp}" if cp > 1 else "") + f" x PP {par.pipeline} x DP {plan.dp}"
+    length = f"{cfg.data.max_length} tokens" + (
+        f" ({row_length(cfg) // cp} a rank over CP {cp})" if cp > 1 else ""
+    )
     head = (
         f"plan: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, vocabulary {plan.vocab_size:,}, "
-        f"{total_parameters(cfg, plan.vocab_size) / 1e9:.3g}B parameters; TP {par.tensor} x PP {par.pipeline} x DP "
-        f"{plan.dp}, ZeRO {par.zero_stage}, {cfg.model.dtype}, micro-batch {cfg.train.micro_batch_size} pairs x "
-        f"{cfg.data.max_length} tokens; target {plan.target}"
+        f"{total_parameters(cfg, plan.vocab_size) / 1e9:.3g}B parameters; {grid}, ZeRO {par.zero_stage}, "
+        f"{cfg.model.dtype}, micro-batch {cfg.train.micro_batch_size} pairs x {length}; target {plan.target}"
     )
     on_it = f"{r.parameters:,} parameters on it"
     lora = cfg.model.lora
@@ -669,12 +740,12 @@ def format_candidates(found: list[Candidate], gpus: int, limit_bytes: int, top: 
     lines = [
         f"layouts on {gpus} GPUs of {limit_bytes / GiB:g} GiB that fit, fastest first (step time relative to the "
         f"first; {len(found)} fit):",
-        "| TP | PP | DP | ZeRO | micro-batch | peak GiB | relative step time |",
-        "|---|---|---|---|---|---|---|",
+        "| TP | PP | CP | DP | ZeRO | micro-batch | peak GiB | relative step time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in found[:top]:
         lines.append(
-            f"| {c.tensor} | {c.pipeline} | {c.dp} | {c.zero_stage} | {c.micro_batch_size} | "
+            f"| {c.tensor} | {c.pipeline} | {c.context} | {c.dp} | {c.zero_stage} | {c.micro_batch_size} | "
             f"{c.peak_bytes / GiB:.1f} | {c.step_time / best:.2f} |"
         )
     return "\n".join(lines)
@@ -695,6 +766,7 @@ def plan_json(plan: Plan) -> dict[str, object]:
         "layout": {
             "tensor": plan.cfg.parallel.tensor,
             "pipeline": plan.cfg.parallel.pipeline,
+            "context": plan.cfg.parallel.context,
             "data": plan.dp,
             "zero_stage": plan.cfg.parallel.zero_stage,
             "micro_batch_size": plan.cfg.train.micro_batch_size,

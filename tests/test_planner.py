@@ -168,7 +168,9 @@ def test_the_plan_command_prints_the_parts_and_one_json_object():
     assert out["per_rank_peak_bytes"] == expected
     assert out["per_rank_peak_bytes"] == sum(out["parts"].values()) + sum(out["peak_parts"].values())
     assert out["busiest_stage"] == max(out["stages"], key=lambda s: s["peak_bytes"])["stage"]
-    assert out["layout"] == {"tensor": 4, "pipeline": 2, "data": 1, "zero_stage": 1, "micro_batch_size": 1}
+    assert out["layout"] == {
+        "tensor": 4, "pipeline": 2, "context": 1, "data": 1, "zero_stage": 1, "micro_batch_size": 1,
+    }  # fmt: skip
 
 
 def test_the_layout_search_ranks_what_fits_and_names_the_smallest_gpu_count():
@@ -176,7 +178,7 @@ def test_the_layout_search_ranks_what_fits_and_names_the_smallest_gpu_count():
     found = feasible(cfg, 16, 32000, 80 * GiB)
     assert found and all(c.peak_bytes <= 80 * GiB for c in found)
     assert [c.step_time for c in found] == sorted(c.step_time for c in found)
-    assert all(c.tensor * c.pipeline * c.dp == 16 for c in found)
+    assert all(c.tensor * c.pipeline * c.context * c.dp == 16 for c in found)
     assert not any(c.pipeline > 1 and c.zero_stage > 1 for c in found)  # as ParallelConfig refuses
     assert not feasible(cfg, 2, 32000, 24 * GiB)
     need = smallest_fit(cfg, 2, 32000, 24 * GiB)
