@@ -105,7 +105,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise UserError("--gpus and --gpu-memory go together: how many GPUs, and the memory of one in GiB")
     target = args.target or ("cuda" if args.gpus else planner.host_target())
     vocab = args.vocab_size or planner.plan_vocab_size(cfg)
-    world = args.nproc or args.gpus or cfg.parallel.tensor * cfg.parallel.pipeline
+    world = args.nproc or args.gpus or cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context
     out: dict[str, object] = {}
     text: list[str] = []
     try:

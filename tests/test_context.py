@@ -44,6 +44,34 @@ def test_a_shard_gathers_back_to_the_whole_row_on_one_process():
     assert torch.cat(parts, 1).index_select(1, shard.order).equal(x)
 
 
+def test_the_cpu_prefix_causal_kernel_equals_sdpa_with_the_lower_right_mask_in_float64():
+    """The CPU path (two mask-free kernel calls merged by log-sum-exp) against the GPU path's causal_lower_right
+    (materialised by torch on a CPU), grouped-query, forward and the gradients of q, k and v."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    from gatedpo_mega.megatron.attention import PrefixCausal
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, h, n, 8, generator=g, dtype=torch.float64) for h, n in ((4, 6), (2, 15), (2, 15))
+    )
+    grad = torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64)
+    results = []
+    for run in ("prefix", "sdpa"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        if run == "prefix":
+            out = PrefixCausal.apply(*leaves, 0.3)
+        else:
+            out = F.scaled_dot_product_attention(
+                *leaves, attn_mask=causal_lower_right(6, 15), scale=0.3, enable_gqa=True
+            )
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def _attention_worker(rank, world, out):
     import torch.distributed as dist
 

@@ -132,7 +132,7 @@ def test_layouts_match_tp1_pp1(world, extra, baseline, cache, tmp_path):
     _same(run(world, extra, cache, tmp_path, "run"), baseline)
 
 
-def test_the_published_gate_and_dpo_shift_are_the_same_at_tp2_pp2_and_packed(cache, tmp_path):
+def test_the_published_gate_and_dpo_shift_are_the_same_at_tp2_pp2_packed_and_cp2(cache, tmp_path):
     """One sigmoid in probability per rejected response (q10: a quantile of its token probabilities) on DPO-Shift
     with lambda moving over the run: every layout computes the per-response statistic from whole rows, so the
     numbers are TP 1 x PP 1's."""
@@ -153,6 +153,8 @@ def test_the_published_gate_and_dpo_shift_are_the_same_at_tp2_pp2_and_packed(cac
         ),
         base,
     )
+    # context parallelism: the quantile of each rejected response from the statistics gathered over CP
+    _same(run(2, [*published, "data.packing=true", "parallel.context=2"], cache, tmp_path, "published-cp2"), base)
     plain = run(1, ["objective.name=dpo_shift", "objective.shift_lambda=0.7", "objective.shift_lambda_end=1.0",
                     "gate.shape=none"], cache, tmp_path, "shift")  # fmt: skip
     assert plain[0]["loss"] == base[0]["loss"] and plain[-1]["loss"] != base[-1]["loss"]  # the gradient moved

@@ -14,7 +14,11 @@ causal attention on each document alone, so no token ever attends across a bound
 With context parallelism (``megatron/context.py``) each rank holds two chunks of every row (or document) in the
 zigzag order. The keys and values of the whole row are gathered over the CP group (their gradients are summed back
 in backward), and each local chunk attends to the keys of every chunk up to and including its own: one SDPA call
-per chunk, causal aligned to the last key (``causal_lower_right``), which the GPU kernels run without a mask tensor.
+per chunk, causal aligned to the last key. On a GPU that is ``causal_lower_right``, which the flash and
+memory-efficient kernels run without a mask tensor. torch's CPU kernel would need that mask as a ``[chunk, keys]``
+tensor, kept for backward in every layer (more than the activations CP saves at long rows), so on a CPU
+``PrefixCausal`` runs the kernel twice without a mask, on the earlier chunks' keys (all visible) and on the chunk's
+own (causal), and merges the two by their log-sum-exp, as ring and flash attention merge blocks.
 """
 
 from __future__ import annotations
@@ -105,6 +109,16 @@ class SDPAttention(MegatronModule):
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=gqa, **mask)
         return out.permute(2, 0, 1, 3)
 
+    def _last_of(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of ``[L, b, h, d]`` queries that are the last ``L`` of the ``[K, b, g, d]`` keys."""
+        queries, keys = q.shape[0], k.shape[0]
+        if queries == keys:
+            return self._attend(q, k, v, is_causal=True)
+        if q.device.type != "cpu":
+            return self._attend(q, k, v, attn_mask=causal_lower_right(queries, keys))
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (q, k, v))  # [b, h, s, d]
+        return PrefixCausal.apply(q, k, v, self.scale).permute(2, 0, 1, 3)
+
     def _context_parallel(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...] | list[int]
     ) -> torch.Tensor:
@@ -120,6 +134,37 @@ class SDPAttention(MegatronModule):
             for half, c in enumerate(chunk_ids(cp, rank)):
                 start = a // cp + half * size  # where this chunk sits among this rank's tokens
                 end = a + (c + 1) * size  # its last key: the end of chunk c of this document
-                mask = causal_lower_right(size, end - a)
-                outs.append(self._attend(q[start : start + size], k_all[a:end], v_all[a:end], attn_mask=mask))
+                outs.append(self._last_of(q[start : start + size], k_all[a:end], v_all[a:end]))
         return torch.cat(outs)
+
+
+_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+class PrefixCausal(torch.autograd.Function):
+    """``[b, h, L, d]`` queries, the last ``L`` of ``K`` causal positions, over ``[b, g, K, d]`` keys and values,
+    with torch's CPU flash kernel and no mask tensor: the ``K - L`` earlier keys (every query sees them all) and the
+    last ``L`` (causal, square) are attended separately and merged by their log-sum-exp; backward runs the
+    kernel's backward on each block with the merged output and log-sum-exp, which gives each block's exact share."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        flash = getattr(torch.ops.aten, _CPU_FLASH)
+        cut = k.shape[2] - q.shape[2]
+        o1, l1 = flash(q, k[:, :, :cut], v[:, :, :cut], 0.0, False, scale=scale)
+        o2, l2 = flash(q, k[:, :, cut:], v[:, :, cut:], 0.0, True, scale=scale)
+        lse = torch.logaddexp(l1, l2)
+        out = (torch.exp(l1 - lse)[..., None] * o1 + torch.exp(l2 - lse)[..., None] * o2).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        backward = getattr(torch.ops.aten, _CPU_FLASH + "_backward")
+        cut = k.shape[2] - q.shape[2]
+        grad = grad.contiguous()
+        dq1, dk1, dv1 = backward(grad, q, k[:, :, :cut], v[:, :, :cut], out, lse, 0.0, False, scale=ctx.scale)
+        dq2, dk2, dv2 = backward(grad, q, k[:, :, cut:], v[:, :, cut:], out, lse, 0.0, True, scale=ctx.scale)
+        return dq1 + dq2, torch.cat([dk1, dk2], 2), torch.cat([dv1, dv2], 2), None

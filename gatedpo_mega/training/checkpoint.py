@@ -98,7 +98,7 @@ def check_resume(cfg: Config, world_size: int) -> None:
         return
     for path in reversed(step_folders(cfg.train.output_dir)):
         if verify(path, checksums=False) is None:
-            dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+            dp = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context)
             check_fits(read_meta(path), path, cfg, dp)
             return
 
