@@ -51,7 +51,14 @@ def test_gpu_check_cpu_prints_one_table_and_writes_the_json(tmp_path):
             continue  # liger-kernel is not a dependency
         assert r["median_s"] > 0 and r["peak_extra_mib"] >= 0, r
 
+    context = report["context"]
+    assert [(r["T"], r["cp"]) for r in context] == [(256, 1), (256, 2)]
+    for r in context:
+        assert r["seconds"] > 0 and r["peak_mib"] >= 0 and r["kept_mib"] > 0, r
+    # what autograd keeps per rank falls with CP (the same deterministic bytes on every run)
+    assert context[1]["kept_mib"] < 0.8 * context[0]["kept_mib"]
+
     rows = report["table"]
-    assert len(rows) == 1 + len(train) + len(OP_METHODS)
-    assert {row["part"] for row in rows} == {"tests", "train", "op"}
+    assert len(rows) == 1 + len(train) + len(OP_METHODS) + len(context)
+    assert {row["part"] for row in rows} == {"tests", "train", "op", "context"}
     assert all(set(row) == set(rows[0]) for row in rows)

@@ -37,8 +37,11 @@ MODEL = [
 VOCAB = 512
 
 
-def measure(length: int, repeats: int) -> dict[str, float]:
-    """This rank's numbers on the already initialised default process group (its size is the CP size)."""
+def measure(
+    length: int, repeats: int, *, device: str = "cpu", overrides: list[str] = MODEL, vocab: int = VOCAB
+) -> dict[str, float]:
+    """This rank's numbers on the already initialised default process group (its size is the CP size). On a GPU
+    the peak is ``torch.cuda.max_memory_allocated`` above what was allocated before the first step."""
     import torch
     import torch.distributed as dist
 
@@ -50,23 +53,28 @@ def measure(length: int, repeats: int) -> dict[str, float]:
     from gatedpo_mega.megatron.parallel import initialize_layout
 
     cp = dist.get_world_size()
-    cfg = load_config(None, [*MODEL, f"parallel.context={cp}", f"model.max_position_embeddings={length}"])
+    on = torch.device(device)
+    if on.type == "cuda":  # the CP ranks may share one GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        on = torch.device("cuda", torch.cuda.current_device())
+    cfg = load_config(None, [*overrides, f"parallel.context={cp}", f"model.max_position_embeddings={length}"])
     lay = initialize_layout(1, 1, context=cp)
     stage = StageInfo(pre_process=True, post_process=True, layer_offset=0, tp_rank=0, tp_size=1)
     model = build_model(
-        cfg.model, vocab_size=VOCAB, stage=stage, pipeline=1, seed=0, tp_group=lay.tp_group, context=cp
-    )
+        cfg.model, vocab_size=vocab, stage=stage, pipeline=1, seed=0, tp_group=lay.tp_group, context=cp
+    ).to(on)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, VOCAB, (2, length), generator=g)  # one pair: chosen row, rejected row
+    ids = torch.randint(0, vocab, (2, length), generator=g)  # one pair: chosen row, rejected row
     labels = torch.full_like(ids, -100)
     half = length // 2
     labels[:, half - 1 : length - 1] = ids[:, half:]
-    batch = PreferenceBatch(ids, labels, torch.zeros(1, dtype=torch.long))
+    batch = PreferenceBatch(ids, labels, torch.zeros(1, dtype=torch.long)).to(on)
     ctx = LossContext(
-        objective=cfg.objective, gate=cfg.gate, tp_group=lay.tp_group, cp_group=lay.cp_group, vocab_size=VOCAB,
-        reference=torch.full((1, 2), -float(half) * 6.0, dtype=torch.float64),
-        ref_tokens=torch.full((1, 2), half), fused=True,
+        objective=cfg.objective, gate=cfg.gate, tp_group=lay.tp_group, cp_group=lay.cp_group, vocab_size=vocab,
+        reference=torch.full((1, 2), -float(half) * 6.0, dtype=torch.float64, device=on),
+        ref_tokens=torch.full((1, 2), half, device=on), fused=True,
     )  # fmt: skip
+    cuda = on.type == "cuda"
 
     def step() -> None:
         request = output_request(ctx, batch)
@@ -75,15 +83,26 @@ def measure(length: int, repeats: int) -> dict[str, float]:
         ctx.losses.clear()
         model.zero_grad(set_to_none=True)
 
-    base = _rss_mib()  # the model, its inputs, the imports
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = (
+        torch.cuda.memory_allocated() / 2**20 if cuda else _rss_mib()
+    )  # the model, its inputs (the imports)
     kept = kept_for_backward(step)  # also the warm-up
     times = []
     for _ in range(repeats):
         dist.barrier()
         t0 = time.perf_counter()
         step()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     return {"seconds": statistics.median(times), "peak_mib": max(0.0, peak - base), "kept_mib": kept / 2**20}
 
 
@@ -108,13 +127,13 @@ def _rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _worker(length: int, repeats: int) -> None:
+def _worker(length: int, repeats: int, device: str, overrides: list[str], vocab: int) -> None:
     import torch
     import torch.distributed as dist
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo")  # also on one GPU shared by the CP ranks (NCCL refuses that)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
-    mine = measure(length, repeats)
+    mine = measure(length, repeats, device=device, overrides=overrides, vocab=vocab)
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     if dist.get_rank() == 0:
@@ -128,15 +147,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cell(length: int, cp: int, repeats: int, attempts: int = 3) -> dict[str, Any]:
+def run_cell(
+    length: int,
+    cp: int,
+    repeats: int,
+    *,
+    device: str = "cpu",
+    overrides: list[str] = MODEL,
+    vocab: int = VOCAB,
+    attempts: int = 3,
+) -> dict[str, Any]:
     """One (T, CP) in fresh processes; another try when the launch itself failed (a port taken meanwhile)."""
     reason = "failed"
+    env = dict(os.environ) | ({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {})
     for _ in range(attempts):
         cmd = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cp}", "--master_addr=127.0.0.1",
             f"--master_port={_free_port()}", __file__, "--worker", str(length), "--repeats", str(repeats),
+            "--device", device, "--vocab", str(vocab), "--override", *overrides,
         ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
         last = (done.stdout.strip().splitlines() or [""])[-1]
         if done.returncode == 0 and last.startswith("{"):
             return dict(json.loads(last))
@@ -150,16 +180,22 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (the CP ranks share the GPUs there)")
+    p.add_argument("--vocab", type=int, default=VOCAB)
+    p.add_argument("--override", nargs="+", default=MODEL, help="the model's config overrides")
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--worker", type=int, metavar="T", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        _worker(args.worker, args.repeats)
+        _worker(args.worker, args.repeats, args.device, args.override, args.vocab)
         return
     rows = []
     for t in args.lengths:
         for cp in args.cp:
-            rows.append({"T": t, "cp": cp, **run_cell(t, cp, args.repeats)})
+            cell = run_cell(
+                t, cp, args.repeats, device=args.device, overrides=args.override, vocab=args.vocab
+            )
+            rows.append({"T": t, "cp": cp, **cell})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print("| T | CP | tokens a rank | step s | time vs CP 1 | peak MiB | vs CP 1 | kept MiB | vs CP 1 |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -25,6 +25,12 @@ The peak comes from the device name (H100 SXM and H200: 989 TFLOP/s; unknown: no
 log_softmax, the fused ops, Liger's fused linear DPO loss and the three-matmul floor; time of one forward+backward
 (median) and the peak memory above the inputs (``max_memory_allocated``; on CPU bench_logprobs' RSS measure).
 
+(d) Context parallelism (``tools/bench_context.py``'s cells): one Gate-DPO forward+backward of a pair of T-token rows
+at CP 1 and CP 2, 4 layers of the model above in bf16 at T 16,384 (toy: its narrow fp32 model at T 256), the CP ranks
+on the one GPU, joined by gloo (NCCL refuses two ranks on one device; the key/value exchange goes through host
+memory, so the time is not a cluster's). Per rank: ``torch.cuda.max_memory_allocated`` above the model and inputs,
+and what autograd keeps for backward; the CP row against the CP 1 row.
+
 No target is asserted: the issue's targets are a column of the table. The exit code is 1 when a CUDA test failed or a row
 could not run (after the table and the JSON are written).
 
@@ -68,6 +74,14 @@ VARIANTS = {
         "train.reference=live",
     ],
 }
+# (d): the GPU cells' model (config overrides) and vocabulary; toy cells use bench_context's own narrow model
+CONTEXT_GPU_MODEL = [
+    "model.num_layers=4", "model.hidden_size=2048", "model.num_attention_heads=32", "model.num_query_groups=8",
+    "model.ffn_hidden_size=8192", "model.dtype=bf16",
+]  # fmt: skip
+CONTEXT_GPU_VOCAB = 128256
+CONTEXT_LENGTHS = {"gpu": [16384], "toy": [256]}
+CONTEXT_CP = (1, 2)
 OP_METHODS = ("naive-lmhead", "fused-recompute", "fused-stream", "liger-fused-dpo", "matmul-floor")
 # bf16 dense tensor-core peaks (NVIDIA's data sheets, without sparsity), by a piece of torch's device name.
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0))
@@ -298,6 +312,24 @@ def op_rows_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
 # the parent: (a), (b), (c), one table
 
 
+def context_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """(d): bench_context's cells, CP 1 then CP 2, each in fresh processes."""
+    import bench_context
+
+    overrides = bench_context.MODEL if args.toy else CONTEXT_GPU_MODEL
+    vocab = bench_context.VOCAB if args.toy else CONTEXT_GPU_VOCAB
+    rows = []
+    for t in CONTEXT_LENGTHS["toy" if args.toy else "gpu"]:
+        for cp in CONTEXT_CP:
+            cell = bench_context.run_cell(
+                t, cp, max(1, args.steps // 2), device="cpu" if args.cpu else "cuda", overrides=overrides,
+                vocab=vocab,
+            )  # fmt: skip
+            rows.append({"T": t, "cp": cp, **cell})
+            print(f"context T {t} CP {cp}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    return rows
+
+
 def run_tests(args: argparse.Namespace) -> dict[str, Any]:
     """``pytest -m cuda``; the counts from its summary line."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"]
@@ -387,6 +419,23 @@ def table(report: dict[str, Any]) -> list[dict[str, str]]:
             tokens_per_s=fmt(r["tokens"] / r["median_s"], ".0f"), peak_MiB=fmt(r["peak_extra_mib"], ".0f"),
             time_vs=", ".join(t_vs), memory_vs=", ".join(m_vs) if r["method"] != "matmul-floor" else "(holds G [N, V])",
             target=TARGETS["op"] if fused else "")  # fmt: skip
+    for r in report.get("context", []):
+        case = f"T {r['T']} CP {r['cp']}"
+        if "error" in r:
+            add(part="context", case=case, time_vs=f"error: {r['error']}")
+            continue
+        one = next(
+            (o for o in report["context"] if o["T"] == r["T"] and o["cp"] == 1 and "seconds" in o), None
+        )
+        time_vs, memory_vs = "", f"kept {r['kept_mib']:.0f} MiB"
+        if one is not None and r["cp"] != 1:
+            time_vs = f"{r['seconds'] / one['seconds']:.2f}x CP 1 (shared device)"
+            memory_vs = f"{r['peak_mib'] / max(one['peak_mib'], 1e-9):.2f}x CP 1; " + memory_vs
+            memory_vs += f" ({r['kept_mib'] / max(one['kept_mib'], 1e-9):.2f}x)"
+        add(part="context", case=case, time_ms=fmt(r["seconds"] * 1e3, ".1f"),
+            tokens_per_s=fmt(2 * r["T"] / r["seconds"], ".0f"), peak_MiB=fmt(r["peak_mib"], ".0f"),
+            time_vs=time_vs, memory_vs=memory_vs,
+            target="memory per rank toward 1/CP" if r["cp"] != 1 else "")  # fmt: skip
     return rows
 
 
@@ -431,7 +480,7 @@ def main() -> None:
     p.add_argument("--warmup-op", type=int, help="(c): untimed iterations first (default 2; toy 1)")
     p.add_argument("--repeats-op", type=int, help="(c): timed iterations (default 5; toy 2)")
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak (default: from its name)")
-    p.add_argument("--skip", nargs="+", choices=("tests", "train", "op"), default=[])
+    p.add_argument("--skip", nargs="+", choices=("tests", "train", "op", "context"), default=[])
     p.add_argument("--train-worker", nargs="+", metavar="T:VARIANT", help=argparse.SUPPRESS)
     p.add_argument("--op-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -460,7 +509,7 @@ def main() -> None:
         "mode": mode, "device": device, "versions": versions(), "flop_formula": FLOP_FORMULA,
         "peak_tflops": peak, "model": model, "matmul_params": matmul_params(model), "pairs": args.pairs,
         "targets": TARGETS, "tests": {"exit_code": None, "wall_s": 0.0, "passed": 0, "failed": 0, "skipped": 0, "error": 0},
-        "train": [], "op": [],
+        "train": [], "op": [], "context": [],
     }  # fmt: skip
     t0 = time.perf_counter()
     part_s = report["part_s"] = {}
@@ -491,6 +540,9 @@ def main() -> None:
             report["op"] = [{"method": "all", "vocab": args.op_vocab, "tokens": args.op_tokens,
                              "hidden": args.op_hidden, **report["op"]}]  # fmt: skip
         part_s["op"] = time.perf_counter() - t0 - sum(part_s.values())
+    if "context" not in args.skip:
+        report["context"] = context_rows(args)
+        part_s["context"] = time.perf_counter() - t0 - sum(part_s.values())
     report["wall_s"] = time.perf_counter() - t0
     report["table"] = table(report)
     versions_line = ", ".join(f"{k} {v}" for k, v in report["versions"].items())
@@ -509,7 +561,7 @@ def main() -> None:
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
         print(f"JSON: {out}")
-    failed = [r for r in report["train"] + report["op"] if "error" in r]
+    failed = [r for r in report["train"] + report["op"] + report["context"] if "error" in r]
     if failed or report["tests"]["exit_code"] not in (None, 0):
         # The table is out; a failed test or a row that could not run still fails the check.
         sys.exit(f"gpu_check: {len(failed)} rows failed; pytest -m cuda exit {report['tests']['exit_code']}")

@@ -75,13 +75,20 @@ def copy_to_group(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return _CopyToGroup.apply(x, group)
 
 
+def _staged(x: torch.Tensor, group: ProcessGroup) -> bool:
+    """gloo on device tensors (ranks sharing one GPU, where NCCL refuses): the collective runs on host copies."""
+    return x.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
 def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     """Every rank's ``x`` concatenated along ``dim`` in rank order."""
     n = dist.get_world_size(group)
     front = x.movedim(dim, 0).contiguous()  # collectives read contiguous memory (pytorch/pytorch#192920)
-    out = front.new_empty((n * front.shape[0], *front.shape[1:]))
-    dist.all_gather_into_tensor(out, front, group=group)
-    return out.movedim(0, dim)
+    staged = _staged(front, group)
+    src = front.cpu() if staged else front
+    out = src.new_empty((n * src.shape[0], *src.shape[1:]))
+    dist.all_gather_into_tensor(out, src, group=group)
+    return (out.to(x.device) if staged else out).movedim(0, dim)
 
 
 def _own_slice(grad: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
@@ -115,9 +122,11 @@ class _GatherShared(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         front = grad.movedim(ctx.dim, 0).contiguous()  # SDPA's backward hands back strided gradients
         n = dist.get_world_size(ctx.group)
-        out = front.new_empty((front.shape[0] // n, *front.shape[1:]))
-        dist.reduce_scatter_tensor(out, front, group=ctx.group)
-        return out.movedim(0, ctx.dim), None, None
+        staged = _staged(front, ctx.group)
+        src = front.cpu() if staged else front
+        out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
+        dist.reduce_scatter_tensor(out, src, group=ctx.group)
+        return (out.to(grad.device) if staged else out).movedim(0, ctx.dim), None, None
 
 
 def gather_to_replicated(x: torch.Tensor, group: ProcessGroup | None, dim: int) -> torch.Tensor:
