@@ -75,6 +75,11 @@ def copy_to_group(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return _CopyToGroup.apply(x, group)
 
 
+# torch 2.13 renames the single-tensor collectives (the old names warn); earlier releases have only the old ones
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 def _staged(x: torch.Tensor, group: ProcessGroup) -> bool:
     """gloo on device tensors (ranks sharing one GPU, where NCCL refuses): the collective runs on host copies."""
     return x.device.type != "cpu" and dist.get_backend(group) == "gloo"
@@ -87,7 +92,7 @@ def _all_gather(x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
     staged = _staged(front, group)
     src = front.cpu() if staged else front
     out = src.new_empty((n * src.shape[0], *src.shape[1:]))
-    dist.all_gather_into_tensor(out, src, group=group)
+    _all_gather_single(out, src, group=group)
     return (out.to(x.device) if staged else out).movedim(0, dim)
 
 
@@ -125,7 +130,7 @@ class _GatherShared(torch.autograd.Function):
         staged = _staged(front, ctx.group)
         src = front.cpu() if staged else front
         out = src.new_empty((src.shape[0] // n, *src.shape[1:]))
-        dist.reduce_scatter_tensor(out, src, group=ctx.group)
+        _reduce_scatter_single(out, src, group=ctx.group)
         return (out.to(grad.device) if staged else out).movedim(0, ctx.dim), None, None
 
 
