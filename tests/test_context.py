@@ -35,6 +35,29 @@ def test_zigzag_positions_cover_each_row_once_and_balance_the_causal_work():
         local_positions(6, 2, 0)
 
 
+def test_short_rows_and_packed_documents_are_padded_to_whole_chunks():
+    from gatedpo_mega.data.batch import PreferenceBatch, pack
+
+    ids = torch.arange(1, 13).reshape(2, 6)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:4] = ids[:, 2:5]
+    batch = PreferenceBatch(ids, labels, torch.tensor([0]))
+    packed = pack(batch, [3, 5], pad_to_multiple=8, pad_id=0, document_multiple=4).packing
+    assert packed.bounds == (0, 4, 12, 16)  # 3 -> 4, 5 -> 8, then the padding tail to a multiple of 8
+    assert packed.input_ids[0, :4].tolist() == [1, 2, 3, 0] and packed.input_ids[0, 4:9].tolist() == [
+        7,
+        8,
+        9,
+        10,
+        11,
+    ]
+    expected = batch.labels.clone()  # each row's first n tokens come back; the rest reads as padding (0)
+    expected[0, 3:], expected[1, 5:] = 0, 0
+    assert packed.rows(packed.targets[0]).equal(expected)
+    with pytest.raises(ValueError, match="pad_to_multiple=6 is not a multiple of 4"):
+        pack(batch, [3, 5], pad_to_multiple=6, pad_id=0, document_multiple=4)
+
+
 def test_a_shard_gathers_back_to_the_whole_row_on_one_process():
     bounds = (0, 8, 16)
     x = torch.arange(16.0)[None]

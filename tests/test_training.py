@@ -122,7 +122,7 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         "fused-objective-dp2-zero2",
         "recompute-tp2pp2",
         "recompute-packed-dp2-zero3",
-        "cp2",
+        "cp2-live-zero3",
         "cp2-tp2-unfused",
         "cp2-pp2-packed",
         "cp2-dp2-zero2",
@@ -154,7 +154,10 @@ def test_the_published_gate_and_dpo_shift_are_the_same_at_tp2_pp2_packed_and_cp2
         base,
     )
     # context parallelism: the quantile of each rejected response from the statistics gathered over CP
-    _same(run(2, [*published, "data.packing=true", "parallel.context=2"], cache, tmp_path, "published-cp2"), base)
+    _same(
+        run(2, [*published, "data.packing=true", "parallel.context=2"], cache, tmp_path, "published-cp2"),
+        base,
+    )
     plain = run(1, ["objective.name=dpo_shift", "objective.shift_lambda=0.7", "objective.shift_lambda_end=1.0",
                     "gate.shape=none"], cache, tmp_path, "shift")  # fmt: skip
     assert plain[0]["loss"] == base[0]["loss"] and plain[-1]["loss"] != base[-1]["loss"]  # the gradient moved
