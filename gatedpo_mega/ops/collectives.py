@@ -100,28 +100,27 @@ def _own_slice(grad: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tenso
     return grad.chunk(dist.get_world_size(group), dim)[dist.get_rank(group)].contiguous()
 
 
-class _GatherToReplicated(torch.autograd.Function):
-    """Forward: all-gather along ``dim``. Backward: this rank's slice (the consumer is replicated: every rank
-    computes the same gradient of the whole)."""
+class _Gather(torch.autograd.Function):
+    """Forward: all-gather along ``dim``; the subclasses differ in backward."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
         ctx.group, ctx.dim = group, dim
         return _all_gather(x, group, dim)
+
+
+class _GatherToReplicated(_Gather):
+    """Backward: this rank's slice (the consumer is replicated: every rank computes the same gradient of the
+    whole)."""
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         return _own_slice(grad, ctx.group, ctx.dim), None, None
 
 
-class _GatherShared(torch.autograd.Function):
-    """Forward: all-gather along ``dim``. Backward: reduce-scatter (every rank used every rank's part, so each
-    part's gradient is the sum over ranks)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: ProcessGroup, dim: int) -> torch.Tensor:
-        ctx.group, ctx.dim = group, dim
-        return _all_gather(x, group, dim)
+class _GatherShared(_Gather):
+    """Backward: reduce-scatter (every rank used every rank's part, so each part's gradient is the sum over
+    ranks)."""
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
