@@ -31,10 +31,12 @@ class LayoutMPU:
     DeepSpeed counts a replicated (non tensor-parallel) parameter in the gradient norm only where the tensor rank is
     0 and then sums the norm over the model-parallel group (tensor x pipeline), which is what these answer.
 
-    Context parallelism is DeepSpeed's sequence parallelism to it: gradients are all-reduced and ZeRO partitions over
-    the "sequence data parallel" group (data x context), and every reduction divides by that group's size over the
-    sequence-parallel size, i.e. sums over CP and averages over DP (``runtime/engine.py``, ``zero/stage_1_and_2.py``,
-    ``zero/stage3.py``): each CP rank's gradient is its own tokens' share of the whole rows' loss.
+    Context parallelism is DeepSpeed's sequence parallelism to it: without ZeRO and at ZeRO 1 and 2, gradients are
+    all-reduced and partitioned over the "sequence data parallel" group (data x context), and every reduction divides
+    by that group's size over the sequence-parallel size, i.e. sums over CP and averages over DP
+    (``runtime/engine.py``, ``zero/stage_1_and_2.py``): each CP rank's gradient is its own tokens' share of the whole
+    rows' loss. ZeRO 3 partitions parameters over the data-parallel group alone and so is refused with CP
+    (``ParallelConfig``).
     """
 
     def __init__(self, layout: Layout) -> None:

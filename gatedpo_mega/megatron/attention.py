@@ -14,8 +14,8 @@ causal attention on each document alone, so no token ever attends across a bound
 With context parallelism (``megatron/context.py``) each rank holds two chunks of every row (or document) in the
 zigzag order. The keys and values of the whole row are gathered over the CP group (their gradients are summed back
 in backward), and each local chunk attends to the keys of every chunk up to and including its own: one SDPA call
-per chunk, causal aligned to the last key. On a GPU that is ``causal_lower_right``, which the flash and
-memory-efficient kernels run without a mask tensor. torch's CPU kernel would need that mask as a ``[chunk, keys]``
+per chunk, causal aligned to the last key. On a GPU that is ``causal_lower_right``, which torch runs on the flash
+kernel (bf16/fp16) or the memory-efficient one without a mask tensor, and otherwise with the mask materialised. torch's CPU kernel would need that mask as a ``[chunk, keys]``
 tensor, kept for backward in every layer (more than the activations CP saves at long rows), so on a CPU
 ``PrefixCausal`` runs the kernel twice without a mask, on the earlier chunks' keys (all visible) and on the chunk's
 own (causal), and merges the two by their log-sum-exp, as ring and flash attention merge blocks.
