@@ -49,13 +49,6 @@ class ParallelConfig:
         choice("parallel.pipeline", self.pipeline, (1, 2, 4))
         choice("parallel.context", self.context, (1, 2, 4, 8, 16))
         choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        if self.context > 1 and self.zero_stage == 3:
-            raise ValueError(
-                f"parallel.zero_stage=3 with parallel.context={self.context}: DeepSpeed's ZeRO 3 partitions parameters "
-                "over its data-parallel group only and averages the reduce-scattered gradients without its "
-                "sequence-parallel correction, so the context-parallel ranks would not sum their gradients; use "
-                "parallel.zero_stage <= 2 (ZeRO 1 and 2 partition over data x context)"
-            )
         if self.pipeline > 1 and self.zero_stage > 1:
             raise ValueError(
                 f"parallel.zero_stage={self.zero_stage} with parallel.pipeline={self.pipeline}: DeepSpeed shards "

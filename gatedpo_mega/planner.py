@@ -14,7 +14,7 @@ With context parallelism (``parallel.context`` = CP > 1, ``megatron/context.py``
 every CP rank of a data-parallel replica holds the replica's TP/PP shard and runs its model on 1/CP of each row's
 tokens (rows padded to a multiple of 2 CP), so every per-token term is divided by CP; attention keeps each layer's
 keys and values gathered over the whole row, the loss gathers 3 float32 statistics a token of the whole row, and
-ZeRO partitions over DP x CP (DeepSpeed's sequence-data-parallel group).
+ZeRO partitions over DP x CP (DeepSpeed's data-parallel group with context parallelism).
 
 Two targets:
 
@@ -212,7 +212,7 @@ def local_tokens(cfg: Config) -> int:
 
 def zero_group(cfg: Config, dp: int) -> int:
     """The ranks ZeRO partitions optimizer state, gradients and parameters over: data-parallel x context-parallel
-    (DeepSpeed's sequence-data-parallel group; every CP rank holds the same parameters, as every DP rank does)."""
+    (DeepSpeed's data-parallel group, deepspeed/engine.py; every CP rank holds the same parameters, as every DP rank does)."""
     return dp * cfg.parallel.context
 
 

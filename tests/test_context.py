@@ -164,10 +164,6 @@ def test_attention_and_its_gradients_equal_one_rank_in_float64(world, tmp_path):
             "model.backend=transformers: context parallelism",
         ),
         (["parallel.context=3"], "parallel.context"),
-        (
-            ["parallel.context=2", "parallel.zero_stage=3"],
-            "ZeRO 3 partitions parameters over its data-parallel",
-        ),
     ],
 )
 def test_what_context_parallelism_cannot_run_is_refused_in_one_line(overrides, message):

@@ -307,6 +307,11 @@ def test_resume_at_another_layout_continues_the_uninterrupted_run(cache, tmp_pat
             ["parallel.tensor=1", "parallel.context=2", "parallel.zero_stage=2"],
             "tensor 2 -> 1, context 1 -> 2, zero_stage 1 -> 2",
         ),
+        "cp2-zero3": (
+            2,
+            ["parallel.tensor=1", "parallel.context=2", "parallel.zero_stage=3"],
+            "tensor 2 -> 1, context 1 -> 2, data 2 -> 1, zero_stage 1 -> 3",
+        ),
     }
     for name, (world, layout, changes) in cases.items():
         r = _resume(world, args, src, tmp_path / name, *layout)

@@ -97,7 +97,7 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         (2, ["model.recompute=full", "parallel.zero_stage=3", "data.packing=true"]),
         (
             2,
-            ["parallel.context=2", "train.reference=live"],
+            ["parallel.context=2", "train.reference=live", "parallel.zero_stage=3"],
         ),  # context parallelism (test_context.py: attention)
         (4, ["parallel.context=2", "parallel.tensor=2", "model.fused_logprobs=false"]),
         (
@@ -122,7 +122,7 @@ def test_step_one_is_ln2_and_metrics_file_has_the_design_keys(baseline, tmp_path
         "fused-objective-dp2-zero2",
         "recompute-tp2pp2",
         "recompute-packed-dp2-zero3",
-        "cp2-live",
+        "cp2-live-zero3",
         "cp2-tp2-unfused",
         "cp2-pp2-packed",
         "cp2-dp2-zero2",

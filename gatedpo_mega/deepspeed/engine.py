@@ -31,12 +31,13 @@ class LayoutMPU:
     DeepSpeed counts a replicated (non tensor-parallel) parameter in the gradient norm only where the tensor rank is
     0 and then sums the norm over the model-parallel group (tensor x pipeline), which is what these answer.
 
-    Context parallelism is DeepSpeed's sequence parallelism to it: without ZeRO and at ZeRO 1 and 2, gradients are
-    all-reduced and partitioned over the "sequence data parallel" group (data x context), and every reduction divides
-    by that group's size over the sequence-parallel size, i.e. sums over CP and averages over DP
-    (``runtime/engine.py``, ``zero/stage_1_and_2.py``): each CP rank's gradient is its own tokens' share of the whole
-    rows' loss. ZeRO 3 partitions parameters over the data-parallel group alone and so is refused with CP
-    (``ParallelConfig``).
+    Context parallelism is more data parallelism to DeepSpeed: its data-parallel group is data x context
+    (``Layout.grad_group``), over which it all-reduces or reduce-scatters the gradients, dividing by the group's size,
+    and over which ZeRO 1-3 partition. Each CP rank's gradient is its own tokens' share of the whole rows' loss, so
+    the loss is scaled by CP first (megatron-core's convention, which its schedule applies itself; ``train_step``
+    for the engine-driven micro-batches): the average over DP x CP is then the sum over CP and the mean over DP.
+    (DeepSpeed's own sequence-parallel correction is missing from ZeRO 3's reduce-scatter, which divides by the
+    whole group: this convention holds at every stage.)
     """
 
     def __init__(self, layout: Layout) -> None:
@@ -67,31 +68,13 @@ class LayoutMPU:
         return self.layout.pp_group
 
     def get_data_parallel_group(self) -> Any:
-        return self.layout.dp_group
-
-    def get_data_parallel_rank(self) -> int:
-        return self.layout.dp_rank
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.layout.dp
-
-    def get_sequence_parallel_group(self) -> Any:
-        return self.layout.cp_group
-
-    def get_sequence_parallel_world_size(self) -> int:
-        return self.layout.cp
-
-    def get_sequence_parallel_rank(self) -> int:
-        return self.layout.cp_rank
-
-    def get_sequence_data_parallel_group(self) -> Any:
         return self.layout.grad_group
 
-    def get_sequence_data_parallel_world_size(self) -> int:
-        return self.layout.dp * self.layout.cp
-
-    def get_sequence_data_parallel_rank(self) -> int:
+    def get_data_parallel_rank(self) -> int:
         return self.layout.grad_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.layout.dp * self.layout.cp
 
 
 def deepspeed_config(cfg: Config, *, dp: int, num_micro_batches: int, engine_driver: bool) -> dict[str, Any]:
@@ -156,7 +139,10 @@ def build_engine(
             lr_scheduler=scheduler,
             mpu=LayoutMPU(layout),
             config=deepspeed_config(
-                cfg, dp=layout.dp, num_micro_batches=num_micro_batches, engine_driver=engine_driver
+                cfg,
+                dp=layout.dp * layout.cp,
+                num_micro_batches=num_micro_batches,
+                engine_driver=engine_driver,
             ),
             dist_init_required=False,
         )

@@ -87,18 +87,6 @@ def forward_step(
     return model_forward(model, batch, request), partial(loss_func, batch, ctx, request=request)
 
 
-def _divided(
-    loss_func: LossFunc,
-    factor: int,
-    batch: PreferenceBatch,
-    ctx: LossContext,
-    output: torch.Tensor,
-    **kw: Any,
-) -> tuple[torch.Tensor, dict[str, Any]]:
-    loss, aux = loss_func(batch, ctx, output, **kw)
-    return loss / factor, aux
-
-
 def stage_info(cfg: Config, layout: Layout) -> StageInfo:
     per_stage = cfg.model.num_layers // layout.pp
     return StageInfo(
@@ -157,12 +145,8 @@ class MegatronBackend:
     ) -> list[dict[str, Any]]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        cp = self.cfg.parallel.context
-        if cp > 1 and not forward_only:
-            # megatron-core's schedule multiplies each loss by the CP size (its convention: per-rank losses of the
-            # rank's own tokens, averaged over DP x CP). Here every CP rank holds the whole rows' loss and DeepSpeed
-            # sums gradients over CP (its sequence-parallel group): undo the factor.
-            loss_func = partial(_divided, loss_func, cp)
+        # With context parallelism megatron-core's schedule multiplies each loss by the CP size before backward,
+        # which DeepSpeed's average over data x context then turns into a sum over CP (deepspeed/engine.py).
         out: list[dict[str, Any]] = get_forward_backward_func()(
             forward_step_func=partial(forward_step, loss_func, ctx),
             data_iterator=iter(batches),

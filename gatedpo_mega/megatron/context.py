@@ -11,8 +11,9 @@ model runs on this rank's tokens only; attention gathers the keys and values of 
 (``megatron/attention.py``); the loss gathers the per-token statistics (three floats a token: never the logits) and
 computes everything after them (gate, objective, metrics) on whole rows, identically on every CP rank.
 
-Gradients: the loss is replicated on the CP ranks, each rank's backward reaches its own tokens' activations, and
-DeepSpeed sums the parameter gradients over CP (its sequence-parallel group) while averaging them over DP.
+Gradients: the loss is replicated on the CP ranks and each rank's backward reaches its own tokens' activations. The
+loss is scaled by CP before backward and DeepSpeed averages over data x context (``deepspeed/engine.py``), which
+sums the parameter gradients over CP and averages them over DP.
 """
 
 from __future__ import annotations

@@ -35,7 +35,9 @@ def train_step(
             request = output_request(ctx, batch)
             output = backend.forward(engine, batch, request)
             loss, aux = preference_loss_func(batch, ctx, output, request=request)
-            engine.backward(loss)  # the last one reduces the accumulated gradients
+            # x CP: DeepSpeed averages over data x context, the CP ranks' shares must add up (deepspeed/engine.py);
+            # megatron-core's schedule does the same on the other path
+            engine.backward(loss * layout.cp if layout.cp > 1 else loss)  # the last one reduces the gradients
             if i == len(batches) - 1:
                 check_losses(ctx, batch.input_ids.device)
                 optimizer_step(engine, layout, ctx, batches)
