@@ -42,12 +42,16 @@ class ParallelConfig:
     # context parallelism (CP): each row's tokens split over this many ranks in the load-balanced zigzag order;
     # attention runs on keys and values gathered over them (gatedpo_mega/megatron/context.py)
     context: int = 1
+    # expert parallelism (EP): a mixture-of-experts model's experts split over this many data-parallel ranks, each
+    # token sent to its experts' ranks and back (megatron-core's all-to-all dispatcher); 1 without experts
+    expert: int = 1
     zero_stage: int = 1
 
     def __post_init__(self) -> None:
         choice("parallel.tensor", self.tensor, (1, 2, 4, 8))
         choice("parallel.pipeline", self.pipeline, (1, 2, 4))
         choice("parallel.context", self.context, (1, 2, 4, 8, 16))
+        choice("parallel.expert", self.expert, (1, 2, 4, 8, 16, 32, 64))
         choice("parallel.zero_stage", self.zero_stage, (0, 1, 2, 3))
         if self.pipeline > 1 and self.zero_stage > 1:
             raise ValueError(
@@ -117,6 +121,17 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on the query/key/value projection (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head's query and key, before the rotary embedding (Qwen3)
     init_std: float = 0.02
+    # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is num_experts SwiGLU experts of
+    # moe_ffn_hidden_size, each token sent to the moe_router_topk experts with the largest
+    # router logits and their outputs weighted by the router's softmax, over all experts and renormalised over the
+    # top k (moe_norm_topk_prob=true: Mixtral, Qwen3-30B-A3B) or not. 0 experts: a dense MLP.
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_router_topk: int = 2
+    moe_norm_topk_prob: bool = True
+    # The router's load-balancing loss (Switch Transformer's E * sum_e f_e P_e per layer, over the non-padding tokens
+    # of each micro-batch) times this, added to the policy's objective; not part of the logged loss.
+    moe_aux_loss_coef: float = 0.001
     dtype: str = "fp32"  # fp32 | bf16 (parameters and compute; the optimizer keeps fp32 master weights)
     # Core attention: sdpa (torch's scaled_dot_product_attention: causal without a mask tensor, memory linear in
     # the sequence length, documents of a packed row kept apart) or local (megatron-core's, [T, T] scores).
@@ -167,6 +182,21 @@ class ModelConfig:
                 f"model.num_query_groups={self.num_query_groups}"
             )
         positive("model.vocab_size", self.vocab_size, allow_zero=True)
+        positive("model.num_experts", self.num_experts, allow_zero=True)
+        positive("model.moe_ffn_hidden_size", self.moe_ffn_hidden_size, allow_zero=True)
+        positive("model.moe_router_topk", self.moe_router_topk)
+        positive("model.moe_aux_loss_coef", self.moe_aux_loss_coef, allow_zero=True)
+        if self.num_experts and self.moe_router_topk > self.num_experts:
+            raise ValueError(
+                f"model.moe_router_topk={self.moe_router_topk} is more than model.num_experts={self.num_experts}"
+            )
+        if self.num_experts == 1:
+            raise ValueError("model.num_experts=1 is a dense MLP: set 0 (or 2 and more experts)")
+        if bool(self.num_experts) != bool(self.moe_ffn_hidden_size):
+            raise ValueError(
+                f"model.moe_ffn_hidden_size={self.moe_ffn_hidden_size} with model.num_experts={self.num_experts}: "
+                "the experts' width is set exactly when there are experts"
+            )
         positive("model.make_vocab_size_divisible_by", self.make_vocab_size_divisible_by)
         for name in ("max_position_embeddings", "rotary_base", "norm_epsilon", "init_std"):
             positive(f"model.{name}", getattr(self, name))
@@ -313,6 +343,7 @@ class Config:
                 "model.backend=transformers runs data-parallel under ZeRO only: parallel.tensor and "
                 "parallel.pipeline must be 1 (for TP/PP use the default backend with model.init_from)"
             )
+        self._check_experts()
         cp = self.parallel.context
         if cp > 1 and self.model.backend == "transformers":
             raise ValueError(
@@ -368,6 +399,45 @@ class Config:
                 f"model.max_position_embeddings={self.model.max_position_embeddings} must be >= "
                 f"data.max_length={self.data.max_length}"
             )
+
+    def _check_experts(self) -> None:
+        """What expert parallelism and a mixture of experts run with, each refusal naming its reason."""
+        m, ep, zero = self.model, self.parallel.expert, self.parallel.zero_stage
+        if ep > 1 and not m.num_experts:
+            raise ValueError(
+                f"parallel.expert={ep} splits a mixture of experts: model.num_experts is 0 (a dense model)"
+            )
+        if ep > 1 and m.num_experts % ep:
+            raise ValueError(f"parallel.expert={ep} does not divide model.num_experts={m.num_experts}")
+        if ep > 1 and zero not in (1, 2):
+            why = (
+                "DeepSpeed's stage 3 refuses MoE parameters"
+                if zero == 3
+                else "without ZeRO DeepSpeed saves one rank's experts in a checkpoint and clips by an average of the ranks' norms"
+            )
+            raise ValueError(
+                f"parallel.expert={ep} with parallel.zero_stage={zero}: {why}; use zero_stage 1 or 2"
+            )
+        if not m.num_experts:
+            return
+        if self.parallel.tensor > 1:
+            raise ValueError(
+                f"model.num_experts={m.num_experts} with parallel.tensor={self.parallel.tensor}: megatron-core's MoE "
+                "layer trains with tensor parallelism only under sequence parallelism, which this project does not run; "
+                "split the experts with parallel.expert and the layers with parallel.pipeline"
+            )
+        if self.parallel.context > 1:
+            raise ValueError(
+                f"model.num_experts={m.num_experts} with parallel.context={self.parallel.context}: a mixture of experts "
+                "with context parallelism is not supported (the router's load-balancing loss would need the whole rows)"
+            )
+        if m.lora.enabled:
+            raise ValueError(
+                f"model.num_experts={m.num_experts} with model.lora.rank={m.lora.rank}: LoRA adapts dense layers "
+                "only; train a mixture of experts with every parameter (model.lora.rank=0)"
+            )
+        if m.backend != "megatron":
+            raise ValueError(f"model.num_experts={m.num_experts} runs in model.backend=megatron")
 
 
 # ---------------------------------------------------------------------------------------------------------------

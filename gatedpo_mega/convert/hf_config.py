@@ -13,7 +13,7 @@ from typing import Any
 
 from gatedpo_mega.config import LoraConfig, ModelConfig
 from gatedpo_mega.convert.errors import UnsupportedModelError
-from gatedpo_mega.families import FAMILIES, FEATURES, family_of
+from gatedpo_mega.families import FAMILIES, FEATURES, Family, family_of, feature
 
 
 def _rope_theta(hf: dict[str, Any], where: str) -> float:
@@ -39,6 +39,40 @@ def _rope_theta(hf: dict[str, Any], where: str) -> float:
         raise UnsupportedModelError(f"{where}: partial_rotary_factor != 1 is not supported")
     theta = (params or {}).get("rope_theta", hf.get("rope_theta", 10000.0))
     return float(theta)
+
+
+def _experts(hf: dict[str, Any], family: Family, where: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Mixtral or Qwen3-MoE ``config.json``; what the MoE layer cannot represent
+    (dense layers between sparse ones, router noise, shared experts) is refused by name."""
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    topk = hf.get("num_experts_per_tok")
+    width = hf.get("moe_intermediate_size", hf.get("intermediate_size"))
+    for key, value in (
+        ("num_experts", experts),
+        ("num_experts_per_tok", topk),
+        ("moe_intermediate_size", width),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UnsupportedModelError(f"{where}: {key} is missing or not an integer")
+    if hf.get("decoder_sparse_step", 1) != 1 or hf.get("mlp_only_layers"):
+        raise UnsupportedModelError(
+            f"{where}: dense layers between the sparse ones (decoder_sparse_step={hf.get('decoder_sparse_step', 1)}, "
+            f"mlp_only_layers={hf.get('mlp_only_layers')}) are not supported: every layer is a mixture of experts"
+        )
+    if hf.get("router_jitter_noise", 0.0):
+        raise UnsupportedModelError(
+            f"{where}: router_jitter_noise={hf['router_jitter_noise']} is not supported"
+        )
+    if hf.get("shared_expert_intermediate_size"):
+        raise UnsupportedModelError(f"{where}: shared experts are not supported")
+    # Mixtral always renormalises the top k probabilities; Qwen3-MoE where norm_topk_prob says so.
+    norm = bool(hf.get("norm_topk_prob", False)) if family.model_type == "qwen3_moe" else True
+    return {
+        "num_experts": experts,
+        "moe_router_topk": topk,
+        "moe_ffn_hidden_size": width,
+        "moe_norm_topk_prob": norm,
+    }
 
 
 def hf_model_config(
@@ -106,7 +140,8 @@ def hf_model_config(
         rotary_base=theta,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        **family.features,
+        **{k: v for k, v in family.features.items() if k != "moe"},
+        **(_experts(hf, family, where) if family.moe_block else {}),
         init_std=float(hf.get("initializer_range", 0.02)),
         dtype=dtype,
     )
@@ -151,7 +186,7 @@ def to_hf_config(
         return out
     family = family_of(cfg)
     if family is None:
-        features = ", ".join(f"{k}={getattr(cfg, k)}" for k in FEATURES)
+        features = ", ".join(f"{k}={feature(cfg, k)}" for k in FEATURES)
         raise UnsupportedModelError(f"no Hugging Face family has a model with {features}")
     out = {
         "architectures": [family.architecture],
@@ -172,4 +207,21 @@ def to_hf_config(
         "dtype": HF_DTYPES[dtype],
         **family.scratch_config,
     }
+    if cfg.num_experts:
+        out |= {
+            ("num_experts" if family.model_type == "qwen3_moe" else "num_local_experts"): cfg.num_experts,
+            "num_experts_per_tok": cfg.moe_router_topk,
+            "router_aux_loss_coef": cfg.moe_aux_loss_coef,
+        }
+        if family.model_type == "qwen3_moe":
+            out |= {
+                "moe_intermediate_size": cfg.moe_ffn_hidden_size,
+                "norm_topk_prob": cfg.moe_norm_topk_prob,
+            }
+        elif not cfg.moe_norm_topk_prob:
+            raise UnsupportedModelError(
+                "Mixtral renormalises its top-k router probabilities: model.moe_norm_topk_prob=false has no family"
+            )
+        else:
+            out["intermediate_size"] = cfg.moe_ffn_hidden_size
     return out

@@ -72,6 +72,19 @@ class PreferenceBatch:
         return int((torch.where(m, pos, -1).amax(-1) + 2).sum())
 
     @property
+    def token_mask(self) -> torch.Tensor:
+        """True on the tokens of ``model_input_ids`` that are prompt or response, False on padding."""
+        m = self.loss_mask
+        pos = torch.arange(m.shape[1], device=m.device)
+        rows = pos[None] <= torch.where(m, pos, -1).amax(-1, keepdim=True) + 1  # one past the last target
+        if self.packing is None:
+            return rows
+        unpack = self.packing.unpack
+        out = torch.zeros_like(self.packing.input_ids, dtype=torch.bool)
+        out[0, unpack[rows & (unpack >= 0)]] = True
+        return out
+
+    @property
     def model_input_ids(self) -> torch.Tensor:
         """What the model runs on: ``[2B, W]`` padded rows, or ``[1, T]`` packed."""
         return self.input_ids if self.packing is None else self.packing.input_ids

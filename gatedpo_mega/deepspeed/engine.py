@@ -11,11 +11,22 @@ Two drivers share one loss hook (``gatedpo_mega.loss``); the backend says which 
 
 Stage 2 and 3 shard gradients and parameters over the data-parallel group; DeepSpeed refuses them with pipeline
 parallelism, and so does the config validation.
+
+Experts under expert parallelism (EP) are DeepSpeed's own kind of MoE parameter (``allreduce=False``, which
+megatron-core sets on them): ``expert_groups`` registers megatron-core's expert-parallel and expert-data-parallel
+groups with DeepSpeed under one name, tags the experts with it, gives them their own optimizer groups
+(``moe: True``) and tells the engine it has MoE layers. ZeRO 1 and 2 then partition the experts over the
+expert-data-parallel group and reduce their gradients over it, dividing by the data-parallel size as for every
+other gradient: the all-to-all's backward has already summed the EP peers' tokens into each expert's gradient, so
+that is the mean over the data-parallel ranks' micro-batches (megatron-core's DDP scales them the same way). Its
+gradient norm sums the squares over data x model parallel ranks, every expert once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -91,7 +102,8 @@ def deepspeed_config(cfg: Config, *, dp: int, num_micro_batches: int, engine_dri
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             # Without hooks (stage 1) gradients are reduced after the schedule, not during backward.
-            "contiguous_gradients": engine_driver,
+            # Expert parallelism: DeepSpeed reduces experts over their own group from these buckets only.
+            "contiguous_gradients": engine_driver or cfg.parallel.expert > 1,
             "overlap_comm": False,
             "reduce_bucket_size": 50_000_000,
             "allgather_bucket_size": 50_000_000,
@@ -111,28 +123,92 @@ def lr_lambda(step: int, *, warmup: int, total: int, ratio: float) -> float:
     return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def expert_group_name(layout: Layout) -> str:
+    return f"ep_size_{layout.ep}"  # the name DeepSpeed's own MoE layers give the group of this EP size
+
+
+def register_expert_groups(model: torch.nn.Module, layout: Layout) -> list[torch.nn.Parameter]:
+    """Register this layout's expert groups with DeepSpeed (``deepspeed.utils.groups``, filled in place: the engine
+    keeps references to its dicts) and tag every expert parameter with their name; returns the expert parameters
+    (none without expert parallelism: at EP 1 the experts are ordinary data-parallel parameters)."""
+    experts = [p for p in model.parameters() if not getattr(p, "allreduce", True)]
+    if layout.ep == 1 or not experts:
+        return []
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    name = expert_group_name(layout)
+    groups._EXPERT_PARALLEL_GROUP[name] = layout.ep_group
+    groups._EXPERT_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(layout.ep_group)
+    groups._EXPERT_DATA_PARALLEL_GROUP[name] = layout.expert_dp_group
+    groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = dist.get_process_group_ranks(layout.expert_dp_group)
+    groups.expert_tensor_parallel_world_size = layout.tp  # megatron-core's expert TP is the TP
+    for p in experts:
+        p.group_name = name  # type: ignore[attr-defined]
+    return experts
+
+
+@contextlib.contextmanager
+def engine_with_moe_layers(num_layers: int, num_experts: int) -> Iterator[None]:
+    """``deepspeed.initialize`` whose engine knows it has MoE layers (it looks for its own ``MoE`` modules only, and
+    its ZeRO optimizer and gradient reduction treat experts as such only then)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._configure_distributed_model
+
+    def configure(self: Any, model: Any) -> None:
+        original(self, model)
+        self.has_moe_layers = True
+        self.num_experts = [num_experts] * num_layers
+
+    DeepSpeedEngine._configure_distributed_model = configure  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = original  # type: ignore[method-assign]
+
+
 def build_engine(
     model: torch.nn.Module, cfg: Config, layout: Layout, *, num_micro_batches: int, engine_driver: bool
 ) -> Any:
     import deepspeed
 
     t = cfg.train
+    experts = {id(p) for p in register_expert_groups(model, layout)}
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
+    expert_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:  # with LoRA: the adapters only (the base is frozen)
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    groups = [
+            if id(p) in experts:
+                expert_decay.append(p)  # (2-d weights only)
+            else:
+                (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups: list[dict[str, Any]] = [
         {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if expert_decay:
+        groups.append(
+            {
+                "params": expert_decay,
+                "weight_decay": t.weight_decay,
+                "name": expert_group_name(layout),
+                "moe": True,
+            }
+        )
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps)  # type: ignore[arg-type]
     ratio = t.min_lr / t.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, warmup=t.warmup_steps, total=t.max_steps, ratio=ratio)
     )
-    with quiet_deepspeed_start():
+    moe = (
+        engine_with_moe_layers(cfg.model.num_layers // layout.pp, cfg.model.num_experts)
+        if experts
+        else contextlib.nullcontext()
+    )
+    with quiet_deepspeed_start(), moe:
         engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

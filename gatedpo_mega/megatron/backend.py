@@ -18,8 +18,9 @@ import torch.distributed as dist
 from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.loss import LossContext, OutputRequest, output_request
 from gatedpo_mega.megatron.attention import SDPAttention
+from gatedpo_mega.megatron.experts import expert_config
 from gatedpo_mega.megatron.lora import adapters, add_adapters, freeze_initial
-from gatedpo_mega.megatron.model import StageInfo, build_model
+from gatedpo_mega.megatron.model import StageInfo, build_model, expert_offset
 from gatedpo_mega.megatron.output import set_output_request
 from gatedpo_mega.megatron.parallel import Layout
 
@@ -58,6 +59,8 @@ def model_forward(
         request.shard is not None
     ):  # this rank's tokens; megatron-core's rotary embedding picks their positions
         ids, positions = request.shard.local(ids), request.shard.local(positions)
+    # With experts the router leaves padding out of its load-balancing loss (megatron/experts.py).
+    extra = {"padding_mask": ~batch.token_mask} if expert_config(model) is not None else {}
     p = batch.packing
     if p is not None:
         # thd: megatron-core restarts the rotary positions per document; SDPAttention keeps documents apart. With
@@ -73,9 +76,9 @@ def model_forward(
             max_seqlen_kv=p.max_seqlen,
         )
         packed.host_bounds = p.bounds  # type: ignore[attr-defined]  # read by SDPAttention: no device sync
-        return model(ids, positions, attention_mask=None, packed_seq_params=packed)
+        return model(ids, positions, attention_mask=None, packed_seq_params=packed, **extra)
     mask = causal_mask(ids.shape[1], ids.device) if uses_mask(model) else None
-    return model(ids, positions, attention_mask=mask)
+    return model(ids, positions, attention_mask=mask, **extra)
 
 
 def forward_step(
@@ -91,7 +94,7 @@ def stage_info(cfg: Config, layout: Layout) -> StageInfo:
     per_stage = cfg.model.num_layers // layout.pp
     return StageInfo(
         pre_process=layout.first_stage, post_process=layout.last_stage, layer_offset=layout.pp_rank * per_stage,
-        tp_rank=layout.tp_rank, tp_size=layout.tp,
+        tp_rank=layout.tp_rank, tp_size=layout.tp, expert_offset=expert_offset(cfg.model, layout.ep_rank, layout.ep),
     )  # fmt: skip
 
 
@@ -100,13 +103,16 @@ class MegatronBackend:
         self.cfg = cfg
         # ZeRO 2 and 3 reduce and partition gradients in hooks during every backward pass: DeepSpeed's engine must
         # run the micro-batches (pipeline 1 only, as DeepSpeed requires; the config refuses the rest).
-        self.engine_driver = cfg.parallel.zero_stage >= 2
+        # Experts under expert parallelism at ZeRO 1 too: DeepSpeed reduces them over their own group only from
+        # its contiguous gradient buckets, which its hooks fill (deepspeed/engine.py).
+        experts = cfg.parallel.expert > 1 and cfg.parallel.pipeline == 1
+        self.engine_driver = cfg.parallel.zero_stage >= 2 or experts
 
     def build(self, layout: Layout, vocab_size: int, device: torch.device) -> torch.nn.Module:
         cfg = self.cfg
         model = build_model(
             cfg.model, vocab_size=vocab_size, stage=stage_info(cfg, layout), pipeline=layout.pp,
-            seed=cfg.train.seed, tp_group=layout.tp_group, context=layout.cp,
+            seed=cfg.train.seed, tp_group=layout.tp_group, context=layout.cp, expert=layout.ep,
         )  # fmt: skip
         if cfg.model.init_from:
             from gatedpo_mega.training.initial_weights import load_initial_weights

@@ -55,3 +55,13 @@ def gpt_model(**kwargs: Any) -> Any:  # -> GPTModel
     logger = logging.getLogger(GPT_MODEL_LOGGER)
     logger.addFilter(_GPT_MODEL_FILTER)  # idempotent: a logger holds each filter once
     return GPTModel(**kwargs)
+
+
+def moe_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's router computes its logits with Transformer Engine's GEMM where ``moe_utils`` imported
+    it, and otherwise refers to a name its failed import never bound (``te_general_gemm``): bind it to None, which
+    its own code reads as "use torch's matmul". Releases that bind it already are left alone. Idempotent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # type: ignore[attr-defined]

@@ -92,6 +92,51 @@ class _TorchOnCpu(types.ModuleType):
         return attr
 
 
+class _Stream:
+    """The one "stream" of a host without CUDA: work is already in order."""
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def record_event(self) -> _Stream:  # an event that has already happened
+        return self
+
+    def synchronize(self) -> None:
+        pass
+
+
+_STREAM = _Stream()
+
+
+class _CudaStreamsOnCpu(types.ModuleType):
+    """``torch.cuda`` as the MoE token dispatcher sees it: one stream, ``torch.cuda.stream`` a no-op."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+
+    Stream = staticmethod(lambda *a, **k: _STREAM)
+    current_stream = staticmethod(lambda *a, **k: _STREAM)
+    stream = staticmethod(lambda *a, **k: contextlib.nullcontext())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+def _host_splits(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """The dispatcher's device-to-host copy of its all-to-all split sizes: on a GPU they arrive as numpy arrays,
+    which ``all_to_all_single`` takes as its ``list[int]`` splits; a CPU tensor it does not take."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.tolist()
+    return tensor
+
+
+class _TorchWithCpuStreams(_TorchOnCpu):
+    def __getattr__(self, name: str) -> Any:
+        if name == "cuda":
+            return _CudaStreamsOnCpu()
+        return super().__getattr__(name)
+
+
 def apply_cpu_shim() -> bool:
     """Install the shim if CUDA is absent; returns whether it is (now) installed. Idempotent."""
     global _applied
@@ -102,12 +147,15 @@ def apply_cpu_shim() -> bool:
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import token_dispatcher
 
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment,return-value]
     torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     schedules.torch = _TorchOnCpu()  # type: ignore[attr-defined]
     rope_utils.torch = _TorchOnCpu()  # type: ignore[attr-defined]
+    token_dispatcher.torch = _TorchWithCpuStreams()  # type: ignore[attr-defined]
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_splits  # type: ignore[attr-defined]
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # Activation recomputation saves and restores "the CUDA generator" around each recomputed forward: there is

@@ -18,9 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from gatedpo_mega.config import ModelConfig
-from gatedpo_mega.families import LAYER, init_rule, init_rules, layer_spec_options, transformer_options
+from gatedpo_mega.families import (
+    LAYER,
+    expert_renamed,
+    init_rule,
+    init_rules,
+    layer_spec_options,
+    transformer_options,
+)
 from gatedpo_mega.formats import DTYPES
-from gatedpo_mega.megatron.compat import gpt_model, whole_layer_cuda_graphs
+from gatedpo_mega.megatron.compat import gpt_model, moe_without_transformer_engine, whole_layer_cuda_graphs
 from gatedpo_mega.megatron.cpu_shim import apply_cpu_shim
 from gatedpo_mega.megatron.output import install_fused_output
 from gatedpo_mega.megatron.parallel import shard
@@ -39,10 +46,16 @@ class StageInfo:
     layer_offset: int  # global index of this stage's first layer
     tp_rank: int
     tp_size: int
+    expert_offset: int = 0  # global index of this rank's first expert (ep_rank * num_experts / EP)
+
+
+def expert_offset(cfg: ModelConfig, ep_rank: int, expert: int) -> int:
+    """The global index of expert-parallel rank ``ep_rank``'s first expert."""
+    return ep_rank * (cfg.num_experts // expert) if cfg.num_experts else 0
 
 
 def transformer_config(
-    cfg: ModelConfig, *, tensor: int, pipeline: int, context: int = 1
+    cfg: ModelConfig, *, tensor: int, pipeline: int, context: int = 1, expert: int = 1
 ):  # -> TransformerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -79,13 +92,13 @@ def transformer_config(
         persist_layer_norm=False,
         deallocate_pipeline_outputs=False,
         variable_seq_lengths=pipeline > 1,  # micro-batches are length-bucketed: stages exchange shapes first
-        moe_token_dispatcher_type="alltoall",  # (no experts here; megatron-core requires it for the line above)
+        moe_token_dispatcher_type="alltoall",  # (megatron-core requires it for the line above, experts or not)
         # model.recompute=full: keep each layer's input only and run its forward again in backward (memory for
         # time, as gradient checkpointing does).
         recompute_granularity="full" if cfg.recompute == "full" else None,
         recompute_method="uniform" if cfg.recompute == "full" else None,
         recompute_num_layers=1 if cfg.recompute == "full" else None,
-        **transformer_options(cfg),  # head size, q/k/v bias, q/k norm
+        **transformer_options(cfg, expert=expert),  # head size, q/k/v bias, q/k norm, experts
     )
 
 
@@ -110,14 +123,17 @@ def build_model(
     seed: int,
     tp_group: Any = None,
     context: int = 1,
+    expert: int = 1,
 ):  # -> GPTModel
     """This rank's stage of the model, initialised by ``init_parameters``; with ``cfg.fused_logprobs`` the last
     stage's output layer is ``FusedOutputLayer`` over ``tp_group``."""
     apply_cpu_shim()
+    if cfg.num_experts:
+        moe_without_transformer_engine()
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     model_parallel_cuda_manual_seed(seed)  # named RNG states for dropout regions (CPU generators on CPU)
-    tconf = transformer_config(cfg, tensor=stage.tp_size, pipeline=pipeline, context=context)
+    tconf = transformer_config(cfg, tensor=stage.tp_size, pipeline=pipeline, context=context, expert=expert)
     model = gpt_model(
         config=tconf,
         transformer_layer_spec=layer_spec(cfg),
@@ -143,11 +159,12 @@ def build_model(
     return model
 
 
-def global_name(local_name: str, layer_offset: int) -> str:
-    """``decoder.layers.{i}.x`` of a pipeline stage -> ``decoder.layers.{i + offset}.x``."""
+def global_name(local_name: str, layer_offset: int, expert_offset: int = 0) -> str:
+    """``decoder.layers.{i}.x`` of a pipeline stage -> ``decoder.layers.{i + layer_offset}.x``, and an expert's
+    ``local_experts.{j}`` of an expert-parallel rank -> ``local_experts.{j + expert_offset}``."""
     m = LAYER.match(local_name)
     if m:
-        return f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}"
+        return f"decoder.layers.{int(m.group(1)) + layer_offset}.{expert_renamed(m.group(2), expert_offset)}"
     return local_name
 
 
@@ -192,6 +209,9 @@ def init_parameters(model: torch.nn.Module, cfg: ModelConfig, *, stage: StageInf
     with torch.no_grad():
         for local, p in model.named_parameters():
             full = init_tensor(
-                cfg, global_name(local, stage.layer_offset), full_shape(p, stage.tp_size), seed
+                cfg,
+                global_name(local, stage.layer_offset, stage.expert_offset),
+                full_shape(p, stage.tp_size),
+                seed,
             )
             p.copy_(local_slice(full, p, stage.tp_rank, stage.tp_size).to(p.dtype))

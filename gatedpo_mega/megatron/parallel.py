@@ -24,7 +24,9 @@ def indivisible(model: ModelConfig, tensor: int, pipeline: int) -> tuple[str, in
         ("num_layers", model.num_layers, "pipeline", pipeline),
         ("num_attention_heads", model.num_attention_heads, "tensor", tensor),
         ("num_query_groups", model.num_query_groups, "tensor", tensor),
-        ("ffn_hidden_size", model.ffn_hidden_size, "tensor", tensor),
+        ("moe_ffn_hidden_size", model.moe_ffn_hidden_size, "tensor", tensor)
+        if model.num_experts
+        else ("ffn_hidden_size", model.ffn_hidden_size, "tensor", tensor),
     )
     return next((c for c in checks if c[1] % c[3]), None)
 
@@ -54,6 +56,14 @@ def validate_layout(cfg: Config, world_size: int) -> int:
         sizes = f"{tp} x {pp}" + (f" x {cp}" if cp > 1 else "")
         raise ConfigError(f"world size {world_size} is not a multiple of {what} = {sizes}")
     dp = world_size // (tp * pp * cp)
+    ep = cfg.parallel.expert
+    if ep > 1 and dp % ep:
+        raise ConfigError(
+            f"parallel.expert={ep} does not divide the data-parallel size {dp} (world {world_size} / (tensor {tp} x "
+            f"pipeline {pp}"
+            + (f" x context {cp}" if cp > 1 else "")
+            + ")): the experts are split over data-parallel ranks"
+        )
     bad = indivisible(m, tp, pp)
     if bad:
         field, value, axis, size = bad
@@ -90,6 +100,12 @@ class Layout:
     dp_cp_group: Any = (
         None  # data x context: where gradients are reduced and ZeRO partitions; dp_group if cp=1
     )
+    ep: int = 1  # expert parallelism: the data-parallel ranks over which a layer's experts are split
+    ep_rank: int = 0
+    ep_group: Any = None  # None without expert parallelism
+    # The ranks holding the same experts (data / EP of them): where expert gradients are reduced and partitioned.
+    expert_dp_group: Any = None
+    expert_dp_rank: int = 0
 
     @property
     def grad_group(self) -> Any:
@@ -121,7 +137,7 @@ class Layout:
 
 
 def initialize_layout(
-    tensor: int, pipeline: int, *, context: int = 1, timeout_minutes: float = 30.0
+    tensor: int, pipeline: int, *, context: int = 1, expert: int = 1, timeout_minutes: float = 30.0
 ) -> Layout:
     """megatron-core's groups on the already initialised default process group."""
     from megatron.core import parallel_state as ps
@@ -135,6 +151,7 @@ def initialize_layout(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
         context_parallel_size=context,
+        expert_model_parallel_size=expert,
         distributed_timeout_minutes=timeout_minutes,  # type: ignore[arg-type]  # a timedelta takes floats
     )
     return Layout(
@@ -155,4 +172,9 @@ def initialize_layout(
         cp_rank=ps.get_context_parallel_rank(),
         cp_group=ps.get_context_parallel_group() if context > 1 else None,
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True) if context > 1 else None,
+        ep=expert,
+        ep_rank=ps.get_expert_model_parallel_rank() if expert > 1 else 0,
+        ep_group=ps.get_expert_model_parallel_group() if expert > 1 else None,
+        expert_dp_group=ps.get_expert_data_parallel_group() if expert > 1 else None,
+        expert_dp_rank=ps.get_expert_data_parallel_rank() if expert > 1 else 0,
     )

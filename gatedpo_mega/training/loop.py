@@ -18,6 +18,7 @@ from gatedpo_mega.backend import make_backend
 from gatedpo_mega.config import Config
 from gatedpo_mega.deepspeed.engine import build_engine
 from gatedpo_mega.loss import LossContext
+from gatedpo_mega.megatron.experts import RoutingLog
 from gatedpo_mega.megatron.model import padded_vocab_size
 from gatedpo_mega.megatron.parallel import initialize_layout, validate_layout
 from gatedpo_mega.training.checkpoint import (
@@ -52,7 +53,7 @@ def train(cfg: Config, make_data: Any, watch: SignalWatch | None = None) -> list
 def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, Any]]:
     validate_layout(cfg, dist.get_world_size())
     layout = initialize_layout(
-        cfg.parallel.tensor, cfg.parallel.pipeline, context=cfg.parallel.context,
+        cfg.parallel.tensor, cfg.parallel.pipeline, context=cfg.parallel.context, expert=cfg.parallel.expert,
         timeout_minutes=cfg.train.collective_timeout_minutes,
     )  # fmt: skip
     device = device_for(layout.rank)
@@ -71,6 +72,7 @@ def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, An
         shift=cfg.objective.shift_at(1, cfg.train.max_steps),
     )  # fmt: skip
     reference = Reference(cfg, backend, layout, model, data, device)  # from the initial weights
+    routing = RoutingLog(model, num_layers=cfg.model.num_layers) if cfg.model.num_experts else None
     engine = build_engine(
         model,
         cfg,
@@ -127,6 +129,10 @@ def _train(cfg: Config, make_data: Any, watch: SignalWatch) -> list[dict[str, An
             seconds = time.perf_counter() - t0
             peak_mib, stop = at_step_end(watch, peak_memory_mib(), device)
             record = step_record(step, sums, batches, engine, layout, seconds, peak_mib=peak_mib)
+            if routing is not None:
+                record |= routing.report(
+                    tp=layout.tp, dp=layout.dp, micro_batches=len(batches), device=device
+                )
             last = step == t.max_steps
             if evaluating and (step % t.eval_every == 0 or last):
                 record |= evaluate(backend, engine.module, layout, ctx, reference, data, device)

@@ -13,6 +13,7 @@ from gatedpo_mega.data.batch import PreferenceBatch
 from gatedpo_mega.deepspeed.engine import skips_nonfinite_steps
 from gatedpo_mega.errors import NonFiniteError
 from gatedpo_mega.loss import LossContext, NonFiniteLossError, output_request, preference_loss_func
+from gatedpo_mega.megatron.experts import expert_config, set_aux_loss_scale
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.metrics import MetricSums
 
@@ -30,6 +31,8 @@ def train_step(
     rank's micro-batches (empty except on the last pipeline stage)."""
     ctx.micro_batch = 0
     if backend.engine_driver:  # DeepSpeed accumulates, reduces and steps at the last micro-batch
+        if expert_config(engine.module) is not None:  # as megatron-core's schedule does on the other path
+            set_aux_loss_scale(1.0 / len(batches), batches[0].input_ids.device)
         sums = []
         for i, batch in enumerate(batches):
             request = output_request(ctx, batch)
