@@ -16,6 +16,15 @@ tokens (rows padded to a multiple of 2 CP), so every per-token term is divided b
 keys and values gathered over the whole row, the loss gathers 3 float32 statistics a token of the whole row, and
 ZeRO partitions over DP x CP (DeepSpeed's data-parallel group with context parallelism).
 
+With a mixture of experts (``model.num_experts`` = E > 0, ``megatron/experts.py``) every layer's MLP is E SwiGLU
+experts and a router; expert parallelism (``parallel.expert`` = EP) splits each layer's experts over EP of the
+data-parallel ranks (E/EP each), the router and the rest stay whole on every rank. ZeRO 1/2 partition the dense
+parameters over DP and the experts over the expert-data-parallel group, DP/EP (``expert_zero_group``), and step the
+experts as their own optimizer group. Each token runs in ``moe_router_topk`` = k experts: the step time counts k
+experts' FLOPs a token (``active_layer_parameters``) and the all-to-all that sends every token to its experts' ranks
+and back (``expert_exchange_bytes``); the activations keep k copies of each token's expert intermediates
+(``moe_token_bytes``). The config refuses MoE with TP > 1, CP > 1 and LoRA, and EP > 1 without ZeRO 1/2.
+
 Two targets:
 
 - ``cuda``: the allocator's peak (``torch.cuda.max_memory_allocated``), what ``memory/peak_mib_max_rank`` records on
@@ -34,7 +43,7 @@ from dataclasses import dataclass, replace
 
 from gatedpo_mega.config import Config, ParallelConfig
 from gatedpo_mega.errors import ConfigError, UserError
-from gatedpo_mega.families import layer_tensors
+from gatedpo_mega.families import LayerTensor, expert_index, layer_tensors
 from gatedpo_mega.megatron.lora import Site, sites
 from gatedpo_mega.ops.logprobs import DEFAULT_CHUNK_ELEMENTS
 
@@ -121,10 +130,47 @@ def padded_vocab(cfg: Config, vocab_size: int) -> int:
     return math.ceil(vocab_size / multiple) * multiple
 
 
+def _elements(cfg: Config, t: LayerTensor) -> int:
+    """``t``'s elements on one tensor rank."""
+    return math.prod(t.shape) // (cfg.parallel.tensor if t.dim is not None else 1)
+
+
+def local_experts(cfg: Config) -> int:
+    """The experts of each layer one rank holds: E / EP (0 for a dense model)."""
+    return cfg.model.num_experts // cfg.parallel.expert
+
+
+def layer_split(cfg: Config) -> tuple[int, int]:
+    """One decoder layer's parameters on one tensor rank as (everything but the experts, one expert): the router is
+    in the first (replicated on every rank), an expert's ``linear_fc1`` [2f, h] and ``linear_fc2`` [h, f] in the
+    second (0 for a dense model)."""
+    dense = expert = 0
+    for t in layer_tensors(cfg.model):
+        e = expert_index(t.mcore)
+        if e is None:
+            dense += _elements(cfg, t)
+        elif e == 0:
+            expert += _elements(cfg, t)
+    return dense, expert
+
+
 def layer_parameters(cfg: Config) -> int:
-    """One decoder layer's parameters on one tensor rank."""
-    tp = cfg.parallel.tensor
-    return sum(math.prod(t.shape) // (tp if t.dim is not None else 1) for t in layer_tensors(cfg.model))
+    """One decoder layer's parameters on one tensor rank: with experts, its E / EP of them."""
+    dense, expert = layer_split(cfg)
+    return dense + local_experts(cfg) * expert
+
+
+def active_layer_parameters(cfg: Config) -> int:
+    """The parameters of one layer a token runs through on one tensor rank: everything but the experts, and the
+    ``moe_router_topk`` experts it is routed to (a dense layer: all of them)."""
+    dense, expert = layer_split(cfg)
+    return dense + (cfg.model.moe_router_topk * expert if cfg.model.num_experts else 0)
+
+
+def stage_expert_parameters(cfg: Config) -> int:
+    """The expert parameters on one rank of a pipeline stage: its layers' E / EP experts each (0 for a dense
+    model)."""
+    return cfg.model.num_layers // cfg.parallel.pipeline * local_experts(cfg) * layer_split(cfg)[1]
 
 
 def stage_parameters(cfg: Config, vocab_size: int, stage: int) -> int:
@@ -144,12 +190,39 @@ def stage_parameters(cfg: Config, vocab_size: int, stage: int) -> int:
     return n
 
 
+def _unsplit(cfg: Config) -> Config:
+    """``cfg`` on one rank: TP, PP, CP and EP 1 (a ZeRO stage every model allows at EP 1)."""
+    return replace(cfg, parallel=ParallelConfig(tensor=1, pipeline=1, zero_stage=cfg.parallel.zero_stage))
+
+
 def total_parameters(cfg: Config, vocab_size: int) -> int:
-    """The model's parameters, counted once (the true vocabulary, no padding, a tied output layer once)."""
+    """The model's parameters, counted once (the true vocabulary, no padding, a tied output layer once), every
+    expert included."""
     m = cfg.model
-    one = replace(cfg, parallel=ParallelConfig(tensor=1, pipeline=1, zero_stage=cfg.parallel.zero_stage))
     table = vocab_size * m.hidden_size
-    return m.num_layers * layer_parameters(one) + m.hidden_size + table * (1 if m.tie_embeddings else 2)
+    return (
+        m.num_layers * layer_parameters(_unsplit(cfg))
+        + m.hidden_size
+        + table * (1 if m.tie_embeddings else 2)
+    )
+
+
+def active_parameters(cfg: Config, vocab_size: int) -> int:
+    """The parameters a token runs through, counted once: ``total_parameters`` with each layer's experts cut to
+    the ``moe_router_topk`` it is routed to (a dense model: all of them)."""
+    one = _unsplit(cfg)
+    skipped = layer_parameters(one) - active_layer_parameters(one)
+    return total_parameters(cfg, vocab_size) - cfg.model.num_layers * skipped
+
+
+def stage_active_parameters(cfg: Config, vocab_size: int, stage: int) -> int:
+    """The parameters of pipeline stage ``stage`` one tensor rank's tokens run through: ``stage_parameters`` with each
+    layer's experts counted as the k a token is routed to. Under EP a rank's experts run the tokens the other ranks
+    send them; balanced routing sends each rank as many as it has (T k expert passes a rank for T tokens a rank),
+    so this counts one rank's expert FLOPs at any EP."""
+    layers = cfg.model.num_layers // cfg.parallel.pipeline
+    skipped = layer_parameters(cfg) - active_layer_parameters(cfg)
+    return stage_parameters(cfg, vocab_size, stage) - layers * skipped
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -185,8 +258,7 @@ def stage_adapter_parameters(cfg: Config) -> int:
 
 def adapter_parameters(cfg: Config) -> int:
     """The model's LoRA adapter parameters, counted once (what PEFT calls its trainable parameters)."""
-    one = replace(cfg, parallel=ParallelConfig(tensor=1, pipeline=1, zero_stage=cfg.parallel.zero_stage))
-    return stage_adapter_parameters(one)
+    return stage_adapter_parameters(_unsplit(cfg))
 
 
 # ------------------------------------------------------------------------------------------------- activations
@@ -216,17 +288,51 @@ def zero_group(cfg: Config, dp: int) -> int:
     return dp * cfg.parallel.context
 
 
+def expert_zero_group(cfg: Config, dp: int) -> int:
+    """The ranks ZeRO partitions the experts' optimizer state and gradients over, and reduces their gradients over:
+    the expert-data-parallel group, DP / EP ranks holding the same experts (deepspeed/engine.py registers it; at EP
+    1 the experts are ordinary parameters: ``zero_group``)."""
+    return zero_group(cfg, dp) // cfg.parallel.expert
+
+
 def linear_inputs_kept(cfg: Config) -> int:
     """Elements per token of the four linears' inputs kept for backward on one tensor rank: all of them for their
     weight gradients; with LoRA only where an adapter reads the input (it keeps it for ``A``'s gradient): the
     frozen base keeps none (megatron-core's ``linear_with_frozen_weight`` saves its weight alone)."""
     tp = cfg.parallel.tensor
     targeted = {s.mcore for s, _ in _lora_sites(cfg)}
+    moe = cfg.model.num_experts > 0  # the MLP's linears are the experts': moe_token_bytes
     return sum(
         s.in_features // (tp if s.parallel == "row" else 1)
         for s in sites(cfg.model)
-        if not cfg.model.lora.enabled or s.mcore in targeted
+        if (not cfg.model.lora.enabled or s.mcore in targeted) and not (moe and s.hf_prefix == "mlp")
     )
+
+
+def moe_token_bytes(cfg: Config) -> int:
+    """Bytes a token's mixture-of-experts block keeps for backward (megatron-core 0.16's router, all-to-all
+    dispatcher and SequentialMLP experts; 0 for a dense model): the router's input (the normed hidden state, h, which
+    the dispatcher permutes from); the router's logits and the top-k probabilities scattered over the E experts in
+    the model dtype, the fp32 softmax over all E that the load-balancing loss keeps, and the boolean routing map
+    [tokens, E]; then for each of the k experts the token is routed to: the dispatched hidden state (the expert's
+    ``linear_fc1`` input, h), fc1's output [2f] (SwiGLU's input), SwiGLU's output [f] (kept by the multiply by the
+    routing probability) and that product [f] (``linear_fc2``'s input). The permutation and the all-to-all keep
+    nothing (index copies): their buffers are ``expert_exchange_buffer_bytes``."""
+    m = cfg.model
+    if not m.num_experts:
+        return 0
+    b = DTYPE_BYTES[m.dtype]
+    h, f, k, e = m.hidden_size, m.moe_ffn_hidden_size // cfg.parallel.tensor, m.moe_router_topk, m.num_experts
+    router = h * b + e * (2 * b + FP32 + 1)
+    return router + k * (h + 2 * f + f + f) * b
+
+
+def expert_exchange_buffer_bytes(cfg: Config, tokens: int) -> int:
+    """One layer's token exchange, live while that layer runs (0 for a dense model): the k permuted copies of each
+    of ``tokens`` tokens [tokens x k, h] and what the all-to-all returns in their place (the same size, balanced
+    routing), in either direction (dispatch forward, combine's gradient backward)."""
+    m = cfg.model
+    return 2 * tokens * m.moe_router_topk * m.hidden_size * DTYPE_BYTES[m.dtype] if m.num_experts else 0
 
 
 def gathered_kv_bytes(cfg: Config, tokens: int) -> int:
@@ -246,7 +352,7 @@ def layer_activation_bytes(cfg: Config, tokens: int) -> int:
     own tensors are ``adapter_activation_bytes``."""
     m, tp = cfg.model, cfg.parallel.tensor
     b = DTYPE_BYTES[m.dtype]
-    h, f = m.hidden_size, m.ffn_hidden_size // tp
+    h, f = m.hidden_size, (0 if m.num_experts else m.ffn_hidden_size // tp)  # experts: moe_token_bytes
     q = m.num_attention_heads * m.kv_channels // tp
     per_token = (
         2 * h  # the two norms' inputs
@@ -255,7 +361,7 @@ def layer_activation_bytes(cfg: Config, tokens: int) -> int:
         + q  # attention's output
         + 2 * f  # [gate; up] out (SwiGLU's input)
     )  # fmt: skip
-    total = per_token * tokens * b + gathered_kv_bytes(cfg, tokens)
+    total = (per_token * b + moe_token_bytes(cfg)) * tokens + gathered_kv_bytes(cfg, tokens)
     if m.attention == "local":
         heads = m.num_attention_heads // tp
         rows = 2 * cfg.train.micro_batch_size
@@ -324,7 +430,8 @@ def output_temporaries(cfg: Config, vocab_size: int, tokens: int) -> tuple[int, 
 def rank_tensors(cfg: Config, vocab_size: int, stage: int) -> list[int]:
     """The element counts of a stage's parameters on one tensor rank."""
     m, tp, pp = cfg.model, cfg.parallel.tensor, cfg.parallel.pipeline
-    layer = [math.prod(t.shape) // (tp if t.dim is not None else 1) for t in layer_tensors(m)]
+    held = local_experts(cfg)  # a rank holds E / EP experts of each layer
+    layer = [_elements(cfg, t) for t in layer_tensors(m) if (e := expert_index(t.mcore)) is None or e < held]
     out = layer * (m.num_layers // pp)
     table = padded_vocab(cfg, vocab_size) * m.hidden_size // tp
     if stage == 0:
@@ -357,7 +464,10 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
     """What DeepSpeed (gatedpo_mega/deepspeed/engine.py: torch's AdamW, no offload) and megatron-core hold on one
     rank of ``stage``. Without ZeRO, DeepSpeed steps AdamW on the parameters (fp32) or on an fp32 copy of each
     (bf16), unsharded; from stage 1 it flattens the parameters and steps one flat fp32 partition of 1/(DP x CP)
-    (``zero_group``). With LoRA what it steps is the adapters alone (the parameters that require a gradient)."""
+    (``zero_group``). With LoRA what it steps is the adapters alone (the parameters that require a gradient). Under
+    expert parallelism the rank's experts are their own optimizer group, partitioned 1/(DP / EP)
+    (``expert_zero_group``), and DeepSpeed steps one group at a time: its fp32 gradient partition and AdamW's
+    temporaries are those of the larger group."""
     m, par, t = cfg.model, cfg.parallel, cfg.train
     zero, lora = par.zero_stage, m.lora.enabled
     wb = DTYPE_BYTES[m.dtype]
@@ -369,8 +479,15 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
     shards = zero_group(cfg, dp)
     split = shards if zero >= 1 else 1
     part_n = math.ceil(n / split)
-    part_t = math.ceil(trained / split)
+    experts = stage_expert_parameters(cfg)  # trained: the config refuses LoRA with experts
+    esplit = expert_zero_group(cfg, dp) if zero >= 1 else 1
+    dense_part, expert_part = math.ceil((trained - experts) / split), math.ceil(experts / esplit)
+    part_t = dense_part + expert_part
+    # the flat fp32 partition DeepSpeed steps at once: the experts are a group of their own under EP only
+    group_t = max(dense_part, expert_part) if par.expert > 1 else part_t
     of = "of the adapters" if lora else "of the weights"
+    if par.expert > 1:
+        of = f"of the dense weights, 1/{esplit} of the {experts:,} expert weights"
     parts: list[Part] = []
 
     def add(into: list[Part], name: str, nbytes: float, note: str) -> None:
@@ -378,15 +495,20 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
             into.append(Part(name, int(nbytes), note))
 
     frozen = ", frozen (LoRA): no gradient, no optimizer state" if lora else ""
+    held = (
+        f", {experts:,} of them experts ({local_experts(cfg)} of {m.num_experts} a layer, EP {par.expert})"
+        if experts
+        else ""
+    )
     if zero == 3:
         add(
             parts,
             "weights",
             math.ceil(base / shards) * wb,
-            f"{m.dtype}, 1/{shards} of {base:,} (ZeRO-3){frozen}",
+            f"{m.dtype}, 1/{shards} of {base:,} (ZeRO-3){frozen}{held}",
         )
     else:
-        add(parts, "weights", base * wb, f"{m.dtype}, {base:,} parameters{frozen}")
+        add(parts, "weights", base * wb, f"{m.dtype}, {base:,} parameters{frozen}{held}")
     if lora:
         cut = f"1/{shards} of {adapters:,} (ZeRO-3)" if zero == 3 else f"{adapters:,} parameters"
         add(
@@ -481,6 +603,10 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
             f"rank-{m.lora.rank} intermediates" + (", dropout masks" if m.lora.dropout > 0 else "")
             + f" x {layers} layers x {flight} micro-batch(es)",
         )  # fmt: skip
+    add(
+        backward, "MoE: token exchange buffers", expert_exchange_buffer_bytes(cfg, tokens),
+        f"one layer's {tokens} x top-{m.moe_router_topk} permuted tokens and the all-to-all's copy",
+    )  # fmt: skip
     if last:
         out, what = output_temporaries(cfg, vocab_size, tokens)
         add(backward, "output layer + log-probs", out, what)
@@ -506,9 +632,13 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
         largest = max(adapter_tensors(cfg) if lora else rank_tensors(cfg, vocab_size, stage))
         temps = trained * FP32 if target == "cuda" else 2 * largest * FP32
     else:
+        group = " (the larger optimizer group: DeepSpeed steps one at a time)" if par.expert > 1 else ""
         if zero == 1 or wb == 2:
-            add(step, "gradients: fp32 partition", part_t * FP32, f"the flat 1/{split} DeepSpeed steps on")
-        temps = (1 if target == "cuda" else 2) * part_t * FP32
+            add(
+                step, "gradients: fp32 partition", group_t * FP32,
+                f"the flat 1/{split} DeepSpeed steps on{group}",
+            )  # fmt: skip
+        temps = (1 if target == "cuda" else 2) * group_t * FP32
     how = (
         "foreach: sqrt(v) of every tensor at once"
         if target == "cuda"
@@ -552,6 +682,9 @@ NVLINK_BYTES_PER_S = 300e9
 NETWORK_BYTES_PER_S = 50e9
 GPUS_PER_NODE = 8
 LAYER_OVERHEAD_S = 60e-6
+# megatron-core's SequentialMLP runs a layer's local experts one after another (fc1, SwiGLU, the probability
+# multiply, fc2 and their backward for each): a fixed cost per local expert, layer and micro-batch, as above.
+EXPERT_OVERHEAD_S = 20e-6
 
 
 def flops_per_parameter_token(cfg: Config) -> float:
@@ -574,27 +707,50 @@ def context_gather_bytes(cfg: Config) -> float:
     return 2 * layers * gathered_kv_bytes(cfg, local_tokens(cfg)) * (cp - 1) / cp
 
 
+def expert_exchange_bytes(cfg: Config) -> float:
+    """Bytes one rank sends per micro-batch exchanging tokens with its expert-parallel group: in each layer of its
+    stage, the all-to-all dispatching the k copies of each of its tokens [tokens x k, h] to their experts' ranks
+    and the one combining the experts' outputs back, forward, and the two carrying their gradients backward; of
+    each, (EP - 1)/EP leaves the rank under balanced routing; 0 at EP 1 and for a dense model."""
+    m, ep = cfg.model, cfg.parallel.expert
+    if not m.num_experts:
+        return 0.0
+    layers = m.num_layers // cfg.parallel.pipeline
+    exchanged = local_tokens(cfg) * m.moe_router_topk * m.hidden_size * DTYPE_BYTES[m.dtype]
+    return 4 * layers * exchanged * (ep - 1) / ep
+
+
 def step_seconds(cfg: Config, dp: int, vocab_size: int) -> float:
     """Seconds per step on the GPU above: the busiest stage's compute on a rank's tokens (1/CP of each row)
     stretched by the pipeline bubble, a fixed cost per layer and micro-batch, the tensor-parallel all-reduces and
     the context-parallel k/v gathers (within a node while TP x CP fits one, as megatron-core's tp-cp-dp-pp rank
     order places them) and the gradient traffic over DP x CP (across nodes once the job spans more than one): the
     trained parameters' gradients, and under ZeRO-3 the gathers of every parameter (forward, backward and a live
-    LoRA reference's forward)."""
+    LoRA reference's forward). With experts, the FLOPs are those of the k experts a token runs through
+    (``stage_active_parameters``), each local expert adds a fixed cost, the expert-parallel all-to-all
+    (``expert_exchange_bytes``) goes over NVLink while TP x CP x EP fits a node, and the experts' gradients are
+    reduced over DP / EP ranks."""
     m, par = cfg.model, cfg.parallel
-    tp, pp, cp = par.tensor, par.pipeline, par.context
+    tp, pp, cp, ep = par.tensor, par.pipeline, par.context, par.expert
     tokens = local_tokens(cfg)
     micro = micro_batches(cfg, dp)
     params = max(stage_parameters(cfg, vocab_size, s) for s in range(pp))
+    active = max(stage_active_parameters(cfg, vocab_size, s) for s in range(pp))
     layers = m.num_layers // pp
-    compute = (
-        flops_per_parameter_token(cfg) * params * tokens / ACHIEVED_FLOPS + 3 * layers * LAYER_OVERHEAD_S
+    compute = flops_per_parameter_token(cfg) * active * tokens / ACHIEVED_FLOPS + 3 * layers * (
+        LAYER_OVERHEAD_S + local_experts(cfg) * EXPERT_OVERHEAD_S
     )
     wb = DTYPE_BYTES[m.dtype]
     # two all-reduces of [tokens, hidden] per layer forward and two backward, each moving 2 (tp-1)/tp of it
     tp_bytes = 4 * layers * tokens * m.hidden_size * wb * 2 * (tp - 1) / tp
     cp_rate = NETWORK_BYTES_PER_S if tp * cp > GPUS_PER_NODE else NVLINK_BYTES_PER_S
-    per_micro = compute + tp_bytes / NVLINK_BYTES_PER_S + context_gather_bytes(cfg) / cp_rate
+    ep_rate = NETWORK_BYTES_PER_S if tp * cp * ep > GPUS_PER_NODE else NVLINK_BYTES_PER_S
+    per_micro = (
+        compute
+        + tp_bytes / NVLINK_BYTES_PER_S
+        + context_gather_bytes(cfg) / cp_rate
+        + expert_exchange_bytes(cfg) / ep_rate
+    )
     world = tp * pp * cp * dp
     dp_rate = NETWORK_BYTES_PER_S if world > GPUS_PER_NODE else NVLINK_BYTES_PER_S
     shards = zero_group(cfg, dp)  # gradients are all-reduced, and ZeRO-3 gathers parameters, over DP x CP
@@ -604,7 +760,10 @@ def step_seconds(cfg: Config, dp: int, vocab_size: int) -> float:
         if par.zero_stage == 3:
             dp_bytes += (3 if cfg.train.reference == "live" else 2) * params * wb * share
     else:
-        dp_bytes = 2 * params * wb * share * (1.5 if par.zero_stage == 3 else 1.0)
+        experts = stage_expert_parameters(cfg)  # reduced over the expert-data-parallel group, DP / EP
+        eshards = expert_zero_group(cfg, dp)
+        moved = (params - experts) * share + experts * (eshards - 1) / eshards
+        dp_bytes = 2 * moved * wb * (1.5 if par.zero_stage == 3 else 1.0)
     return per_micro * (micro + pp - 1) + dp_bytes / dp_rate
 
 
@@ -621,30 +780,47 @@ class Candidate:
     micro_batch_size: int
     peak_bytes: int
     step_time: float
+    expert: int = 1  # expert parallelism: the data-parallel ranks each layer's experts are split over
+
+
+EXPERT_SIZES = (1, 2, 4, 8, 16, 32, 64)  # parallel.expert's choices
+
+
+def layout_grid(cfg: Config, gpus: int) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """(tensor, pipeline, context, expert, data, ZeRO stage) of ``gpus`` ranks worth planning: a mixture of experts
+    at TP 1 and CP 1 (the config refuses more), EP dividing DP and the experts, ZeRO 1/2 at EP > 1; a dense model
+    at EP 1. What the config or the layout still refuses (ZeRO 2/3 with PP, a shape TP or PP does not divide) is
+    left to ``candidates``, which builds each."""
+    e = cfg.model.num_experts
+    for tp, pp, cp in itertools.product((1, 2, 4, 8), (1, 2, 4), (1, 2, 4, 8)):
+        if gpus % (tp * pp * cp) or (e and (tp > 1 or cp > 1)):
+            continue
+        dp = gpus // (tp * pp * cp)
+        for ep in EXPERT_SIZES if e else (1,):
+            if dp % ep or (e % ep if e else ep > 1):
+                continue
+            for zero in (1, 2) if ep > 1 else (0, 1, 2, 3):
+                yield tp, pp, cp, ep, dp, zero
 
 
 def candidates(cfg: Config, gpus: int, vocab_size: int, target: str = "cuda") -> Iterator[Candidate]:
-    """Every layout of ``gpus`` ranks (tensor x pipeline x context x data) the model divides and the batch allows,
-    with its plan."""
+    """Every layout of ``gpus`` ranks (tensor x pipeline x context x data, experts split over EP of the data ranks)
+    the model divides, the batch allows and the config accepts, with its plan."""
     t = cfg.train
-    for tp, pp, cp in itertools.product((1, 2, 4, 8), (1, 2, 4), (1, 2, 4, 8)):
-        if gpus % (tp * pp * cp):
-            continue
-        dp = gpus // (tp * pp * cp)
-        for zero in (0, 1, 2, 3):
-            for micro in (1, 2, 4, 8, 16):
-                if t.global_batch_size % (micro * dp):
-                    continue
-                try:
-                    trial = replace(
-                        cfg,
-                        parallel=ParallelConfig(tensor=tp, pipeline=pp, context=cp, zero_stage=zero),
-                        train=replace(t, micro_batch_size=micro),
-                    )
-                    plan = plan_memory(trial, world=gpus, vocab_size=vocab_size, target=target)
-                except (ConfigError, ValueError):
-                    continue
-                yield Candidate(tp, pp, cp, dp, zero, micro, plan.per_rank_peak_bytes, plan.step_time)
+    for tp, pp, cp, ep, dp, zero in layout_grid(cfg, gpus):
+        for micro in (1, 2, 4, 8, 16):
+            if t.global_batch_size % (micro * dp):
+                continue
+            try:
+                trial = replace(  # Config's own checks run here: what training refuses is never planned
+                    cfg,
+                    parallel=ParallelConfig(tensor=tp, pipeline=pp, context=cp, expert=ep, zero_stage=zero),
+                    train=replace(t, micro_batch_size=micro),
+                )
+                plan = plan_memory(trial, world=gpus, vocab_size=vocab_size, target=target)
+            except (ConfigError, ValueError):
+                continue
+            yield Candidate(tp, pp, cp, dp, zero, micro, plan.per_rank_peak_bytes, plan.step_time, expert=ep)
 
 
 def feasible(
@@ -699,16 +875,25 @@ def _mib(n: int) -> str:
 
 def format_plan(plan: Plan) -> str:
     cfg, r = plan.cfg, plan.busiest
-    par = cfg.parallel
+    par, m = cfg.parallel, cfg.model
     stage = f"pipeline stage {r.stage} of {par.pipeline}" if par.pipeline > 1 else "every rank"
     cp = par.context
     grid = f"TP {par.tensor}" + (f" x CP {cp}" if cp > 1 else "") + f" x PP {par.pipeline} x DP {plan.dp}"
+    if cfg.model.num_experts:
+        grid += f" (EP {par.expert}: experts over {par.expert} of the DP ranks)"
     length = f"{cfg.data.max_length} tokens" + (
         f" ({row_length(cfg) // cp} a rank over CP {cp})" if cp > 1 else ""
     )
     head = (
         f"plan: {cfg.model.num_layers} layers x {cfg.model.hidden_size}, vocabulary {plan.vocab_size:,}, "
-        f"{total_parameters(cfg, plan.vocab_size) / 1e9:.3g}B parameters; {grid}, ZeRO {par.zero_stage}, "
+        f"{total_parameters(cfg, plan.vocab_size) / 1e9:.3g}B parameters"
+        + (
+            f" ({active_parameters(cfg, plan.vocab_size) / 1e9:.3g}B active: {m.moe_router_topk} of "
+            f"{m.num_experts} experts a token)"
+            if m.num_experts
+            else ""
+        )
+        + f"; {grid}, ZeRO {par.zero_stage}, "
         f"{cfg.model.dtype}, micro-batch {cfg.train.micro_batch_size} pairs x {length}; target {plan.target}"
     )
     on_it = f"{r.parameters:,} parameters on it"
@@ -737,17 +922,22 @@ def format_candidates(found: list[Candidate], gpus: int, limit_bytes: int, top: 
     if not found:
         return ""
     best = found[0].step_time
+    ep = any(
+        c.expert > 1 for c in found
+    )  # the EP column: a mixture of experts split over data-parallel ranks
     lines = [
         f"layouts on {gpus} GPUs of {limit_bytes / GiB:g} GiB that fit, fastest first (step time relative to the "
         f"first; {len(found)} fit):",
-        "| TP | PP | CP | DP | ZeRO | micro-batch | peak GiB | relative step time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| TP | PP | CP | "
+        + ("EP | " if ep else "")
+        + "DP | ZeRO | micro-batch | peak GiB | relative step time |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if ep else ""),
     ]
     for c in found[:top]:
         lines.append(
-            f"| {c.tensor} | {c.pipeline} | {c.context} | {c.dp} | {c.zero_stage} | {c.micro_batch_size} | "
-            f"{c.peak_bytes / GiB:.1f} | {c.step_time / best:.2f} |"
-        )
+            f"| {c.tensor} | {c.pipeline} | {c.context} | " + (f"{c.expert} | " if ep else "")
+            + f"{c.dp} | {c.zero_stage} | {c.micro_batch_size} | {c.peak_bytes / GiB:.1f} | {c.step_time / best:.2f} |"
+        )  # fmt: skip
     return "\n".join(lines)
 
 
@@ -760,6 +950,7 @@ def plan_json(plan: Plan) -> dict[str, object]:
         "parameters_on_rank": r.parameters,
         "trained_parameters_on_rank": r.trained,
         "total_parameters": total_parameters(plan.cfg, plan.vocab_size),
+        "active_parameters": active_parameters(plan.cfg, plan.vocab_size),
         "lora_rank": plan.cfg.model.lora.rank,
         "adapter_parameters": adapter_parameters(plan.cfg),
         "vocab_size": plan.vocab_size,
@@ -770,7 +961,8 @@ def plan_json(plan: Plan) -> dict[str, object]:
             "data": plan.dp,
             "zero_stage": plan.cfg.parallel.zero_stage,
             "micro_batch_size": plan.cfg.train.micro_batch_size,
-        },
+        }
+        | ({"expert": plan.cfg.parallel.expert} if plan.cfg.model.num_experts else {}),
         "parts": {p.name: p.bytes for p in r.parts},
         "peak_phase": r.peak_phase,
         "peak_parts": {p.name: p.bytes for p in r.peak_parts},
