@@ -124,6 +124,13 @@ def module_states_file(checkpoint: Path, mp_rank: int, zero_stage: int) -> Path:
     return checkpoint / DEEPSPEED_DIR / DEEPSPEED_TAG / f"{prefix}mp_rank_{mp_rank:02d}_model_states.pt"
 
 
+def experts_file(checkpoint: Path, ep_rank: int, mp_rank: int) -> Path:
+    """The experts of expert-parallel rank ``ep_rank`` and model-parallel rank ``mp_rank`` in a checkpoint written
+    with ``parallel.expert`` > 1 (DeepSpeed's model-states file holds one EP rank's only): ``{"module": {name:
+    tensor}}``, names as the model-states file has them but with global expert indices."""
+    return checkpoint / "experts" / f"ep_rank_{ep_rank:03d}_mp_rank_{mp_rank:02d}_experts.pt"
+
+
 def format_mismatch(meta: dict[str, Any], fmt: str, version: int) -> str | None:
     """What is wrong with a meta record's format and version (None: it is ``fmt`` version ``version``)."""
     if meta.get("format") == fmt and meta.get("version") == version:

@@ -32,7 +32,7 @@ from gatedpo_mega.convert.errors import (
     ShapeMismatchError,
     UnexpectedTensorError,
 )
-from gatedpo_mega.families import LAYER, Shape, layer_tensors
+from gatedpo_mega.families import LAYER, Shape, expert_index, expert_renamed, layer_tensors
 from gatedpo_mega.megatron.lora import adapter_factors
 from gatedpo_mega.megatron.model import padded_vocab_size
 from gatedpo_mega.megatron.parallel import indivisible, shard, unshard
@@ -203,6 +203,12 @@ def cfg_kind(cfg: ModelConfig) -> str:
     )
 
 
+def expert_slice(cfg: ModelConfig, expert: int, ep_rank: int) -> range:
+    """The global indices of the experts expert-parallel rank ``ep_rank`` of ``expert`` holds."""
+    per = cfg.num_experts // expert
+    return range(ep_rank * per, (ep_rank + 1) * per)
+
+
 def iter_mcore_rank(
     hf_get: Callable[[str], torch.Tensor],
     cfg: ModelConfig,
@@ -212,18 +218,31 @@ def iter_mcore_rank(
     pipeline: int,
     tp_rank: int,
     pp_rank: int,
+    expert: int = 1,
+    ep_rank: int = 0,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(local name, tensor)`` of one rank, one at a time, from ``hf_get(hf_name)``."""
+    """``(local name, tensor)`` of one rank, one at a time, from ``hf_get(hf_name)``. Under expert parallelism
+    (``expert`` > 1) the rank holds its slice of the experts, numbered from 0 (stored folders hold them all: EP cuts
+    no tensor, it only picks whole experts)."""
     check_layout(cfg, tensor, pipeline)
     offset = pp_rank * (cfg.num_layers // pipeline)
+    mine = expert_slice(cfg, expert, ep_rank) if cfg.num_experts else range(0)
     for p in stage_params(cfg, vocab_size, tensor=tensor, pipeline=pipeline, pp_rank=pp_rank):
+        e = expert_index(p.name)
+        if e is not None and e not in mine:
+            continue
         full = _fuse(p, [hf_get(n) for n in p.hf], cfg)
         if tuple(full.shape) != p.shape:
             raise ShapeMismatchError(
                 f"tensor {p.name} built from {', '.join(p.hf)} has shape {list(full.shape)}, "
                 f"expected {list(p.shape)}"
             )
-        yield local_name(p.name, offset), shard(full, p.dim, p.stride, tp_rank, tensor)
+        name = (
+            local_name(p.name, offset)
+            if e is None
+            else expert_renamed(local_name(p.name, offset), -mine.start)
+        )
+        yield name, shard(full, p.dim, p.stride, tp_rank, tensor)
 
 
 def hf_to_mcore_state(
@@ -235,9 +254,11 @@ def hf_to_mcore_state(
     pipeline: int = 1,
     tp_rank: int = 0,
     pp_rank: int = 0,
+    expert: int = 1,
+    ep_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The local state dict of rank (``tp_rank``, ``pp_rank``) with names as ``build_model`` gives them; padded
-    vocabulary rows are zero. ``hf_state`` may be lazy: only the tensors this rank needs are read."""
+    """The local state dict of rank (``tp_rank``, ``pp_rank``, ``ep_rank``) with names as ``build_model`` gives them;
+    padded vocabulary rows are zero. ``hf_state`` may be lazy: only the tensors this rank needs are read."""
     return {  # copies: a slice must not keep its full tensor alive, nor alias the caller's tensors
         name: t.clone()
         for name, t in iter_mcore_rank(
@@ -248,6 +269,8 @@ def hf_to_mcore_state(
             pipeline=pipeline,
             tp_rank=tp_rank,
             pp_rank=pp_rank,
+            expert=expert,
+            ep_rank=ep_rank,
         )
     }
 

@@ -27,7 +27,7 @@ from gatedpo_mega.convert.folders import read_json
 from gatedpo_mega.convert.hf_config import model_config_dict, model_config_from_dict
 from gatedpo_mega.convert.mapping import check_layout, iter_mcore_rank, local_shapes
 from gatedpo_mega.convert.safetensors_io import SafetensorsReader, write_safetensors
-from gatedpo_mega.families import SHAPE_FIELDS, first_difference
+from gatedpo_mega.families import SHAPE_FIELDS, expert_renamed, first_difference
 from gatedpo_mega.formats import DTYPES, MCORE_FORMAT, MCORE_META, MCORE_VERSION
 from gatedpo_mega.megatron.model import padded_vocab_size
 
@@ -180,9 +180,11 @@ def load_mcore_weights(
     tp: int,
     pp_rank: int,
     pp: int,
+    expert_offset: int = 0,
 ) -> None:
     """Copy rank (``tp_rank``, ``pp_rank``)'s tensors from the mcore folder ``src`` into ``model`` (built by
-    ``build_model``); a different layout, model shape, vocabulary or tensor set is refused in one line."""
+    ``build_model``); a different layout, model shape, vocabulary or tensor set is refused in one line. Under expert
+    parallelism the model holds experts ``expert_offset`` on as its 0 on (the folder holds every expert)."""
     meta = read_mcore_meta(src)
     if (meta["tensor"], meta["pipeline"]) != (tp, pp):
         raise LayoutMismatchError(
@@ -213,8 +215,21 @@ def load_mcore_weights(
     path = Path(src) / rank_file(tp_rank, pp_rank)
     if not path.exists():
         raise MissingTensorError(f"{path}: rank file is missing")
+    stored = {k: expert_renamed(k, expert_offset) for k in state}  # this rank's name -> the folder's
     with SafetensorsReader(path) as r:
-        check_local_names(r.names(), r.shape, {k: tuple(v.shape) for k, v in state.items()}, str(path))
+        expected = {k: tuple(v.shape) for k, v in state.items()}
+        if expert_offset or cfg.num_experts:
+            # every expert is in the folder; this rank holds a slice of them
+            expected = {stored[k]: s for k, s in expected.items()}
+            folder = local_shapes(cfg, vocab_size, tensor=tp, pipeline=pp, pp_rank=pp_rank)
+            check_local_names(r.names(), r.shape, folder, str(path))
+            for k, s in expected.items():
+                if folder.get(k) != s:
+                    raise ShapeMismatchError(
+                        f"{path}: tensor {k} has shape {folder.get(k)}, expected {list(s)}"
+                    )
+        else:
+            check_local_names(r.names(), r.shape, expected, str(path))
         with torch.no_grad():
             for name, target in state.items():
-                target.copy_(r.read(name))
+                target.copy_(r.read(stored[name]))

@@ -33,6 +33,7 @@ from gatedpo_mega.convert.errors import (
 from gatedpo_mega.convert.folders import read_json
 from gatedpo_mega.convert.hf_config import model_config_from_dict
 from gatedpo_mega.convert.mapping import adapter_local_shapes, check_layout, local_shapes
+from gatedpo_mega.families import expert_index
 from gatedpo_mega.formats import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -40,6 +41,7 @@ from gatedpo_mega.formats import (
     TRAIN_FORMAT,
     TRAIN_META,
     TRAIN_VERSION,
+    experts_file,
     find_checkpoint,
     format_mismatch,
     module_states_file,
@@ -89,6 +91,17 @@ class TrainCheckpoint:
             raise MissingTensorError(f"{self.ds}: DeepSpeed state folder is missing")
         if source not in ("fp32", "module", *MOMENTS):
             raise ValueError(source)
+        # Experts split over ranks: ZeRO partitions them per expert-data-parallel group, so their weights are read
+        # from the module weights, each EP rank's experts from its own file (formats.experts_file); an fp32 run's
+        # module weights are its fp32 master weights.
+        self.expert = int(layout.get("expert", 1))
+        if self.expert > 1 and source in MOMENTS:
+            raise CheckpointFormatError(
+                f"{self.path}: the optimizer's {source} of a run with parallel.expert={self.expert} are not read (ZeRO "
+                "partitions its experts per expert-data-parallel group)"
+            )
+        if self.expert > 1:
+            source = "module"
         if source == "module" and self.zero_stage == 3:
             raise CheckpointFormatError(
                 f"{self.path}: ZeRO 3 partitions the module weights; read the fp32 master weights instead"
@@ -151,7 +164,10 @@ class TrainCheckpoint:
                     self.cfg, self.vocab_size, tensor=self.tensor, pipeline=self.pipeline, pp_rank=pp_rank
                 )
             optim = [self._optim_file(d, mp) for d in range(self.partitions)] if self._optim_prefix else None
-            self._ranks[mp] = _Rank(self._model_file(mp), optim, expected, source=self.source)
+            experts = [experts_file(self.path, e, mp) for e in range(self.expert)] if self.expert > 1 else []
+            self._ranks[mp] = _Rank(
+                self._model_file(mp), optim, expected, source=self.source, experts=experts
+            )
         return self._ranks[mp]
 
     def get(self, tp_rank: int, pp_rank: int, name: str) -> torch.Tensor:
@@ -179,9 +195,11 @@ class _Rank:
         expected: dict[str, tuple[int, ...]],
         *,
         source: str,
+        experts: list[Path] | None = None,
     ) -> None:
         module = source == "module"
         self.model_file, self.optim_files, self.module, self.source = model_file, optim_files, module, source
+        self.expert_files = experts or []
         self._model: dict[str, Any] | None = None
         self._optim: list[dict[str, Any]] | None = None
         state = self._model_state()
@@ -218,6 +236,13 @@ class _Rank:
     def _model_state(self) -> dict[str, Any]:
         if self._model is None:
             self._model = _load(self.model_file)
+            if self.expert_files:  # its experts are one EP rank's: every EP rank's from their own files
+                module = {k: v for k, v in self._model["module"].items() if expert_index(k) is None}
+                for f in self.expert_files:
+                    if not f.is_file():
+                        raise MissingTensorError(f"{f}: file is missing")
+                    module.update(_load(f)["module"])
+                self._model = {**self._model, "module": module}
         return self._model
 
     def _optim_states(self) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ def set_aux_loss_scale(scale: float, device: torch.device) -> None:
     """The factor megatron-core's ``MoEAuxLossAutoScaler`` multiplies the load-balancing loss's gradient by."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(scale, device=device))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.full((1,), scale, device=device))  # its schedule's shape
 
 
 class RoutingLog:

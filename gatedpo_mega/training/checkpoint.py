@@ -46,6 +46,7 @@ from gatedpo_mega.formats import (
     TRAIN_VERSION,
     checkpoints_root,
     complete_checkpoints,
+    experts_file,
     find_checkpoint,
     format_mismatch,
     incomplete_dir,
@@ -256,7 +257,7 @@ def layout_record(cfg: Config, data_parallel: int) -> dict[str, int]:
     model-parallel rank."""
     p = cfg.parallel
     return {
-        "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "data": data_parallel,
+        "tensor": p.tensor, "pipeline": p.pipeline, "context": p.context, "expert": p.expert, "data": data_parallel,
         "zero_stage": p.zero_stage,
     }  # fmt: skip
 
@@ -318,7 +319,7 @@ def _saved_global_batch(path: Path) -> int | None:
 
 def _fmt(layout: dict[str, Any]) -> str:
     """``tensor 2, pipeline 1, data 2, zero_stage 1``; context only where there is context parallelism."""
-    return ", ".join(f"{k} {v}" for k, v in layout.items() if not (k == "context" and v == 1))
+    return ", ".join(f"{k} {v}" for k, v in layout.items() if not (k in ("context", "expert") and v == 1))
 
 
 def rng_state() -> dict[str, Any]:
@@ -378,6 +379,10 @@ def save_checkpoint(
         engine.checkpoint_engine = recorder.inner
         del engine._copy_recovery_script  # the class's method again
     written, error = recorder.written, recorder.error
+    if error is None and layout.ep > 1 and layout.expert_dp_rank == 0:  # one copy of each rank's experts
+        experts = experts_file(tmp, layout.ep_rank, layout.pp_rank * layout.tp + layout.tp_rank)
+        error = _attempt(lambda: _save_experts(engine.module, cfg, layout, experts), experts)
+        written.append(experts)
     if error is None:
         rank_file = tmp / "trainer" / f"rank_{layout.rank:05d}.pt"
         error = _attempt(lambda: _torch_save({**trainer_state, "rng": rng_state()}, rank_file), rank_file)
@@ -397,6 +402,37 @@ def save_checkpoint(
                                          hf_config), tmp)  # fmt: skip
     _agree([error], final, tmp, src=0)
     return final
+
+
+def _save_experts(model: torch.nn.Module, cfg: Config, layout: Layout, path: Path) -> None:
+    from gatedpo_mega.families import expert_index, expert_renamed
+    from gatedpo_mega.megatron.model import expert_offset
+
+    offset = expert_offset(cfg.model, layout.ep_rank, layout.ep)
+    state = {
+        expert_renamed(k, offset): v.detach().cpu()
+        for k, v in model.state_dict().items()
+        if expert_index(k) is not None and isinstance(v, torch.Tensor)
+    }
+    path.parent.mkdir(exist_ok=True)
+    _torch_save({"module": state}, path)
+
+
+def _load_experts(model: torch.nn.Module, cfg: Config, layout: Layout, path: Path) -> None:
+    """This rank's experts from the checkpoint's experts file: DeepSpeed's module weights hold EP rank 0's (its
+    optimizer's master weights are right, but the next forward runs on the module's)."""
+    from gatedpo_mega.families import expert_index, expert_renamed
+    from gatedpo_mega.megatron.model import expert_offset
+
+    f = experts_file(path, layout.ep_rank, layout.pp_rank * layout.tp + layout.tp_rank)
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {f.relative_to(path)}")
+    saved = torch.load(f, map_location="cpu", weights_only=True)["module"]
+    offset = expert_offset(cfg.model, layout.ep_rank, layout.ep)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if expert_index(name) is not None:
+                p.copy_(saved[expert_renamed(name, offset)])
 
 
 class RecordingSaves:
@@ -610,6 +646,8 @@ def load_checkpoint(
         )
         if load_path is None:
             raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state under {path / DEEPSPEED_DIR}")
+        if layout.ep > 1:
+            _load_experts(engine.module, cfg, layout, path)
     state = torch.load(rank_file, map_location="cpu", weights_only=False)
     set_rng_state(state.pop("rng"))
     return int(meta["step"]), state, changes

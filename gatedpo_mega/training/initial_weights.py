@@ -22,6 +22,7 @@ from gatedpo_mega.errors import UserError
 from gatedpo_mega.families import SHAPE_FIELDS, differences, saved_value
 from gatedpo_mega.formats import MCORE_META, module_states_file
 from gatedpo_mega.hub import hub_id, resolve_model
+from gatedpo_mega.megatron.model import expert_offset
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.training.checkpoint import RESUME_FIELDS, CheckpointError, read_meta, resolve_checkpoint
 
@@ -274,6 +275,11 @@ def load_checkpoint_weights(
     path = src.path
     theirs = src.meta["layout"]  # only the weights are read: the layout may differ (checked by shape below)
     where = f"model.init_from={path}"
+    if int(theirs.get("expert", 1)) > 1 or layout.ep > 1:
+        raise CheckpointError(
+            f"{where}: a training checkpoint with experts split over ranks (parallel.expert > 1), or this run's, is "
+            "not read as initial weights: export it (gatedpo convert zero-to-hf) and start from that folder"
+        )
     if (theirs["tensor"], theirs["pipeline"]) == (layout.tp, layout.pp) and theirs["zero_stage"] < 3:
         f = module_states_file(path, layout.pp_rank * layout.tp + layout.tp_rank, theirs["zero_stage"])
         if not f.is_file():
@@ -325,12 +331,12 @@ def load_initial_weights(model: torch.nn.Module, cfg: Config, layout: Layout, vo
     if src.kind == "mcore":
         convert.load_mcore_weights(
             model, src.path, cfg=cfg.model, vocab_size=vocab_size, tp_rank=layout.tp_rank, tp=layout.tp,
-            pp_rank=layout.pp_rank, pp=layout.pp,
+            pp_rank=layout.pp_rank, pp=layout.pp, expert_offset=expert_offset(cfg.model, layout.ep_rank, layout.ep),
         )  # fmt: skip
         return
-    state = HFFolder(src.path)  # lazy: this rank reads only the tensors it keeps
+    state = HFFolder(src.path)  # lazy: this rank reads only the tensors it keeps (its own experts)
     local = convert.hf_to_mcore_state(
         state, cfg.model, vocab_size=vocab_size, tensor=layout.tp, pipeline=layout.pp, tp_rank=layout.tp_rank,
-        pp_rank=layout.pp_rank,
+        pp_rank=layout.pp_rank, expert=layout.ep, ep_rank=layout.ep_rank,
     )  # fmt: skip
     copy_weights(model, local, f"model.init_from={src.path}")

@@ -41,8 +41,8 @@ class ReshardError(UserError):
     every_rank = True
 
 
-LAYOUT_KEYS = ("tensor", "pipeline", "context", "data", "zero_stage")
-LAYOUT_DEFAULTS = {"context": 1}  # what a checkpoint written before the key existed had
+LAYOUT_KEYS = ("tensor", "pipeline", "context", "expert", "data", "zero_stage")
+LAYOUT_DEFAULTS = {"context": 1, "expert": 1}  # what a checkpoint written before the key existed had
 
 
 def layout_changes(saved: dict[str, Any], mine: dict[str, Any]) -> list[str]:
@@ -57,6 +57,11 @@ def reshard_refusal(saved: dict[str, Any], mine: dict[str, Any], cfg: Config) ->
         return "resuming at another layout needs ZeRO stage 1-3 on both sides (DeepSpeed's partitions are read and written)"
     if cfg.model.backend != "megatron":
         return "resuming at another layout needs model.backend=megatron"
+    if int(saved.get("expert", 1)) > 1 or mine["expert"] > 1:
+        return (
+            "a checkpoint with experts split over ranks (parallel.expert > 1) resumes at its own layout (ZeRO "
+            "partitions its experts over their expert-data-parallel ranks, which resharding does not read)"
+        )
     return None
 
 
