@@ -105,7 +105,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         raise UserError("--gpus and --gpu-memory go together: how many GPUs, and the memory of one in GiB")
     target = args.target or ("cuda" if args.gpus else planner.host_target())
     vocab = args.vocab_size or planner.plan_vocab_size(cfg)
-    world = args.nproc or args.gpus or cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context
+    p = cfg.parallel
+    world = (
+        args.nproc or args.gpus or p.tensor * p.pipeline * p.context * p.expert
+    )  # EP splits data-parallel ranks
     out: dict[str, object] = {}
     text: list[str] = []
     try:

@@ -26,7 +26,8 @@ from gatedpo_mega.training.preflight import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # What tests/convert_helpers.py's tiny models are (hidden 64, 4 heads in 2 groups, SwiGLU 96, eps 1e-6, 128 positions).
-COMMON = {"hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 96}
+COMMON = {"hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 96, "num_experts": 0,
+          "moe_ffn_hidden_size": 0}  # fmt: skip
 FAMILY_MODELS = {
     "llama": {**COMMON, "num_layers": 2, "head_dim": 0, "tie_embeddings": False, "qkv_bias": False,
               "qk_norm": False, "rotary_base": 500000.0},

@@ -26,8 +26,8 @@ from gatedpo_mega.megatron.model import expert_offset
 from gatedpo_mega.megatron.parallel import Layout
 from gatedpo_mega.training.checkpoint import RESUME_FIELDS, CheckpointError, read_meta, resolve_checkpoint
 
-# Besides the shapes, a source fixes the function its weights compute: their norm epsilon and rotary base.
-FUNCTION_FIELDS = ("norm_epsilon", "rotary_base")
+# Besides the shapes, a source fixes the function its weights compute: their norm epsilon, rotary base and routing.
+FUNCTION_FIELDS = ("norm_epsilon", "rotary_base", "moe_router_topk", "moe_norm_topk_prob")
 HF_FIELDS = (*SHAPE_FIELDS, *FUNCTION_FIELDS)
 
 

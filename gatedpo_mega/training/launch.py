@@ -268,6 +268,10 @@ def summary(cfg: Config, world: int, hub_notes: Sequence[str] = (), notes: Seque
         )
     dp = world // (p.tensor * p.pipeline * p.context)
     cp = f" x CP {p.context}" if p.context > 1 else ""
+    if m.num_experts:
+        model += f", {m.num_experts} experts (top {m.moe_router_topk})" + (
+            f" over EP {p.expert}" if p.expert > 1 else ""
+        )
     lines = [*(f"Hugging Face cache: {note}" for note in hub_notes), *notes]
     return "".join(f"gatedpo train: {line}\n" for line in lines) + (
         f"gatedpo train: objective {o.name}, {gate}, {model}, TP {p.tensor}{cp} x PP {p.pipeline} x DP {dp}, "
