@@ -140,6 +140,64 @@ def test_logits_equal_transformers_for_both_families(moe_dirs, tmp_path):
         assert (ours[folder] - theirs).abs().max() < 1e-5, kind
 
 
+# ------------------------------------------------------------------------------------------ the balancing loss
+
+
+def _balancing_loss_worker(rank, world):
+    """The last layer's router gradient with the balancing loss on minus without it, against the float64 Switch
+    loss over the real tokens of the router's own input, times the coefficient and the 1/micro-batches factor."""
+    from gatedpo_mega.data.batch import PreferenceBatch
+    from gatedpo_mega.megatron.backend import model_forward
+    from gatedpo_mega.megatron.experts import set_aux_loss_scale
+    from gatedpo_mega.megatron.model import StageInfo, build_model
+    from gatedpo_mega.megatron.parallel import initialize_layout
+
+    coef, scale, vocab = 0.01, 0.25, 64
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", *MOE, "model.fused_logprobs=false",
+                             f"model.moe_aux_loss_coef={coef}"])  # fmt: skip
+    lay = initialize_layout(1, 1)
+    stage = StageInfo(pre_process=True, post_process=True, layer_offset=0, tp_rank=0, tp_size=1)
+    model = build_model(
+        cfg.model, vocab_size=vocab, stage=stage, pipeline=1, seed=0, tp_group=lay.tp_group
+    ).train()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, vocab, (2, 12), generator=g)
+    labels = torch.full((2, 12), -100)
+    labels[0, 3:11], labels[1, 3:6] = ids[0, 4:12], ids[1, 4:7]  # row 1: 7 real tokens, then 5 of padding
+    batch = PreferenceBatch(ids, labels, torch.arange(1))
+    weights = torch.randn(2, 12, vocab, generator=g)
+    router = model.decoder.layers[-1].mlp.router
+    seen = {}
+    router.register_forward_pre_hook(lambda m, args: seen.update(x=args[0].detach()))
+
+    def router_grad(c):
+        router.config.moe_aux_loss_coeff = c
+        model.zero_grad()
+        set_aux_loss_scale(scale, torch.device("cpu"))
+        (model_forward(model, batch) * weights).sum().backward()
+        return router.weight.grad.double()
+
+    measured = router_grad(coef) - router_grad(0.0)
+    x = seen["x"].double().reshape(-1, 32)  # [S, B, H] -> tokens in S-major order
+    real = batch.token_mask.T.reshape(-1)
+    assert int(real.sum()) == 12 + 7
+    w = router.weight.detach().double().requires_grad_()
+    scores = torch.softmax(x @ w.T, dim=-1)[real]
+    chosen = torch.zeros_like(scores).scatter(1, scores.topk(2, dim=1).indices, 1.0)
+    f, p = chosen.sum(0) / (len(scores) * 2), scores.mean(0)
+    switch = 4 * (f * p).sum()
+    (expected,) = torch.autograd.grad(switch, w)
+    assert measured.abs().max() > 1e-6  # the loss moved the router
+    # float32 gradients with and without it differ by ~1e-4 of their size: the difference carries ~1e-5 error
+    error = (measured - coef * scale * expected).abs().max() / (coef * scale * expected).abs().max()
+    assert error < 1e-3, float(error)
+
+
+@pytest.mark.multiprocess
+def test_the_balancing_loss_gradient_is_the_float64_switch_loss_over_real_tokens():
+    run_distributed(_balancing_loss_worker, 1)
+
+
 # ------------------------------------------------------------------------------------------ training
 
 

@@ -40,8 +40,11 @@ class RoutingLog:
     load-balancing loss once a step (``report``)."""
 
     def __init__(self, model: torch.nn.Module, *, num_layers: int) -> None:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
         from megatron.core.transformer.moe.router import TopKRouter
 
+        # megatron-core's tracker is the process's: sized by the first model that logged to it
+        get_moe_layer_wise_logging_tracker().pop("load_balancing_loss", None)
         config = expert_config(model)
         self.experts = int(config.num_moe_experts) if config is not None else 0
         self.num_layers = num_layers
