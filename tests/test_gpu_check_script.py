@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ["unfused", "fused", "fused-objective", "lora"]
+VARIANTS = ["unfused", "fused", "fused-objective", "lora", "moe"]
 OP_METHODS = ["naive-lmhead", "fused-recompute", "fused-stream", "liger-fused-dpo", "matmul-floor"]
 
 

@@ -10,7 +10,8 @@ response, no padding), ``--pairs`` pairs per step in one micro-batch. Variants: 
 ``model.fused_logprobs=false``), ``fused`` (the default fused output layer, four matmuls) and ``fused-objective``
 (``model.fused_objective=true``, three matmuls) and ``lora`` (LoRA rank 16 on all seven linears, the base frozen, the
 live adapters-off reference: forward 2N, backward 2N without weight gradients, reference forward 2N, so the MFU
-formula's 6N still counts its work). Each (T, variant) runs in a fresh process; the step time is the
+formula's 6N still counts its work) and ``moe`` (8 experts of a quarter of the SwiGLU width in every layer, top 2,
+megatron-core's MoE layer at EP 1: N counts the two experts a token passes through and the router). Each (T, variant) runs in a fresh process; the step time is the
 median of the wall times between the starts of consecutive timed steps (the device synchronised at each start),
 after ``--warmup`` steps. Peak memory is the step record's ``memory/peak_mib_max_rank``
 (``torch.cuda.max_memory_allocated``; on CPU the process's peak RSS).
@@ -73,7 +74,11 @@ VARIANTS = {
         "model.lora.alpha=32",
         "train.reference=live",
     ],
+    # a mixture of experts in place of every MLP: MOE_EXPERTS experts of a quarter of the SwiGLU width, top 2
+    # (twice the dense MLP's parameters, half its FLOPs a token), megatron-core's MoE layer on one GPU (EP 1)
+    "moe": ["model.fused_logprobs=true", "model.moe_router_topk=2"],
 }
+MOE_EXPERTS, MOE_TOPK, MOE_WIDTH_DIVISOR = 8, 2, 4
 # (d): the GPU cells' model (config overrides) and vocabulary; toy cells use bench_context's own narrow model
 CONTEXT_GPU_MODEL = [
     "model.num_layers=4", "model.hidden_size=2048", "model.num_attention_heads=32", "model.num_query_groups=8",
@@ -172,8 +177,18 @@ def train_overrides(
         "objective.name=dpo", "gate.shape=none", "train.reference=precomputed",
         f"train.micro_batch_size={args.pairs}", f"train.global_batch_size={args.pairs}",
         f"train.max_steps={args.warmup + args.steps + 1}", "train.save_final=false", "train.report_to=none",
-        f"train.output_dir={out}", *VARIANTS[variant],
+        f"train.output_dir={out}", *VARIANTS[variant], *moe_shape(model, variant),
     ]  # fmt: skip
+
+
+def moe_shape(model: dict[str, Any], variant: str) -> list[str]:
+    """The ``moe`` variant's experts, sized from the model's SwiGLU width."""
+    if variant != "moe":
+        return []
+    return [
+        f"model.num_experts={MOE_EXPERTS}",
+        f"model.moe_ffn_hidden_size={model['ffn_hidden_size'] // MOE_WIDTH_DIVISOR}",
+    ]
 
 
 def train_worker(seq: int, variant: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -203,18 +218,22 @@ def train_worker(seq: int, variant: str, args: argparse.Namespace) -> dict[str, 
     }
 
 
-def matmul_params(model: dict[str, Any]) -> int:
-    """N of the FLOP count: each layer's q, k, v, o and SwiGLU projections, and the output layer."""
+def matmul_params(model: dict[str, Any], variant: str = "") -> int:
+    """N of the FLOP count: each layer's q, k, v, o and SwiGLU projections (with experts: the top k a token
+    passes through, and the router), and the output layer."""
     h, layers, heads, groups = (
         model[k] for k in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups")
     )
     head_dim = h // heads
-    per_layer = 2 * h * heads * head_dim + 2 * h * groups * head_dim + 3 * h * model["ffn_hidden_size"]
+    mlp = 3 * h * model["ffn_hidden_size"]
+    if variant == "moe":
+        mlp = MOE_TOPK * 3 * h * (model["ffn_hidden_size"] // MOE_WIDTH_DIVISOR) + h * MOE_EXPERTS
+    per_layer = 2 * h * heads * head_dim + 2 * h * groups * head_dim + mlp
     return layers * per_layer + model["vocab_size"] * h
 
 
-def flops_per_token(model: dict[str, Any], seq: int) -> float:
-    return 6.0 * matmul_params(model) + 12.0 * model["num_layers"] * model["hidden_size"] * seq
+def flops_per_token(model: dict[str, Any], seq: int, variant: str = "") -> float:
+    return 6.0 * matmul_params(model, variant) + 12.0 * model["num_layers"] * model["hidden_size"] * seq
 
 
 def peak_tflops(device: str, given: float | None) -> float | None:
@@ -468,7 +487,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         choices=sorted(VARIANTS),
-        default=["unfused", "fused", "fused-objective", "lora"],
+        default=["unfused", "fused", "fused-objective", "lora", "moe"],
     )
     p.add_argument("--pairs", type=int, help="pairs per step, 2 x pairs rows of T (default 2; toy 1)")
     p.add_argument("--warmup", type=int, help="untimed training steps first (default 3; toy 1)")
@@ -528,7 +547,9 @@ def main() -> None:
                 if "step_s" in r:
                     r["tokens_per_s"] = r["tokens_per_step"] / r["step_s"]
                     r["mfu"] = (
-                        r["tokens_per_s"] * flops_per_token(model, seq) / (peak * 1e12) if peak else None
+                        r["tokens_per_s"] * flops_per_token(model, seq, variant) / (peak * 1e12)
+                        if peak
+                        else None
                     )
                 report["train"].append(r)
                 shown = {k: x for k, x in r.items() if k != "records"}
