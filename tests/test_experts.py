@@ -245,10 +245,15 @@ def test_the_moe_baseline_starts_at_ln2_routes_and_its_balancing_loss_moves_the_
             2,
             ["parallel.expert=2", "parallel.zero_stage=2", "data.packing=true"],
         ),  # padding left out of routing
-        (4, ["parallel.expert=2", "parallel.pipeline=2"]),  # the schedule drives it; ZeRO 1
+        # the schedule drives it (ZeRO 1); recomputation: the load-balancing loss and the routing counted in backward
+        (4, ["parallel.expert=2", "parallel.pipeline=2", "model.recompute=full"]),
         (4, ["parallel.expert=2", "parallel.zero_stage=2", "train.reference=live"]),  # EP 2 x expert-DP 2
     ],
-    ids=["ep2-zero2-packed", "ep2-pp2", "ep2-dp2-zero2-live"],  # EP 2 x ZeRO 1 at PP 1: the resume test below
+    ids=[
+        "ep2-zero2-packed",
+        "ep2-pp2-recompute",
+        "ep2-dp2-zero2-live",
+    ],  # EP 2 x ZeRO 1 at PP 1: the resume test below
 )
 @pytest.mark.slow
 def test_expert_parallel_layouts_match_ep1(world, extra, moe_baseline, cache, tmp_path):

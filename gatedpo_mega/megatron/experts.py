@@ -36,8 +36,8 @@ def set_aux_loss_scale(scale: float, device: torch.device) -> None:
 
 class RoutingLog:
     """Counts each layer's real tokens per expert over the policy's training forwards (hooks on the routers; a
-    forward without gradients, a recomputed one in backward, and padding are not counted) and reports them with the
-    load-balancing loss once a step (``report``)."""
+    forward without gradients and padding are not counted) and reports them with the load-balancing loss once a
+    step (``report``)."""
 
     def __init__(self, model: torch.nn.Module, *, num_layers: int) -> None:
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
@@ -57,8 +57,11 @@ class RoutingLog:
 
     def _hook(self, layer: int) -> Any:
         def count(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not (module.training and torch.is_grad_enabled()) or torch._C._current_graph_task_id() != -1:
-                return  # a reference or evaluation forward, or activation recomputation inside backward
+            if not (module.training and torch.is_grad_enabled()):
+                # A reference or evaluation forward; with model.recompute=full the first of a layer's two forwards
+                # (megatron-core runs it without gradients; the one recomputed in backward is counted, as the
+                # load-balancing loss is attached there).
+                return
             routing_map = output[1].detach()
             padding = args[1] if len(args) > 1 else None
             if padding is not None:
