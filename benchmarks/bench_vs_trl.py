@@ -60,6 +60,7 @@ Run (CPU):
     python benchmarks/bench_vs_trl.py --steps 20 --repeats 2 [--threads 1] [--micro-batch 2] [--out DIR]
     python benchmarks/bench_vs_trl.py --data hh --model 20m --max-length 512 --steps 20 --repeats 2
     python benchmarks/bench_vs_trl.py --lora [--data hh --model 20m --max-length 512] ...   # LoRA rows
+    python benchmarks/bench_vs_trl.py --moe [--data hh --model 20m --max-length 512] ...    # mixture-of-experts rows
 
 ``--repeats N`` runs every row N times, round-robin, and keeps each row's fastest run. ``--threads`` (default 1)
 sets ``OMP_NUM_THREADS`` for both trainers: on a shared host torch's busy-waiting intra-op threads make step
@@ -83,6 +84,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 PAIRS_PER_STEP = 16
+QUICKSTART_FFN = 176  # configs/quickstart.yaml's SwiGLU width (the small model)
 HH = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test-2000.jsonl.gz"
 HH_VOCAB = 8000
 # Llama shapes (untied embeddings, SwiGLU, RMSNorm, rotary). small: configs/quickstart.yaml's own shape.
@@ -110,12 +112,24 @@ ROWS: dict[str, tuple[str, str, bool, bool]] = {
     "trl-precompute": ("trl", "none", False, False),
     "trl-default": ("trl", "none", False, False),
     "trl-lora": ("trl", "none", False, True),
+    "moe": ("gatedpo", "none", False, False),
+    "moe-packed": ("gatedpo", "none", True, False),
+    "trl-moe": ("trl", "none", False, False),
 }
 DEFAULT_ROWS = {"builtin": "padded,gated,trl-precompute", "hh": "padded,packed,trl-default"}
 LORA_ROWS = "lora,lora-packed,trl-lora"  # --lora
 # The LoRA rows' adapters: gatedpo's model.lora and peft's LoraConfig (r, lora_alpha, lora_dropout, target_modules).
 LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear
+# --moe: the model's MLPs become MOE_EXPERTS experts of a quarter of its SwiGLU width, top 2 (a Mixtral of the same
+# shape on the TRL side), the load-balancing loss at Mixtral's 0.001 on both sides; the reference precomputed.
+MOE_ROWS = "moe,moe-packed,trl-moe"
+MOE_EXPERTS, MOE_TOPK, MOE_AUX = 8, 2, 0.001
+
+
+def is_moe(row: str) -> bool:
+    return row in MOE_ROWS.split(",")
+
 
 IMPORTS = {
     "gatedpo": "import deepspeed, megatron.core, gatedpo_mega.training.loop, gatedpo_mega.training.data",
@@ -135,7 +149,8 @@ def overrides(args: argparse.Namespace, row: str = "padded") -> list[str]:
         f"train.global_batch_size={PAIRS_PER_STEP}",
         f"train.output_dir={out / f'gatedpo-{row}'}",
         # LoRA rows: the policy with its adapters off, a forward per step (train.reference=auto with LoRA)
-        f"train.reference={'live' if lora else args.reference}",
+        # the moe rows: precomputed on both sides (their TRL row precomputes)
+        f"train.reference={'live' if lora else 'precomputed' if is_moe(row) else args.reference}",
         f"data.cache_dir={out / 'cache'}",
         f"data.packing={str(packing).lower()}",
         "objective.name=dpo",
@@ -148,6 +163,10 @@ def overrides(args: argparse.Namespace, row: str = "padded") -> list[str]:
     if lora:
         ov += [f"model.lora.{k}={v}" for k, v in LORA.items()]
         ov.append("model.lora.target_modules=[all-linear]")
+    if is_moe(row):
+        width = (MODELS[args.model].get("ffn_hidden_size") or QUICKSTART_FFN) // 4
+        ov += [f"model.num_experts={MOE_EXPERTS}", f"model.moe_ffn_hidden_size={width}",
+               f"model.moe_router_topk={MOE_TOPK}", f"model.moe_aux_loss_coef={MOE_AUX}"]  # fmt: skip
     if args.recompute:
         ov.append("model.recompute=full")
     if args.data == "hh":
@@ -259,6 +278,11 @@ def summarize(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
 def method_name(args: argparse.Namespace, row: str) -> str:
     trainer, gate, packing, lora = ROWS[row]
     adapters = f"LoRA r{LORA['rank']} a{LORA['alpha']:g} all-linear"
+    experts = f"{MOE_EXPERTS} experts top {MOE_TOPK}"
+    if trainer == "trl" and is_moe(row):
+        return f"TRL DPOTrainer, Mixtral {experts} (sigmoid; ref precomputed; aux {MOE_AUX:g})"
+    if is_moe(row):
+        return f"gatedpo DPO {'packed' if packing else 'padded'} {experts} (ref precomputed; aux {MOE_AUX:g})"
     if trainer == "trl":
         if lora:
             return f"TRL DPOTrainer + peft {adapters} (sigmoid; ref adapters off)"
@@ -348,7 +372,7 @@ def trl_worker(args: argparse.Namespace) -> None:
     import transformers
     import trl
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, TrainerCallback
 
     from gatedpo_mega.config import load_config
     from gatedpo_mega.data import PreferenceLoader, load_preference_data
@@ -383,27 +407,31 @@ def trl_worker(args: argparse.Namespace) -> None:
         }
     )
 
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=m.hidden_size,
-            intermediate_size=m.ffn_hidden_size,
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_query_groups,
-            max_position_embeddings=m.max_position_embeddings,
-            rms_norm_eps=m.norm_epsilon,
-            rope_theta=m.rotary_base,
-            tie_word_embeddings=m.tie_embeddings,
-            attention_bias=m.qkv_bias,
-            attention_dropout=0.0,
-            initializer_range=m.init_std,
-            pad_token_id=tok.pad_id,
-            bos_token_id=tok.bos_id,
-            eos_token_id=tok.eos_id,
-            attn_implementation="sdpa",
-        ),
-    ).to(torch.float32)
+    shape: dict[str, Any] = dict(
+        vocab_size=tok.vocab_size,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups,
+        max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=m.norm_epsilon,
+        rope_theta=m.rotary_base,
+        tie_word_embeddings=m.tie_embeddings,
+        attention_dropout=0.0,
+        initializer_range=m.init_std,
+        pad_token_id=tok.pad_id,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        attn_implementation="sdpa",
+    )
+    if is_moe(row):  # Mixtral: every MLP a mixture of experts, the top k renormalised, as gatedpo's moe rows
+        shape |= dict(intermediate_size=m.moe_ffn_hidden_size, num_local_experts=m.num_experts,
+                      num_experts_per_tok=m.moe_router_topk, router_aux_loss_coef=m.moe_aux_loss_coef,
+                      output_router_logits=True, sliding_window=None)  # fmt: skip
+        model = MixtralForCausalLM(MixtralConfig(**shape)).to(torch.float32)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape, attention_bias=m.qkv_bias)).to(torch.float32)
     parameters = sum(p.numel() for p in model.parameters())
     peft_kwargs: dict[str, Any] = {}
     if lora:
@@ -509,7 +537,8 @@ def trl_worker(args: argparse.Namespace) -> None:
         **peft_kwargs,
     )  # fmt: skip
     assert trainer.ref_model is None if not default else trainer.ref_model is not None
-    assert lora == (type(trainer.model).__name__ != "LlamaForCausalLM"), type(trainer.model)
+    expected = "MixtralForCausalLM" if is_moe(row) else "LlamaForCausalLM"
+    assert lora == (type(trainer.model).__name__ != expected), type(trainer.model)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
     import resource
@@ -580,7 +609,14 @@ def ratio_refs(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
     ran, else ``trl-precompute`` (None: no TRL counterpart ran)."""
     trl = {r["row"]: r for r in rows if ROWS[r["row"]][0] == "trl"}
     full = trl.get("trl-default") or trl.get("trl-precompute")
-    return {r["row"]: trl.get("trl-lora") if ROWS[r["row"]][3] else full for r in rows}
+    return {
+        r["row"]: trl.get("trl-moe")
+        if is_moe(r["row"])
+        else trl.get("trl-lora")
+        if ROWS[r["row"]][3]
+        else full
+        for r in rows
+    }
 
 
 def table(rows: list[dict[str, Any]], refs: dict[str, dict[str, Any] | None]) -> str:
@@ -663,6 +699,11 @@ def main() -> None:
         f"{LORA['dropout']:g}, all-linear, the reference the policy with its adapters off (--reference does not apply)",
     )  # fmt: skip
     p.add_argument(
+        "--moe", action="store_true",
+        help=f"the mixture-of-experts rows, --rows {MOE_ROWS}: {MOE_EXPERTS} experts of a quarter of the SwiGLU "
+        f"width, top {MOE_TOPK}, load-balancing loss {MOE_AUX:g}; TRL trains a Mixtral of that shape",
+    )  # fmt: skip
+    p.add_argument(
         "--reference", choices=("precomputed", "live"),
         help="gatedpo's train.reference (default: precomputed for --data builtin; live, a reference forward per "
         "step as TRL's default does, for --data hh)",
@@ -684,11 +725,10 @@ def main() -> None:
     if PAIRS_PER_STEP % args.micro_batch or args.steps <= args.warmup:
         p.error(f"--micro-batch must divide {PAIRS_PER_STEP} and --steps must exceed --warmup")
     args.reference = args.reference or ("live" if args.data == "hh" else "precomputed")
-    if args.lora and args.rows:
-        p.error(f"--lora is --rows {LORA_ROWS}: give one of the two")
-    rows_wanted = [
-        r for r in (args.rows or (LORA_ROWS if args.lora else DEFAULT_ROWS[args.data])).split(",") if r
-    ]
+    if ((args.lora or args.moe) and args.rows) or (args.lora and args.moe):
+        p.error(f"--lora is --rows {LORA_ROWS}, --moe is --rows {MOE_ROWS}: give one of the three")
+    chosen = LORA_ROWS if args.lora else MOE_ROWS if args.moe else DEFAULT_ROWS[args.data]
+    rows_wanted = [r for r in (args.rows or chosen).split(",") if r]
     if unknown := [r for r in rows_wanted if r not in ROWS]:
         p.error(f"--rows: unknown {', '.join(unknown)} (choose from {', '.join(ROWS)})")
     if args.no_gated:
