@@ -166,9 +166,10 @@ def _run_this_process(cfg: Config, make_data: Any = None, watch: SignalWatch | N
         return 0
     except Exception as e:
         code = _report(rank, cfg, e)
-        if code == PREEMPTED:
+        if code == PREEMPTED or (isinstance(e, NonFiniteError) and e.every_rank):
             # Every rank leaves after rank 0 has said what was saved (srun --kill-on-bad-exit stops the step when
-            # the first rank exits non-zero).
+            # the first rank exits non-zero), or what every rank decided together: a peer that has already torn its
+            # connections down can abort this rank's own teardown in gloo's threads (exit -6 after the line).
             with contextlib.suppress(Exception):
                 dist.barrier()
         if code == PEER_STOPPED:
