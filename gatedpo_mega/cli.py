@@ -249,5 +249,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(args.func, args)
 
 
+def entry() -> None:
+    """The ``gatedpo`` command (and ``python -m gatedpo_mega.cli``). A rank of torchrun, deepspeed or srun ends
+    without the interpreter's finalisation once its run has torn its group down and closed its files
+    (``launch.leave``); ``main`` itself returns, for callers that go on."""
+    code = main()
+    if sys.argv[1:2] == ["train"]:
+        from gatedpo_mega.training.launch import leave, under_launcher
+
+        if under_launcher():
+            leave(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

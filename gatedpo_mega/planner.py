@@ -633,7 +633,9 @@ def rank_plan(cfg: Config, dp: int, vocab_size: int, stage: int, target: str) ->
         temps = trained * FP32 if target == "cuda" else 2 * largest * FP32
     else:
         group = " (the larger optimizer group: DeepSpeed steps one at a time)" if par.expert > 1 else ""
-        if zero == 1 or wb == 2:
+        if zero in (1, 3) or wb == 2:
+            # ZeRO-2 steps on its fp32 gradient partition itself; ZeRO-3 flattens its per-parameter partitions into
+            # a new tensor (stage3.py, _prepare_fp32_grad_for_sub_group), in fp32 too.
             add(
                 step, "gradients: fp32 partition", group_t * FP32,
                 f"the flat 1/{split} DeepSpeed steps on{group}",

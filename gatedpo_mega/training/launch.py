@@ -18,7 +18,8 @@ import time
 import traceback
 from collections.abc import Sequence
 from multiprocessing import connection
-from typing import Any
+from multiprocessing import util as mp_util
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -175,16 +176,33 @@ def _run_this_process(cfg: Config, make_data: Any = None, watch: SignalWatch | N
         if code == PEER_STOPPED:
             # Tearing down a group whose peer vanished can abort the process in gloo's threads ("terminate called
             # without an active exception", exit -6), which the launcher would take for this rank's own failure.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            release_all()  # os._exit runs no finally
-            os._exit(code)
+            leave(code)
         return code
     finally:
         if own:
             watch.__exit__()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def leave(code: int) -> NoReturn:
+    """End a rank's process with ``code`` now, its output flushed and its run locks given back, without the
+    interpreter's finalisation: a gloo worker thread that drops the last reference to a tensor of its last
+    collective while the interpreter is being finalised takes the GIL and aborts the process ("terminate called
+    without an active exception", exit -6) after a run that succeeded; the launcher would take that for this rank's
+    failure. Every file the run writes is closed by then (the metrics, the trackers, the checkpoints)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    release_all()  # os._exit runs no finally
+    # multiprocessing's own exit work (as at a normal exit): a semaphore (tqdm's lock) left registered would make
+    # the resource tracker warn of a leak.
+    mp_util._run_finalizers()  # type: ignore[attr-defined]  # private, stable since Python 3.3
+    os._exit(code)
+
+
+def under_launcher() -> bool:
+    """Whether this process is one rank of a launcher's (torchrun, deepspeed, srun: ``launcher_env``)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def _local_env(rank: int, world: int, port: int) -> dict[str, str]:
@@ -198,7 +216,7 @@ def _local_env(rank: int, world: int, port: int) -> dict[str, str]:
 def _worker(rank: int, world: int, port: int, cfg: Config, make_data: Any = None) -> None:
     quiet_known_warnings()  # a fresh interpreter: the command's warning filters are not inherited
     os.environ.update(_local_env(rank, world, port))
-    sys.exit(_run_this_process(cfg, make_data))
+    leave(_run_this_process(cfg, make_data))
 
 
 def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
@@ -297,13 +315,13 @@ def _launch(
     cfg: Config, nproc: int | None, make_data: Any, watch: SignalWatch, *, quiet: bool, notes: Sequence[str]
 ) -> int:
     os.environ.update(launcher_env(os.environ))  # a task of srun: SLURM's variables as torch's (cluster.py)
-    under_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ["WORLD_SIZE"]) if under_launcher else (nproc or 1)
+    launched = under_launcher()
+    world = int(os.environ["WORLD_SIZE"]) if launched else (nproc or 1)
     validate_layout(cfg, world)
     # Every process of a launcher resolves the ids itself (a cache hit: no download); started here, the workers
     # receive the resolved config.
     cfg, hub_notes = resolve_hub_ids(cfg, data=make_data is None)
-    if under_launcher and int(os.environ["RANK"]) != 0:
+    if launched and int(os.environ["RANK"]) != 0:
         return _run_this_process(cfg, make_data, watch)
     # The output folder is this run's until it ends (under a launcher: rank 0 holds it); refusals come before any
     # process starts (under a launcher: by rank 0 only, before the group forms).
@@ -311,7 +329,7 @@ def _launch(
         check_resume(cfg, world)
         preflight(cfg, data=make_data is None)
         lines = summary(cfg, world, hub_notes, notes)
-        if under_launcher:
+        if launched:
             print(lines, flush=True)
             return _run_this_process(cfg, make_data, watch)
         if not quiet:
