@@ -250,15 +250,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``gatedpo`` command (and ``python -m gatedpo_mega.cli``). A rank of torchrun, deepspeed or srun ends
-    without the interpreter's finalisation once its run has torn its group down and closed its files
-    (``launch.leave``); ``main`` itself returns, for callers that go on."""
+    """The ``gatedpo`` command (and ``python -m gatedpo_mega.cli``). ``gatedpo train`` ends without the
+    interpreter's finalisation once its run has torn its process group down and closed its files
+    (``launch.leave``), whether it ran the run itself or as one rank of torchrun, deepspeed or srun; ``main``
+    itself returns, for callers that go on."""
     code = main()
     if sys.argv[1:2] == ["train"]:
-        from gatedpo_mega.training.launch import leave, under_launcher
+        from gatedpo_mega.training.launch import leave
 
-        if under_launcher():
-            leave(code)
+        leave(code)
     sys.exit(code)
 
 

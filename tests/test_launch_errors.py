@@ -153,6 +153,20 @@ def test_the_launcher_names_the_rank_that_failed_first_not_its_peers():
     assert procs[2].exitcode is not None and procs[2].exitcode < 0  # stopped
 
 
+def test_ranks_that_fail_together_are_not_taken_for_a_success():
+    """Ranks that raise one decision together (a checkpoint refused) end within a moment of each other: both may
+    end after the launcher's last look at their exit codes. Here both have ended before it looks at all."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_exit_after, args=(0.0, 2)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert launch_module._wait(procs) == (0, 2)
+
+
 def _fail_on_rank_1(cfg, layout):
     from gatedpo_mega.training.data import make_run_data
 

@@ -3,7 +3,7 @@ non-finite training, signal runs, start two runs on one folder, resume at other 
 ends.
 
     python tools/faults.py --json faults.json            # every row at its full size
-    python tools/faults.py --quick --json faults.json    # scaled down: 2 kills, 2 damage types, 20 data files, ...
+    python tools/faults.py --quick --json faults.json    # scaled down: 1 kill, 1 damage type, 20 data files, ...
     python tools/faults.py --rows signals,two-runs,layouts  # some rows only
 
 Each case is judged from outside, as a user would see it: the exit code, the ``gatedpo: error:`` and
@@ -1340,13 +1340,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="the scaled-down set (about 2 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="the scaled-down set (about 1.5 minutes on 2 cores)")
     p.add_argument("--json", metavar="PATH", help="write every case and the counts here")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kills", type=int, help="killed runs (default 16; quick 2)")
+    p.add_argument("--kills", type=int, help="killed runs (default 16; quick 1)")
     p.add_argument("--data-files", type=int, help="corrupted data files (default 250; quick 20)")
     p.add_argument("--config-cases", type=int, help="hostile config cases (default 400; quick 60)")
-    p.add_argument("--config-runs", type=int, help="accepted configs trained 2 steps (default 10; quick 2)")
+    p.add_argument("--config-runs", type=int, help="accepted configs trained 2 steps (default 10; quick 1)")
     # tests/test_preemption.py covers signals, two runs and other layouts case by case: none of them in --quick.
     p.add_argument("--signals", type=int, help="signalled runs (default 8; quick 0)")
     p.add_argument("--pairs", type=int, help="pairs of runs on one folder (default 4; quick 0)")
@@ -1364,14 +1364,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the work folder (kept anyway when a case fails)")
     args = p.parse_args(argv)
     q = args.quick
-    kill_count = args.kills if args.kills is not None else (2 if q else 16)
+    kill_count = args.kills if args.kills is not None else (1 if q else 16)
     data_files = args.data_files if args.data_files is not None else (20 if q else 250)
     config_cases = args.config_cases if args.config_cases is not None else (60 if q else 400)
-    config_runs = args.config_runs if args.config_runs is not None else (2 if q else 10)
+    config_runs = args.config_runs if args.config_runs is not None else (1 if q else 10)
     signal_count = args.signals if args.signals is not None else (0 if q else 8)
     pair_count = args.pairs if args.pairs is not None else (0 if q else 4)
     layout_count = args.layouts if args.layouts is not None else (0 if q else 6)
-    damage = list(DAMAGE)[:2] if q else list(DAMAGE)
+    damage = list(DAMAGE)[:1] if q else list(DAMAGE)
     limits = [100_000] if q else [300_000, 100_000, 10_000]
     free_kib = [200] if q else [200, 600, 1000]
 

@@ -226,11 +226,15 @@ def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
     to exit with its own code."""
     failed: dict[int, int] = {}
     peer_only_since: float | None = None
-    while any(p.is_alive() for p in procs):
-        connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
+
+    def record() -> None:
         for r, p in enumerate(procs):
             if p.exitcode not in (None, 0) and r not in failed:
                 failed[r] = p.exitcode
+
+    while any(p.is_alive() for p in procs):
+        connection.wait([p.sentinel for p in procs if p.is_alive()], timeout=0.5)
+        record()
         # A preempted rank saved with the others and leaves with them: no cause to stop the rest.
         causes = [r for r, code in failed.items() if code not in (PEER_STOPPED, PREEMPTED)]
         stopped_by_peer = any(code == PEER_STOPPED for code in failed.values())
@@ -246,6 +250,8 @@ def _wait(procs: list[Any], grace: float = 10.0) -> tuple[int, int] | None:
                 )
             _stop(procs)
             break
+    else:  # every rank ended by itself: those that ended after the last look too (all, when they ended together)
+        record()
     if not failed:
         return None
     causes = [r for r, code in failed.items() if code not in (PEER_STOPPED, PREEMPTED)]  # in the order seen
