@@ -168,10 +168,21 @@ def engine_with_moe_layers(num_layers: int, num_experts: int) -> Iterator[None]:
         DeepSpeedEngine._configure_distributed_model = original  # type: ignore[method-assign]
 
 
+def without_inference_comm_op() -> None:
+    """DeepSpeed's communication backend builds its shared-memory all-reduce on a CPU host (a C++ compile of about
+    20 s the first time on a host) and sets it up in every process, for ``inference_all_reduce``, which only its
+    inference engine calls. Training never does: marked as not available, it is neither built nor set up."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_engine(
     model: torch.nn.Module, cfg: Config, layout: Layout, *, num_micro_batches: int, engine_driver: bool
 ) -> Any:
     import deepspeed
+
+    without_inference_comm_op()
 
     t = cfg.train
     experts = {id(p) for p in register_expert_groups(model, layout)}
